@@ -1,0 +1,147 @@
+"""`optimize(model)`: load → rewrite with `passes` → check → validate in ONNX Runtime → report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+import passes
+from lc_onnx import io, shapes
+from lc_onnx import validate as validation
+from lc_onnx.errors import InputError, ValidationError
+from lc_onnx.report import Report, Totals
+
+DEFAULT_TOL = 1e-3
+STAMP_KEY = "lc_onnx"
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    return io.load(model_or_path)
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    """The graph, with the shapes that inference adds where the model leaves them open."""
+    try:
+        graph = gs.import_onnx(model)
+        shapes.annotate(graph, shapes.infer(model))
+        return graph
+    except Exception as e:  # graphsurgeon raises bare exceptions for malformed graphs
+        raise InputError(f"the graph cannot be read ({str(e).strip().splitlines()[0]})") from None
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
+def totals(model: onnx.ModelProto) -> Totals:
+    nodes = params = 0
+    for g in _graphs(model.graph):
+        nodes += len(g.node)
+        params += sum(math.prod(t.dims) for t in g.initializer)
+    return Totals(nodes, params, model.ByteSize())
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+    """The rewritten graph inside the original's model envelope: opsets, producer, functions, metadata."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = original.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(original.opset_import)
+    del out.functions[:]
+    out.functions.extend(original.functions)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, name, getattr(original, name))
+    out.metadata_props.extend(p for p in original.metadata_props if p.key != STAMP_KEY)
+    counts = {}
+    for r in report.rewrites:
+        counts[r.rule] = counts.get(r.rule, 0) + 1
+    stamp = {"tol": report.tol, "rewrites": counts}
+    out.metadata_props.add(key=STAMP_KEY, value=json.dumps(stamp, sort_keys=True))
+    return out
+
+
+def check(model: onnx.ModelProto) -> None:
+    if model.ByteSize() <= io.PROTOBUF_LIMIT:
+        onnx.checker.check_model(model)
+
+
+def optimize(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    *,
+    tol: float = DEFAULT_TOL,
+    validate: bool = True,
+    rtol: float | None = None,
+    skip: tuple[str, ...] | frozenset[str] = (),
+    input_shapes: dict[str, list[int]] | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> OptimizeResult:
+    """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
+
+    The input model is never changed. With `validate`, both models run in ONNX Runtime on
+    seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
+    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs)."""
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise InputError(f"tol must be a finite number >= 0, got {tol}")
+    original = _as_model(model_or_path)
+    try:
+        skip_set = frozenset(skip)
+        passes.registry.active_rules(skip_set)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    report = Report(tol=tol, before=totals(original))
+    graph = _import(original)
+    result = passes.run(graph, tol, skip_set)
+    report.rewrites, report.skipped = result.rewrites, result.skipped
+    if not result.modified:
+        report.after = report.before
+        return OptimizeResult(original, report)
+
+    model = _export(graph, original, report)
+    try:
+        check(model)
+    except onnx.checker.ValidationError as e:
+        raise ValidationError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}", report) from e
+    report.after = totals(model)
+    if validate:
+        feeds = validation.make_inputs(original, input_shapes, inputs, seed)
+        limit = validation.default_rtol(original, tol) if rtol is None else rtol
+        report.validation = validation.compare(original, model, feeds, limit)
+        if not report.validation.passed:
+            worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
+            raise ValidationError(
+                f"validation failed: output {worst.name!r} differs by rel L2 {worst.rel_l2:.3g} "
+                f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:g}; lower --tol or raise --rtol",
+                report,
+            )
+    return OptimizeResult(model, report)
+
+
+def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = DEFAULT_TOL,
+            skip: tuple[str, ...] = ()) -> list[passes.Candidate]:
+    """Every candidate chain with the rule that would fire on it, or why none would."""
+    model = _as_model(model_or_path)
+    try:
+        return passes.inspect(_import(model), tol, frozenset(skip))
+    except ValueError as e:
+        raise InputError(str(e)) from None

@@ -1,0 +1,135 @@
+"""The `lc-onnx` command: parse, call the API, print, exit with 0 (ok), 1 (validation failed) or 2 (bad input)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from lc_onnx import api, io
+from lc_onnx.errors import LcOnnxError
+from lc_onnx.validate import load_inputs, parse_shapes
+from passes import RULES, rule_names
+
+TOL_HELP = f"Largest |slope - 1| that still counts as the identity (default {api.DEFAULT_TOL:g})."
+
+
+def _handle_errors(fn):
+    """A user-facing error is one line on stderr and an exit code; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LcOnnxError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except Exception as e:  # a bug of ours: still one line unless asked for more
+            if debug:
+                traceback.print_exc()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+                       err=True)
+            sys.exit(3)
+
+    wrapper = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    return wrapper
+
+
+def _skip_option(fn):
+    return click.option(
+        "--skip", "skip", multiple=True, metavar="RULE", type=click.Choice(rule_names()),
+        help="Do not run this rule (repeatable).",
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lc-onnx")
+def main() -> None:
+    """LayerCollapse for ONNX: fuse Linear -> (nearly) linear activation -> Linear into one layer."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write (default MODEL.lc.onnx).")
+@click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True, help=TOL_HELP)
+@click.option("--rtol", type=float, default=None,
+              help="Largest relative L2 error allowed per output (default: the larger of --tol and 1e-4, 1e-2 for float16).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime comparison.")
+@click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..",
+              help="Shape of a validation input whose dims are open (repeatable).")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+              help="A .npz file of validation inputs, by input name.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random validation inputs.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Allow the output to replace the input file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_skip_option
+@_handle_errors
+def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
+             quiet, skip) -> None:
+    """Collapse linear chains in MODEL, validate against the original, and write the result."""
+    output = output or io.default_output(model)
+    if output.resolve() == Path(model).resolve() and not overwrite:
+        raise io.InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
+    given = load_inputs(inputs_path) if inputs_path else None
+    result = api.optimize(
+        model, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
+        input_shapes=parse_shapes(input_shape), inputs=given, seed=seed,
+    )
+    io.save(result.model, output)
+    if report_path:
+        report_path.write_text(result.report.to_json())
+    if not quiet:
+        click.echo(result.report.table())
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True, help=TOL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the candidates as JSON.")
+@_skip_option
+@_handle_errors
+def inspect(model, tol, as_json, skip) -> None:
+    """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not."""
+    found = api.inspect(model, tol=tol, skip=tuple(skip))
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in found], indent=2))
+        return
+    if not found:
+        click.echo("no candidate chain (no linear -> activation -> linear with constant weights)")
+        return
+    for i, c in enumerate(found):
+        slope = "-" if c.slope_range is None else (
+            f"{c.slope_range[0]:.4g}" if c.slope_range[0] == c.slope_range[1]
+            else f"{c.slope_range[0]:.4g}..{c.slope_range[1]:.4g}")
+        where = f"[{c.graph}] " if c.graph else ""
+        verdict = f"-> {c.rule} ({'{}>{}>{}'.format(*c.shape)})" if c.rule else f"left: {c.reason}"
+        click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  slope {slope}  {verdict}")
+    fire = sum(c.rule is not None for c in found)
+    click.echo(f"{fire} of {len(found)} chain(s) would be rewritten at tol {tol:g}")
+
+
+@main.command()
+def rules() -> None:
+    """List the rules and what each does (names for --skip)."""
+    for r in RULES:
+        click.echo(f"{r.name:24} opset {r.min_opset}-{r.max_opset}  {r.summary}")
+
+
+@main.command()
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep the demo models here (default: a temporary folder).")
+@_handle_errors
+def demo(output_dir) -> None:
+    """Build a small transformer-MLP model, optimize it, validate it and print the report."""
+    from lc_onnx.demo import run_demo
+
+    run_demo(output_dir)

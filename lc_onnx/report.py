@@ -1,0 +1,111 @@
+"""What an optimize run did: the chains it rewrote, the ones it left and why, totals and validation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from lc_onnx.validate import Validation
+from passes import Candidate, Rewrite
+
+
+@dataclass
+class Totals:
+    nodes: int
+    params: int
+    bytes: int
+
+
+@dataclass
+class Report:
+    tol: float
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Candidate] = field(default_factory=list)
+    before: Totals | None = None
+    after: Totals | None = None
+    validation: Validation | None = None
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.rewrites)
+
+    def to_dict(self) -> dict:
+        return {
+            "tol": self.tol,
+            "modified": self.modified,
+            "rewrites": [asdict(r) for r in self.rewrites],
+            "skipped": [asdict(c) for c in self.skipped],
+            "before": asdict(self.before) if self.before else None,
+            "after": asdict(self.after) if self.after else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"
+
+    def table(self) -> str:
+        lines = []
+        if self.rewrites:
+            rows = [("rule", "nodes", "slope", "d_in>h>d_out", "params", "MACs/row", "err <= c*|min(0,h)|")]
+            for r in self.rewrites:
+                rows.append((
+                    r.rule,
+                    _nodes(r.names, r.graph),
+                    _slope(r.slope_range),
+                    "{}>{}>{}".format(*r.shape),
+                    f"{_n(r.params_before)} -> {_n(r.params_after)}",
+                    f"{_n(r.macs_before)} -> {_n(r.macs_after)}",
+                    "exact" if r.error_coefficient == 0 else f"c={r.error_coefficient:.3g}",
+                ))
+            lines += _grid(rows)
+        else:
+            lines.append("no chain rewritten")
+        if self.skipped:
+            lines.append("")
+            lines.append(f"left as is ({len(self.skipped)}):")
+            for c in self.skipped:
+                lines.append(f"  {_nodes(c.names, c.graph)}: {c.reason}")
+        if self.before and self.after:
+            b, a = self.before, self.after
+            lines.append("")
+            lines.append(f"nodes {b.nodes} -> {a.nodes}, params {_n(b.params)} -> {_n(a.params)}, "
+                         f"size {_bytes(b.bytes)} -> {_bytes(a.bytes)}")
+        if self.validation:
+            v = self.validation
+            verdict = "passed" if v.passed else "FAILED"
+            worst = max(v.outputs, key=lambda o: o.rel_l2, default=None)
+            detail = f"max |abs| {worst.max_abs:.3g}, rel L2 {worst.rel_l2:.3g} (output {worst.name})" if worst else ""
+            lines.append(f"validation {verdict}: {detail}, rtol {v.rtol:g}, {len(v.outputs)} output(s)")
+        return "\n".join(lines)
+
+
+def _grid(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def _nodes(names: list[str], graph: str) -> str:
+    shown = " > ".join(names) if len(names) <= 4 else f"{names[0]} > ... > {names[-1]} ({len(names)} nodes)"
+    return f"[{graph}] {shown}" if graph else shown
+
+
+def _slope(r: tuple[float, float] | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r[0]:.4g}" if r[0] == r[1] else f"{r[0]:.4g}..{r[1]:.4g}"
+
+
+def _n(x: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g}{unit}"
+    return str(x)
+
+
+def _bytes(x: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x} B"

@@ -1,0 +1,70 @@
+"""Shape inference on a weightless copy of the model, so that rewrites know tensor ranks cheaply."""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+SMALL = 64  # initializers up to this many elements are kept: Reshape targets and the like
+
+
+def _weightless(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """The graph with large initializers turned into inputs of the same type and shape."""
+    light = onnx.GraphProto(name=graph.name)
+    light.node.extend(graph.node)
+    light.input.extend(graph.input)
+    light.output.extend(graph.output)
+    light.value_info.extend(graph.value_info)
+    known = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if math.prod(t.dims) <= SMALL and t.data_location != onnx.TensorProto.EXTERNAL:
+            light.initializer.append(t)
+        elif t.name not in known:
+            light.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+
+
+def _collect(graph: onnx.GraphProto, found: dict[str, tuple[int, list]]) -> None:
+    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+        dims = _dims(vi)
+        if dims is not None:
+            found[vi.name] = (vi.type.tensor_type.elem_type, dims)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                _collect(g, found)
+
+
+def infer(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.CopyFrom(_weightless(model.graph))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a help, not a requirement: rewrites then need ranks the graph states
+        return {}
+    found: dict[str, tuple[int, list]] = {}
+    _collect(inferred.graph, found)
+    return found
+
+
+def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> None:
+    """Give each variable whose shape the graph leaves open the inferred one."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.shape is None and tensor.name in shapes:
+                elem, dims = shapes[tensor.name]
+                tensor.shape = dims
+                if tensor.dtype is None and elem:
+                    tensor.dtype = helper.tensor_dtype_to_np_dtype(elem)

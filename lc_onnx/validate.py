@@ -1,0 +1,175 @@
+"""Run the original and the optimized model in ONNX Runtime on the same inputs and compare outputs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from lc_onnx.errors import InputError, ValidationError
+from lc_onnx.io import PROTOBUF_LIMIT
+
+DYNAMIC_DIM = 2  # size given to a dimension the model leaves open
+
+
+def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """`name:1,3,224,224` -> {"name": [1, 3, 224, 224]}."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise InputError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with integer dims") from None
+    return shapes
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def make_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, list[int]] | None = None,
+    given: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input: floats ~ N(0,1), integers in [0, 8), open dims of size 2."""
+    shapes, given = shapes or {}, given or {}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    names = [i.name for i in _graph_inputs(model)]
+    for name in list(shapes) + list(given):
+        if name not in names:
+            raise InputError(f"the model has no input {name!r}; its inputs are {', '.join(names)}")
+    for vi in _graph_inputs(model):
+        if vi.name in given:
+            feeds[vi.name] = given[vi.name]
+            continue
+        ttype = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise InputError(f"input {vi.name!r} is not a tensor; give it with --inputs")
+        dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if vi.name in shapes:
+            shape = shapes[vi.name]
+        else:
+            shape = [d.dim_value if d.HasField("dim_value") else DYNAMIC_DIM for d in ttype.shape.dim]
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[vi.name] = rng.integers(0, 8, shape).astype(dtype)
+        else:
+            raise InputError(f"input {vi.name!r} has dtype {dtype}; give it with --inputs")
+    return feeds
+
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def session(model: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0,
+            opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL) -> ort.InferenceSession:
+    """An ORT session on an in-memory model; models over 2 GB go through a temporary folder."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = opt_level
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), so, providers=providers)
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    rel_l2: float
+    passed: bool
+
+
+@dataclass
+class Validation:
+    rtol: float
+    outputs: list[OutputError] = field(default_factory=list)
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"rtol": self.rtol, "passed": self.passed, "inputs": self.inputs,
+                "outputs": [asdict(o) for o in self.outputs]}
+
+
+def default_rtol(model: onnx.ModelProto, tol: float) -> float:
+    """1e-4 for float32/64 outputs (1e-2 for float16, which rounds differently once two layers are one),
+    or `tol` if larger: a slope up to `tol` from 1 taken as the identity moves outputs by about that much."""
+    half = any(o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+               for o in model.graph.output)
+    return max(1e-2 if half else 1e-4, tol)
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    if ref.shape != got.shape:
+        return float("inf"), float("inf")
+    if not np.issubdtype(ref.dtype, np.floating):
+        same = np.array_equal(ref, got)
+        return (0.0, 0.0) if same else (float("inf"), float("inf"))
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    if not np.array_equal(np.isnan(r), np.isnan(g)) or not np.array_equal(np.isinf(r), np.isinf(g)):
+        return float("inf"), float("inf")
+    finite = np.isfinite(r)
+    if finite.any() and not np.array_equal(r[~finite], g[~finite]):
+        return float("inf"), float("inf")
+    diff = (g - r)[finite]
+    if diff.size == 0:
+        return 0.0, 0.0
+    max_abs = float(np.abs(diff).max())
+    norm = float(np.linalg.norm(r[finite]))
+    rel = float(np.linalg.norm(diff)) / norm if norm > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, rel
+
+
+def compare(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            rtol: float) -> Validation:
+    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol."""
+    try:
+        ref_sess = session(original)
+    except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
+        raise InputError(f"ONNX Runtime cannot run the original model, so it cannot be validated "
+                         f"({str(e).splitlines()[0]}); use --no-validate to skip") from None
+    try:
+        ref = ref_sess.run(None, feeds)
+    except Exception as e:
+        raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
+                         f"({str(e).splitlines()[0]}); give shapes with --input-shape or data with "
+                         f"--inputs") from None
+    try:
+        got = session(optimized).run(None, feeds)
+    except Exception as e:
+        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({str(e).splitlines()[0]})") from e
+    result = Validation(rtol=rtol, inputs={k: list(v.shape) for k, v in feeds.items()})
+    for meta, r, g in zip(ref_sess.get_outputs(), ref, got, strict=True):
+        max_abs, rel = _errors(np.asarray(r), np.asarray(g))
+        result.outputs.append(OutputError(meta.name, max_abs, rel, rel <= rtol))
+    return result

@@ -1,0 +1,45 @@
+"""Rule: in a bottleneck chain (where one fused layer would cost more), drop the unit-slope activation only."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from passes.chain import Chain, Reject, find_chain
+from passes.linear import Names
+from passes.rule import Rewrite, Rule
+
+NAME = "drop_unit_activation"
+
+
+def match(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
+    chain = find_chain(node, graph_outputs, tol)
+    if not isinstance(chain, Chain) or chain.activation is None:
+        return chain if isinstance(chain, Reject) else None
+    if chain.cost.collapse_is_cheaper:
+        return None  # collapse_linear_chain's job
+    return chain
+
+
+def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
+    act = chain.activation
+    source, out = act.inputs[0], act.outputs[0]
+    for user in list(out.outputs):  # the next chain node, and a Shape of it if any
+        for i, t in enumerate(user.inputs):
+            if t is out:
+                user.inputs[i] = source
+    cost = chain.cost
+    a, b = chain.first, chain.second
+    return Rewrite(
+        NAME,
+        [act.name],
+        chain.slope_range,
+        (a.d_in, a.d_out, b.d_out),
+        cost.params_before,
+        cost.params_before,
+        cost.macs_before,
+        cost.macs_before,
+        chain.error_coefficient,
+    )
+
+
+RULE = Rule(NAME, "remove a unit-slope activation between two layers that are cheaper kept apart", match, rewrite)

@@ -1,0 +1,192 @@
+"""A linear layer `y = x·W + b` read from `Gemm` or `MatMul(+Add)` as float64 (W, b), and written back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.match import const_value, is_empty, is_op, producer, rank_of
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass
+class LinearLayer:
+    """One fully connected layer in ONNX's x·W orientation; `nodes` are the ONNX nodes it spans."""
+
+    nodes: list[gs.Node]
+    x: gs.Tensor
+    y: gs.Tensor
+    weight: np.ndarray  # float64, (d_in, d_out)
+    bias: np.ndarray | None  # float64, (d_out,)
+    dtype: np.dtype
+    x_rank: int | None
+    internal: list[gs.Tensor] = field(default_factory=list)  # tensors between its nodes
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def params(self) -> int:
+        return self.weight.size + (0 if self.bias is None else self.bias.size)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def _weight(tensor: gs.Tensor, owner: gs.Node) -> np.ndarray | str:
+    value = const_value(tensor)
+    if value is None:
+        return f"weight of {owner.name} is not a constant (graph input or computed)"
+    if value.ndim != 2:
+        return f"weight of {owner.name} has rank {value.ndim}, not 2"
+    if value.dtype not in FLOAT_DTYPES:
+        return f"weight of {owner.name} has dtype {value.dtype}, not float16/32/64"
+    if not np.isfinite(value).all():
+        return f"weight of {owner.name} holds NaN or inf"
+    return value
+
+
+def _bias(value: np.ndarray | None, d_out: int, out_rank: int | None, owner: gs.Node) -> np.ndarray | str:
+    """A bias that adds the same vector to every row and does not raise the output's rank."""
+    if value is None:
+        return f"bias of {owner.name} is not a constant"
+    if not np.isfinite(value).all():
+        return f"bias of {owner.name} holds NaN or inf"
+    per_row = value.size == 1 or (value.size == d_out and value.shape[-1] == d_out)
+    if not per_row:
+        return f"bias of {owner.name} has shape {list(value.shape)}, not one value per output feature"
+    if value.ndim > (out_rank if out_rank is not None else 1):
+        return f"bias of {owner.name} has rank {value.ndim}, which would broadcast the output to a higher rank"
+    return np.broadcast_to(value.astype(np.float64).reshape(-1), (d_out,)).copy()
+
+
+def read_gemm(node: gs.Node) -> LinearLayer | str:
+    if node.attrs.get("transA", 0):
+        return f"{node.name} is a Gemm with transA=1"
+    w = _weight(node.inputs[1], node)
+    if isinstance(w, str):
+        return w
+    alpha = float(node.attrs.get("alpha", 1.0))
+    beta = float(node.attrs.get("beta", 1.0))
+    weight = alpha * (w.T if node.attrs.get("transB", 0) else w).astype(np.float64)
+    bias = None
+    if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
+        bias = _bias(const_value(node.inputs[2]), weight.shape[1], 2, node)
+        if isinstance(bias, str):
+            return bias
+        bias = beta * bias
+    return LinearLayer([node], node.inputs[0], node.outputs[0], weight, bias, w.dtype, 2)
+
+
+def _bias_add(tensor: gs.Tensor, graph_outputs: set[str]) -> tuple[gs.Node, gs.Tensor] | None:
+    """The `Add` that is the sole consumer of `tensor` and adds a constant to it, with that constant."""
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    add = tensor.outputs[0]
+    if not is_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return None
+    other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
+    return (add, other) if const_value(other) is not None else None
+
+
+def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True) -> LinearLayer | str:
+    """`MatMul(x, W)` with a constant 2-D W, and the bias `Add` after it when there is one."""
+    w = _weight(node.inputs[1], node)
+    if isinstance(w, str):
+        return w
+    x, y = node.inputs[0], node.outputs[0]
+    layer = LinearLayer([node], x, y, w.astype(np.float64), None, w.dtype, rank_of(x))
+    found = _bias_add(y, graph_outputs) if with_bias else None
+    if found is not None:
+        add, b = found
+        bias = _bias(const_value(b), layer.d_out, layer.x_rank, add)
+        if isinstance(bias, str):
+            return layer  # not a bias: the layer ends at the MatMul and the Add stays
+        layer.nodes.append(add)
+        layer.internal.append(y)
+        layer.y, layer.bias = add.outputs[0], bias
+    return layer
+
+
+def read_linear_starting_at(node: gs.Node, graph_outputs: set[str]) -> LinearLayer | str | None:
+    """The layer whose first node is `node`; None when `node` is no Gemm/MatMul."""
+    if is_op(node, "Gemm"):
+        return read_gemm(node)
+    if is_op(node, "MatMul"):
+        return read_matmul(node, graph_outputs)
+    return None
+
+
+def read_linear_ending_at(tensor: gs.Tensor, graph_outputs: set[str]) -> LinearLayer | str | None:
+    """The layer whose output is `tensor`; None when its producer is no linear layer."""
+    node = producer(tensor)
+    if node is None:
+        return None
+    if is_op(node, "Gemm"):
+        return read_gemm(node)
+    if is_op(node, "MatMul"):
+        return read_matmul(node, graph_outputs, with_bias=False)
+    if is_op(node, "Add") and len(node.inputs) == 2:
+        for data, other in (node.inputs, node.inputs[::-1]):
+            mm = producer(data)
+            if mm is not None and is_op(mm, "MatMul") and const_value(other) is not None:
+                layer = read_matmul(mm, graph_outputs)
+                if isinstance(layer, str) or layer.y is tensor:
+                    return layer
+    return None
+
+
+class Names:
+    """Fresh, deterministic node and tensor names that collide with nothing in the model."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken: set[str] = set()
+        for g in [graph, *graph.subgraphs(recursive=True)]:
+            self.taken.update(g.tensors().keys())
+            self.taken.update(n.name for n in g.nodes)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def write_linear(
+    graph: gs.Graph,
+    names: Names,
+    base: str,
+    x: gs.Tensor,
+    y: gs.Tensor,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    dtype: np.dtype,
+    gemm: bool,
+) -> list[gs.Node]:
+    """Make `y` the output of one new layer on `x`: a Gemm for 2-D inputs, else MatMul(+Add)."""
+    y.inputs.clear()  # detach y from its old producer; the old nodes die in cleanup
+    w = gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(weight.astype(dtype)))
+    b = None if bias is None else gs.Constant(names(f"{base}.bias"), bias.astype(dtype))
+    if gemm:
+        inputs = [x, w] if b is None else [x, w, b]
+        nodes = [gs.Node("Gemm", names(base), inputs=inputs, outputs=[y])]
+    elif b is None:
+        nodes = [gs.Node("MatMul", names(base), inputs=[x, w], outputs=[y])]
+    else:
+        mid = gs.Variable(names(f"{base}.matmul_out"), dtype=dtype)
+        nodes = [
+            gs.Node("MatMul", names(f"{base}.matmul"), inputs=[x, w], outputs=[mid]),
+            gs.Node("Add", names(f"{base}.add"), inputs=[mid, b], outputs=[y]),
+        ]
+    graph.nodes.extend(nodes)
+    return nodes

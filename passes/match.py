@@ -1,0 +1,67 @@
+"""Walking producers and consumers of an onnx-graphsurgeon graph, seeing through no-op nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+ONNX_DOMAINS = (None, "", "ai.onnx")
+
+
+def is_op(node: gs.Node, *ops: str) -> bool:
+    """True for a standard-domain node of one of `ops` (custom domains never match)."""
+    return node.op in ops and node.domain in ONNX_DOMAINS
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of an initializer or of a `Constant` node's output; None when it is computed or an input."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values)
+    return None
+
+
+def rank_of(tensor: gs.Tensor) -> int | None:
+    """The tensor's rank where the graph states it (value_info, inputs, constants)."""
+    shape = tensor.shape
+    return None if shape is None else len(shape)
+
+
+def is_empty(tensor: gs.Tensor | None) -> bool:
+    """An omitted optional input or output."""
+    return tensor is None or (isinstance(tensor, gs.Variable) and tensor.name == "")
+
+
+def is_inference_dropout(node: gs.Node, graph_outputs: set[str]) -> bool:
+    """A Dropout that is the identity: not in training mode and with its mask unused."""
+    if not is_op(node, "Dropout"):
+        return False
+    if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
+        training = const_value(node.inputs[2])
+        if training is None or bool(training.reshape(-1)[0]):
+            return False
+    if len(node.outputs) > 1:
+        mask = node.outputs[1]
+        if not is_empty(mask) and (mask.outputs or mask.name in graph_outputs):
+            return False
+    return True
+
+
+def only_feeds(tensor: gs.Tensor, targets: list[gs.Node], graph_outputs: set[str], depth: int = 0) -> bool:
+    """True when everything computed from `tensor` ends in `targets` (e.g. a Shape feeding a Reshape)."""
+    if tensor.name in graph_outputs or depth > 8:
+        return False
+    for consumer in tensor.outputs:
+        if any(consumer is t for t in targets):
+            continue
+        if not all(only_feeds(out, targets, graph_outputs, depth + 1) for out in consumer.outputs):
+            return False
+    return True

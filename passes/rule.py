@@ -1,0 +1,39 @@
+"""What every rule shares: the record of a rewrite and the shape of a rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from passes.chain import Chain, Reject
+from passes.linear import Names
+
+
+@dataclass
+class Rewrite:
+    """One change a rule made, with what the report needs to show it."""
+
+    rule: str
+    names: list[str]  # the nodes the rule replaced
+    slope_range: tuple[float, float] | None
+    shape: tuple[int, int, int]  # d_in, hidden, d_out
+    params_before: int
+    params_after: int
+    macs_before: int  # per input row
+    macs_after: int
+    error_coefficient: float  # ‖error per row‖ ≤ this · ‖min(0, h)‖
+    graph: str = ""  # name of the subgraph, "" for the main graph
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`match` finds a chain at a node (or says why not); `rewrite` changes the graph and says what it did."""
+
+    name: str
+    summary: str
+    match: Callable[[gs.Node, set[str], float], Chain | Reject | None]
+    rewrite: Callable[[gs.Graph, Names, Chain], Rewrite]
+    min_opset: int = 11  # Gemm's bias is optional from opset 11 on
+    max_opset: int = 24
