@@ -60,7 +60,8 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write (default MODEL.lc.onnx).")
 @click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True, help=TOL_HELP)
 @click.option("--rtol", type=float, default=None,
-              help="Largest relative L2 error allowed per output (default: the larger of --tol and 1e-4, 1e-2 for float16).")
+              help="Largest relative L2 error allowed per output "
+                   "(default: the larger of --tol and 1e-4; 1e-2 for float16).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime comparison.")
 @click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..",
               help="Shape of a validation input whose dims are open (repeatable).")

@@ -60,10 +60,13 @@ def infer(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
 
 
 def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> None:
-    """Give each variable whose shape the graph leaves open the inferred one."""
+    """Give each intermediate tensor whose shape the graph leaves open the inferred one (graph inputs and
+    outputs keep what the model declares)."""
     for g in [graph, *graph.subgraphs(recursive=True)]:
+        interface = {t.name for t in g.inputs + g.outputs}
         for tensor in g.tensors().values():
-            if isinstance(tensor, gs.Variable) and tensor.shape is None and tensor.name in shapes:
+            if (isinstance(tensor, gs.Variable) and tensor.shape is None and tensor.name in shapes
+                    and tensor.name not in interface):
                 elem, dims = shapes[tensor.name]
                 tensor.shape = dims
                 if tensor.dtype is None and elem:

@@ -141,7 +141,7 @@ def _structure_problem(
 
     chain_nodes = first.nodes + between + second.nodes
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
-    for i, tensor in enumerate(inner):
+    for tensor in inner:
         if tensor.name in graph_outputs:
             return f"{tensor.name} is a graph output"
         users = [c for c in tensor.outputs if not any(c is n for n in chain_nodes)]

@@ -1,0 +1,81 @@
+"""Small ONNX models for rule tests, built node by node with seeded random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class Builder:
+    def __init__(self, dtype=np.float32, seed: int = 0):
+        self.dtype = np.dtype(dtype)
+        self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def fresh(self, base: str) -> str:
+        self._n += 1
+        return f"{base}{self._n}"
+
+    def const(self, value, name: str | None = None, dtype=None) -> str:
+        name = name or self.fresh("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
+        return name
+
+    def weights(self, *shape) -> np.ndarray:
+        fan_in = shape[0] if len(shape) > 1 else 1
+        return self.rng.standard_normal(shape) / np.sqrt(fan_in)
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [self.fresh(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"{op}_"), domain=domain, **attrs))
+        return outs
+
+    def linear(self, x: str, d_in: int, d_out: int, kind: str = "matmul", bias: bool = True,
+               bias_first: bool = False, trans_b: bool = False, alpha: float = 1.0, beta: float = 1.0,
+               c_shape: tuple[int, ...] | None = None, weight: str | None = None) -> str:
+        """A fully connected layer: MatMul(+Add, bias first or second) or Gemm with its attributes."""
+        w = weight or self.const(self.weights(d_out, d_in) if trans_b else self.weights(d_in, d_out))
+        if kind == "gemm":
+            inputs = [x, w]
+            if bias:
+                shape = c_shape if c_shape is not None else (d_out,)
+                inputs.append(self.const(self.rng.standard_normal(shape) * 0.1))
+            return self.node("Gemm", inputs, transB=int(trans_b), alpha=alpha, beta=beta)[0]
+        (y,) = self.node("MatMul", [x, w])
+        if not bias:
+            return y
+        b = self.const(self.rng.standard_normal(c_shape or (d_out,)) * 0.1)
+        return self.node("Add", [b, y] if bias_first else [y, b])[0]
+
+    def prelu(self, x: str, slope, shape=(1,)) -> str:
+        value = np.broadcast_to(np.asarray(slope, dtype=self.dtype), shape)
+        return self.node("PRelu", [x, self.const(value)])[0]
+
+    def model(self, inputs: list[tuple[str, list]], outputs: list[tuple[str, list | None]], opset: int = 17,
+              elem: int | None = None) -> onnx.ModelProto:
+        elem = elem or self.elem
+        graph = helper.make_graph(
+            self.nodes, "test",
+            [helper.make_tensor_value_info(n, elem, s) for n, s in inputs],
+            [helper.make_tensor_value_info(n, elem, s) for n, s in outputs],
+            self.inits,
+        )
+        ir = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}.get(opset, 8)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+
+
+def mlp(d_in=8, hidden=32, d_out=8, rank=3, slope=1.0, slope_shape=(1,), kind="matmul", dtype=np.float32,
+        opset=17, bias=True, **linear_kw) -> onnx.ModelProto:
+    """x → linear → PRelu(slope) → linear → y on an input of the given rank (leading dims open)."""
+    b = Builder(dtype)
+    lead = ["N"] if rank == 2 else ["N"] + [3] * (rank - 2)
+    h = b.linear("x", d_in, hidden, kind, bias, **linear_kw)
+    if slope is not None:
+        h = b.prelu(h, slope, slope_shape)
+    y = b.linear(h, hidden, d_out, kind, bias, **linear_kw)
+    b.nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
+    return b.model([("x", lead + [d_in])], [("y", lead + [d_out])], opset)

@@ -1,0 +1,281 @@
+"""collapse_linear_chain: fires on every supported layout, and never where it would change the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import lc_onnx
+from tests.builder import Builder, mlp
+from tests.harness import count_ops, optimized
+
+
+def only_rule(result) -> set[str]:
+    return {r.rule for r in result.report.rewrites}
+
+
+# --- fires ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_matmul_add_collapses_at_every_rank(rank):
+    result = optimized(mlp(rank=rank), rewrites=1)
+    assert only_rule(result) == {"collapse_linear_chain"}
+    assert count_ops(result.model, "PRelu") == 0
+    assert count_ops(result.model, "MatMul") + count_ops(result.model, "Gemm") == 1
+
+
+def test_rank_two_matmul_becomes_gemm_and_higher_rank_stays_matmul():
+    assert count_ops(optimized(mlp(rank=2), rewrites=1).model, "Gemm") == 1
+    three = optimized(mlp(rank=3), rewrites=1).model
+    assert count_ops(three, "Gemm") == 0 and count_ops(three, "MatMul") == 1 and count_ops(three, "Add") == 1
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_bias_on_either_side_of_add(bias_first):
+    optimized(mlp(bias_first=bias_first), rewrites=1)
+
+
+def test_without_biases_there_is_no_add():
+    result = optimized(mlp(bias=False), rewrites=1)
+    assert count_ops(result.model, "Add") == 0
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.parametrize("c_shape", [None, (1, 32), (1,)])
+def test_gemm_attributes(trans_b, alpha, beta, c_shape):
+    b = Builder()
+    h = b.linear("x", 8, 32, "gemm", trans_b=trans_b, alpha=alpha, beta=beta, c_shape=c_shape)
+    h = b.prelu(h, 1.0)
+    y = b.linear(h, 32, 8, "gemm", trans_b=not trans_b, alpha=beta, beta=alpha)
+    model = b.model([("x", ["N", 8])], [(y, ["N", 8])])
+    result = optimized(model, rewrites=1)
+    assert count_ops(result.model, "Gemm") == 1 and count_ops(result.model, "PRelu") == 0
+
+
+def test_gemm_without_c():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, "gemm", bias=False), 1.0)
+    y = b.linear(h, 32, 8, "gemm", bias=False)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1)
+    assert len(next(n for n in result.model.graph.node if n.op_type == "Gemm").input) == 2
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (1, 1, 1), (32,), (1, 1, 32)])
+def test_prelu_slope_shapes(shape):
+    optimized(mlp(rank=3, slope_shape=shape), rewrites=1)
+
+
+def test_per_channel_slope_within_tolerance():
+    b = Builder()
+    slope = 1 + np.linspace(-5e-4, 5e-4, 32)
+    h = b.prelu(b.linear("x", 8, 32), slope, (32,))
+    y = b.linear(h, 32, 8)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1, rtol=1e-2, atol=1e-2)
+    lo, hi = result.report.rewrites[0].slope_range
+    assert lo == pytest.approx(1 - 5e-4) and hi == pytest.approx(1 + 5e-4)
+    assert result.report.rewrites[0].error_coefficient > 0
+
+
+def test_leaky_relu_with_alpha_one():
+    b = Builder()
+    (h,) = b.node("LeakyRelu", [b.linear("x", 8, 32)], alpha=1.0)
+    y = b.linear(h, 32, 8)
+    optimized(b.model([("x", ["N", 3, 8])], [(y, ["N", 3, 8])]), rewrites=1)
+
+
+def test_no_activation_at_all():
+    optimized(mlp(slope=None), rewrites=1)
+
+
+def test_sees_through_identity_and_inference_dropout():
+    b = Builder()
+    (h,) = b.node("Identity", [b.linear("x", 8, 32)])
+    (h,) = b.node("Dropout", [h])
+    h = b.prelu(h, 1.0)
+    (h,) = b.node("Dropout", [h, b.const(0.1), b.const(False, dtype=np.bool_)])
+    (h,) = b.node("Identity", [h])
+    y = b.linear(h, 32, 8)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1)
+    assert len(result.model.graph.node) == 1
+
+
+def test_chain_of_four_layers_collapses_into_one():
+    b = Builder()
+    h = b.linear("x", 8, 32)
+    for _ in range(3):
+        h = b.linear(b.prelu(h, 1.0), 32, 32 if _ < 2 else 8)
+    result = optimized(b.model([("x", ["N", 3, 8])], [(h, ["N", 3, 8])]), rewrites=3)
+    assert count_ops(result.model, "MatMul") == 1 and count_ops(result.model, "PRelu") == 0
+
+
+def test_slope_near_one_within_tol_reports_error_bound():
+    result = optimized(mlp(slope=0.9995), rewrites=1, tol=1e-3, rtol=1e-2, atol=1e-2)
+    r = result.report.rewrites[0]
+    assert r.slope_range == pytest.approx((0.9995, 0.9995))
+    assert r.error_coefficient > 0
+
+
+def test_output_of_second_layer_may_be_a_graph_output():
+    b = Builder()
+    y = b.linear(b.prelu(b.linear("x", 8, 32), 1.0), 32, 8)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1)
+    assert [o.name for o in result.model.graph.output] == [y]
+
+
+@pytest.mark.parametrize("opset", [13, 14, 15, 16, 17, 18, 19, 20, 21])
+def test_opsets(opset):
+    optimized(mlp(opset=opset), rewrites=1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-2), (np.float64, 1e-9)])
+def test_dtypes(dtype, tol):
+    result = optimized(mlp(dtype=dtype), rewrites=1, rtol=tol, atol=tol)
+    weights = [t for t in result.model.graph.initializer if len(t.dims) == 2]
+    assert all(t.data_type == helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) for t in weights)
+
+
+def test_tied_weight_is_not_mutated():
+    b = Builder()
+    shared = b.const(b.weights(8, 32), "shared")
+    h = b.prelu(b.linear("x", 8, 32, weight=shared), 1.0)
+    y = b.linear(h, 32, 8)
+    (other,) = b.node("MatMul", ["x", shared])  # a second user of the same initializer
+    model = b.model([("x", ["N", 8])], [(y, ["N", 8]), (other, ["N", 32])])
+    before = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "shared")).copy()
+    result = optimized(model, rewrites=1)
+    after = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "shared"))
+    np.testing.assert_array_equal(before, after)
+
+
+def test_collapses_inside_if_subgraphs():
+    inner = Builder(seed=1)
+    y = inner.linear(inner.prelu(inner.linear("x", 8, 32), 1.0), 32, 8)
+    then_g = helper.make_graph(inner.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 8])],
+                               inner.inits)
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="else_id")], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4, 8])])
+    b = Builder()
+    b.nodes.append(helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g))
+    graph = helper.make_graph(
+        b.nodes, "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+        result = optimized(model, rewrites=1, feeds=feeds)
+    then_branch = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node] == ["Gemm"]
+
+
+# --- must not fire --------------------------------------------------------------------------------------
+
+
+def skipped_reason(model, **kw) -> str:
+    result = optimized(model, rewrites=0, **kw)
+    assert result.model is model or result.model.SerializeToString() == model.SerializeToString()
+    (only,) = result.report.skipped
+    return only.reason
+
+
+def test_slope_outside_tolerance():
+    assert "outside tolerance" in skipped_reason(mlp(slope=0.9), tol=0.05)
+
+
+def test_one_channel_outside_tolerance():
+    assert "outside tolerance" in skipped_reason(mlp(slope=[1.0] * 31 + [0.5], slope_shape=(32,)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_slope(bad):
+    assert "NaN or inf" in skipped_reason(mlp(slope=bad), tol=1e9)
+
+
+def test_non_finite_weight():
+    b = Builder()
+    w = b.weights(8, 32)
+    w[0, 0] = np.nan
+    h = b.prelu(b.linear("x", 8, 32, weight=b.const(w)), 1.0)
+    y = b.linear(h, 32, 8)
+    assert "NaN or inf" in skipped_reason(b.model([("x", ["N", 8])], [(y, ["N", 8])]))
+
+
+def test_activation_output_with_fan_out():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y = b.linear(h, 32, 8)
+    (side,) = b.node("Relu", [h])
+    assert "also feeds" in skipped_reason(b.model([("x", ["N", 8])], [(y, ["N", 8]), (side, ["N", 32])]))
+
+
+def test_activation_output_is_a_graph_output():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y = b.linear(h, 32, 8)
+    assert "graph output" in skipped_reason(b.model([("x", ["N", 8])], [(y, ["N", 8]), (h, ["N", 32])]))
+
+
+def test_weight_that_is_a_graph_input():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, weight="w_in"), 1.0)
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 8]), ("w_in", [8, 32])], [(y, ["N", 8])])
+    assert "not a constant" in skipped_reason(model)
+
+
+def test_weight_that_is_computed():
+    b = Builder()
+    (w,) = b.node("Relu", [b.const(b.weights(8, 32))])
+    h = b.prelu(b.linear("x", 8, 32, weight=w), 1.0)
+    y = b.linear(h, 32, 8)
+    assert "not a constant" in skipped_reason(b.model([("x", ["N", 8])], [(y, ["N", 8])]))
+
+
+def test_slope_that_is_computed():
+    b = Builder()
+    (s,) = b.node("Abs", [b.const(np.ones(1))])
+    (h,) = b.node("PRelu", [b.linear("x", 8, 32), s])
+    y = b.linear(h, 32, 8)
+    assert "not a constant" in skipped_reason(b.model([("x", ["N", 8])], [(y, ["N", 8])]))
+
+
+def test_gemm_with_trans_a():
+    b = Builder()
+    (h,) = b.node("Gemm", ["x", b.const(b.weights(8, 32))], transA=1)
+    y = b.linear(b.prelu(h, 1.0), 32, 8, "gemm")
+    assert "transA" in skipped_reason(b.model([("x", [8, "N"])], [(y, ["N", 8])]))
+
+
+def test_dropout_in_training_mode_is_not_seen_through():
+    b = Builder()
+    (h,) = b.node("Dropout", [b.linear("x", 8, 32), b.const(0.0), b.const(True, dtype=np.bool_)])
+    y = b.linear(b.prelu(h, 1.0), 32, 8)
+    result = lc_onnx.optimize(b.model([("x", ["N", 8])], [(y, ["N", 8])]), validate=False)
+    assert not result.report.rewrites
+
+
+def test_custom_domain_activation_passes_through():
+    b = Builder()
+    (h,) = b.node("PRelu", [b.linear("x", 8, 32), b.const(np.ones(1))], domain="com.example")
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 8])], [(y, ["N", 8])])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    result = lc_onnx.optimize(model, validate=False)
+    assert not result.report.rewrites and result.model is model
+
+
+def test_bias_broadcasting_over_rows_is_not_a_bias():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, "gemm", c_shape=(4, 32)), 1.0)
+    y = b.linear(h, 32, 8, "gemm")
+    assert "one value per output feature" in skipped_reason(b.model([("x", [4, 8])], [(y, [4, 8])]))
+
+
+def test_tol_zero_still_takes_exact_slopes():
+    optimized(mlp(slope=1.0), rewrites=1, tol=0.0)
