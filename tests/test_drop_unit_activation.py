@@ -1,0 +1,42 @@
+"""drop_unit_activation: in a bottleneck, the unit-slope activation goes and both layers stay."""
+
+from __future__ import annotations
+
+import lc_onnx
+from tests.builder import mlp
+from tests.harness import count_ops, optimized
+
+
+def bottleneck(**kw):
+    # 64 -> 8 -> 64: one fused 64x64 layer (4096 MACs/row) costs more than the factors (1024)
+    return mlp(d_in=64, hidden=8, d_out=64, **kw)
+
+
+def test_bottleneck_keeps_both_layers_and_drops_the_activation():
+    result = optimized(bottleneck(), rewrites=1)
+    assert [r.rule for r in result.report.rewrites] == ["drop_unit_activation"]
+    assert count_ops(result.model, "PRelu") == 0 and count_ops(result.model, "MatMul") == 2
+    (left,) = result.report.skipped
+    assert left.reason.startswith("bottleneck")
+
+
+def test_bottleneck_without_activation_is_left_alone():
+    result = optimized(bottleneck(slope=None), rewrites=0)
+    assert "bottleneck" in result.report.skipped[0].reason
+
+
+def test_bottleneck_slope_outside_tolerance_is_left_alone():
+    result = optimized(bottleneck(slope=0.5), rewrites=0)
+    assert "outside tolerance" in result.report.skipped[0].reason
+
+
+def test_skip_by_name():
+    result = lc_onnx.optimize(bottleneck(), skip=("drop_unit_activation",))
+    assert not result.report.rewrites
+    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain",)).report.rewrites
+
+
+def test_equal_cost_collapses():
+    # d_in·d_out == h·(d_in + d_out): collapse does not cost more, and removes nodes
+    result = optimized(mlp(d_in=16, hidden=8, d_out=16), rewrites=1)
+    assert result.report.rewrites[0].rule == "collapse_linear_chain"
