@@ -1,0 +1,78 @@
+"""Property test: over random chains, optimize always yields a valid model computing the same thing."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from tests.builder import Builder
+from tests.harness import optimized
+
+TOL = 1e-3
+
+
+@st.composite
+def chains(draw):
+    rank = draw(st.integers(2, 4))
+    dims = draw(st.lists(st.integers(1, 24), min_size=3, max_size=5))
+    b = Builder(seed=draw(st.integers(0, 2**16)))
+    lead = ["N"] if rank == 2 else ["N"] + [2] * (rank - 2)
+    x, outputs, exact = "x", [], True
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:], strict=False)):
+        if i:
+            act = draw(st.sampled_from(["prelu", "leaky", "none", "relu"]))
+            slope = draw(st.sampled_from([1.0, 1.0, 1 - TOL / 2, 0.5]))
+            exact &= slope == 1.0 or act in ("none", "relu")
+            if act == "prelu":
+                shape = draw(st.sampled_from([(1,), (d_in,), (1,) * rank]))
+                x = b.prelu(x, slope, shape)
+            elif act == "leaky":
+                (x,) = b.node("LeakyRelu", [x], alpha=slope)
+            elif act == "relu":
+                (x,) = b.node("Relu", [x])
+            fan_out = draw(st.sampled_from(["none", "none", "consumer", "output"]))
+            if fan_out == "consumer":
+                (side,) = b.node("Neg", [x])
+                outputs.append((side, lead + [d_in]))
+            elif fan_out == "output":
+                outputs.append((x, lead + [d_in]))
+        kind = draw(st.sampled_from(["gemm", "matmul"])) if rank == 2 else "matmul"
+        x = b.linear(
+            x, d_in, d_out, kind,
+            bias=draw(st.booleans()),
+            bias_first=draw(st.booleans()),
+            trans_b=kind == "gemm" and draw(st.booleans()),
+            alpha=draw(st.sampled_from([1.0, 0.5])) if kind == "gemm" else 1.0,
+            beta=draw(st.sampled_from([1.0, 2.0])) if kind == "gemm" else 1.0,
+        )
+    outputs.insert(0, (x, lead + [dims[-1]]))
+    opset = draw(st.integers(13, 21))
+    return b.model([("x", lead + [dims[0]])], outputs, opset=opset), exact, len(dims) - 1
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains())
+def test_random_chains_stay_equivalent(case):
+    model, exact, layers = case
+    tol = 1e-4 if exact else 1e-2
+    result = optimized(model, tol=TOL, rtol=tol, atol=tol)
+    # whatever fired, no rewrite may have made a layer costlier
+    for r in result.report.rewrites:
+        assert r.macs_after <= r.macs_before
+    assert len(result.report.rewrites) <= layers - 1 + layers  # collapses plus dropped activations, at most
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 16), st.integers(1, 16), st.integers(0, 2**16))
+def test_plain_two_layer_chain_always_fires(d_in, hidden, d_out, seed):
+    b = Builder(seed=seed)
+    y = b.linear(b.prelu(b.linear("x", d_in, hidden), 1.0), hidden, d_out)
+    b.nodes.append(helper.make_node("Identity", [y], ["y"], name="y"))
+    result = optimized(b.model([("x", ["N", 3, d_in])], [("y", ["N", 3, d_out])]), rewrites=1, rtol=1e-4,
+                       atol=1e-4)
+    (r,) = result.report.rewrites
+    cheaper = d_in * d_out <= hidden * (d_in + d_out)
+    assert r.rule == ("collapse_linear_chain" if cheaper else "drop_unit_activation")
+    assert np.isfinite(r.error_coefficient)
