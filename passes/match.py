@@ -18,12 +18,15 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of an initializer or of a `Constant` node's output; None when it is computed or an input."""
+    """The value of an initializer or of a `Constant` node's output, also seen through `Identity` (the
+    legacy torch exporter shares equal initializers that way); None when it is computed or an input."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     node = producer(tensor)
+    if node is not None and is_op(node, "Identity"):
+        return const_value(node.inputs[0])
     if node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant):
         return np.asarray(node.attrs["value"].values)
     return None

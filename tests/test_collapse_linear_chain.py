@@ -279,3 +279,14 @@ def test_bias_broadcasting_over_rows_is_not_a_bias():
 
 def test_tol_zero_still_takes_exact_slopes():
     optimized(mlp(slope=1.0), rewrites=1, tol=0.0)
+
+
+def test_constants_shared_through_identity():
+    # the legacy torch exporter keeps one copy of equal initializers and feeds the others through Identity
+    b = Builder()
+    slope = b.const(np.ones((1, 1)))
+    h = b.linear("x", 8, 32)
+    for d_out in (32, 8):
+        (s,) = b.node("Identity", [slope])
+        h = b.linear(b.node("PRelu", [h, s])[0], 32, d_out)
+    optimized(b.model([("x", ["N", 8])], [(h, ["N", 8])]), rewrites=2)
