@@ -34,10 +34,12 @@ def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelP
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    """The graph, with the shapes that inference adds where the model leaves them open."""
+    """The checked graph, with the shapes that inference adds where the model leaves them open."""
+    light = shapes.weightless(model)
+    shapes.check(light)
     try:
         graph = gs.import_onnx(model)
-        shapes.annotate(graph, shapes.infer(model))
+        shapes.annotate(graph, shapes.infer(light))
         return graph
     except Exception as e:  # graphsurgeon raises bare exceptions for malformed graphs
         raise InputError(f"the graph cannot be read ({str(e).strip().splitlines()[0]})") from None

@@ -70,21 +70,26 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random validation inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input file.")
+@click.option("--external-data", is_flag=True,
+              help="Write weights to OUTPUT.data beside the model (automatic for external-data inputs and past 2 GB).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_skip_option
 @_handle_errors
 def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
-             quiet, skip) -> None:
+             external_data, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
     output = output or io.default_output(model)
     if output.resolve() == Path(model).resolve() and not overwrite:
         raise io.InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
     given = load_inputs(inputs_path) if inputs_path else None
+    shapes = parse_shapes(input_shape)
+    source, was_external = io.read(model)
     result = api.optimize(
-        model, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
-        input_shapes=parse_shapes(input_shape), inputs=given, seed=seed,
+        source, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
+        input_shapes=shapes, inputs=given, seed=seed,
     )
-    io.save(result.model, output)
+    # keep the input's layout: external data in, external data out (and always past 2 GB)
+    io.save(result.model, output, external_data=True if external_data or was_external else None)
     if report_path:
         report_path.write_text(result.report.to_json())
     if not quiet:

@@ -8,14 +8,23 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from lc_onnx.errors import InputError
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models must keep their weights as external data
+EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside the .onnx file
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX model with its external data, or raise InputError saying what is wrong."""
+def _summary(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """The model with its weights, and whether they were stored as external data; InputError says what
+    is wrong with the path or file (missing, a folder, empty, not ONNX, external data missing or outside
+    the model's folder)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -24,13 +33,22 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file")
     try:
-        model = onnx.load(str(p))
-    except (DecodeError, RuntimeError, ValueError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{p}: not a readable ONNX model ({first})") from e
-    if not model.HasField("graph") or not model.graph.node and not model.graph.output:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise InputError(f"{p}: not a readable ONNX model ({_summary(e)})") from None
+    if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputError(f"{p}: the file holds no ONNX graph")
-    return model
+    external = any(uses_external_data(t) for t in _all_tensors(model))
+    if external:
+        try:
+            load_external_data_for_model(model, str(p.parent.resolve()))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise InputError(f"{p}: cannot read its external data ({_summary(e)})") from None
+    return model, external
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    return read(path)[0]
 
 
 def default_output(path: str | os.PathLike) -> Path:
@@ -40,8 +58,9 @@ def default_output(path: str | os.PathLike) -> Path:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write atomically (temp file in the same folder, then rename); weights go to `<name>.data` when
-    asked or when the model is over protobuf's 2 GB limit."""
+    """Write atomically: temp files in the same folder, then renames, so an interrupted run leaves no
+    half-written model. With `external_data` (default: when the model is over protobuf's 2 GB limit) the
+    weights go to `<name>.data` beside it. `model` is not changed."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -50,34 +69,92 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         raise InputError(f"{folder}: output folder is not writable")
     if external_data is None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    temps: list[str] = []
     try:
+        tmp = _temp(folder, p.name, temps)
         if external_data:
             data_name = f"{p.name}.data"
-            tmp_data = folder / f".{data_name}.tmp"
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data.name, size_threshold=1024,
-            )
-            # the model names its data file; point it at the final name before the renames
-            saved = onnx.load(tmp, load_external_data=False)
-            for t in _external_tensors(saved):
-                for kv in t.external_data:
-                    if kv.key == "location":
-                        kv.value = data_name
-            onnx.save_model(saved, tmp)
-            os.replace(tmp_data, folder / data_name)
+            tmp_data = _temp(folder, data_name, temps)
+            if _write_split(model, tmp, tmp_data, data_name):
+                os.replace(tmp_data, folder / data_name)
         else:
-            onnx.save_model(model, tmp)
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
         os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise InputError(f"{p}: cannot write ({e.strerror or _summary(e)})") from None
+    finally:
+        for t in temps:
+            Path(t).unlink(missing_ok=True)
     return p
 
 
-def _external_tensors(model: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+def _temp(folder: Path, name: str, temps: list[str]) -> str:
+    """An empty temp file beside the target, with the permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    temps.append(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
 
-    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_name: str) -> int:
+    """The main graph's large initializers to `data_path` one at a time, and a model that points at them
+    under `data_name`; no second copy of the weights is made. Returns the bytes of external data."""
+    shell = onnx.ModelProto()
+    shell.CopyFrom(_without_initializers(model))
+    with open(data_path, "wb") as data:
+        for t in model.graph.initializer:
+            stub = shell.graph.initializer.add()
+            raw = _raw_bytes(t)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                stub.CopyFrom(t)
+                continue
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            offset = data.tell()
+            data.write(raw)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                stub.external_data.add(key=key, value=value)
+        written = data.tell()
+    with open(model_path, "wb") as f:
+        f.write(shell.SerializeToString())
+    return written
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes | None:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    if t.data_type == onnx.TensorProto.STRING:
+        return None
+    return onnx.numpy_helper.to_array(t).tobytes()
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the main graph's initializers (cheap: those hold the weights)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)

@@ -8,6 +8,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from lc_onnx.errors import InputError
+
 SMALL = 64  # initializers up to this many elements are kept: Reshape targets and the like
 
 
@@ -44,12 +46,32 @@ def _collect(graph: onnx.GraphProto, found: dict[str, tuple[int, list]]) -> None
                 _collect(g, found)
 
 
-def infer(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
-    """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails."""
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights: cheap to check and to run shape inference on, at any size."""
     light = onnx.ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
     light.graph.CopyFrom(_weightless(model.graph))
+    return light
+
+
+def check(light: onnx.ModelProto) -> None:
+    """onnx.checker with strict shape inference: cycles, dangling inputs, unknown standard ops and
+    weights whose shapes do not fit fail here with the checker's message."""
+    try:
+        onnx.checker.check_model(light, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise InputError(f"the model is not valid ONNX: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+    """The message on one line (the checker spreads it over several), cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def infer(light: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, not a requirement: rewrites then need ranks the graph states

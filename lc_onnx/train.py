@@ -212,13 +212,13 @@ def _as_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def collapse(model: nn.Module, threshold: float = 0.05) -> list[str]:
+def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None = None) -> list[str]:
     """Replace each block whose slope is within `threshold` of 1 by one nn.Linear
     (W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in); returns the names collapsed. The others
-    stay; `slopes(model)` says where they are."""
+    stay; `slopes(model)` says where they are. `only` limits it to those block names."""
     done = []
     for name, act in blocks(model).items():
-        if float((act.weight.detach() - 1).abs().max()) > threshold:
+        if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
             continue
         parent_name = ".".join(name.split(".")[: -act.depth])
         parent = _get(model, parent_name)
