@@ -5,24 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.chain import Chain, Reject, find_chain
+from passes.chain import Chain
 from passes.linear import Names, write_linear
 from passes.rule import Rewrite, Rule
 
 NAME = "collapse_linear_chain"
 
 
-def match(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
-    chain = find_chain(node, graph_outputs, tol)
-    if isinstance(chain, Chain) and not chain.cost.collapse_is_cheaper:
-        c = chain.cost
-        return Reject(
-            chain.names,
-            f"bottleneck: one {chain.first.d_in}x{chain.second.d_out} layer ({c.macs_after} MACs/row) "
-            f"costs more than the two factors ({c.macs_before})",
-            chain.slope_range,
-        )
-    return chain
+def check(chain: Chain) -> str | None:
+    c = chain.cost
+    if c.collapse_is_cheaper:
+        return None
+    return (f"bottleneck: one {chain.first.d_in}x{chain.second.d_out} layer ({c.macs_after} MACs/row) "
+            f"costs more than the two factors ({c.macs_before})")
 
 
 def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
@@ -49,4 +44,4 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     )
 
 
-RULE = Rule(NAME, "fuse two linear layers joined by a (nearly) linear activation into one", match, rewrite)
+RULE = Rule(NAME, "fuse two linear layers joined by a (nearly) linear activation into one", check, rewrite)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from passes.chain import Chain, Reject, find_chain
+from passes.chain import Chain
 from passes.linear import Names
 from passes.rule import Rewrite, Rule
 
 NAME = "drop_unit_activation"
 
 
-def match(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
-    chain = find_chain(node, graph_outputs, tol)
-    if not isinstance(chain, Chain) or chain.activation is None:
-        return chain if isinstance(chain, Reject) else None
+def check(chain: Chain) -> str | None:
+    if chain.activation is None:
+        return "no activation to drop"
     if chain.cost.collapse_is_cheaper:
-        return None  # collapse_linear_chain's job
-    return chain
+        return "collapsing is cheaper"  # collapse_linear_chain's job
+    return None
 
 
 def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
@@ -42,4 +41,4 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     )
 
 
-RULE = Rule(NAME, "remove a unit-slope activation between two layers that are cheaper kept apart", match, rewrite)
+RULE = Rule(NAME, "remove a unit-slope activation between two layers that are cheaper kept apart", check, rewrite)

@@ -23,13 +23,20 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _read(tensor)
     node = producer(tensor)
     if node is not None and is_op(node, "Identity"):
         return const_value(node.inputs[0])
     if node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant):
-        return np.asarray(node.attrs["value"].values)
+        return _read(node.attrs["value"])
     return None
+
+
+def _read(constant: gs.Constant) -> np.ndarray:
+    # `.values` would cache the array on the tensor, and graphsurgeon then re-encodes it on export
+    # (inline, even where it was external data); reading the lazy source leaves the tensor as it was
+    lazy = constant._values
+    return np.asarray(lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else lazy)
 
 
 def rank_of(tensor: gs.Tensor) -> int | None:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes.chain import Chain, Reject
+from passes.chain import Chain, Reject, find_chain
 from passes.linear import Names
 from passes.registry import active_rules
 from passes.rule import Rewrite, Rule
 
-MAX_REWRITES = 100_000  # a guard: each rewrite removes nodes, so the loop ends long before this
+MAX_SWEEPS = 1_000  # a guard: each sweep that fires removes nodes, so the loop ends long before this
 
 
 @dataclass
@@ -38,53 +38,65 @@ def _graphs(graph: gs.Graph) -> list[tuple[str, gs.Graph]]:
 
 
 
-def _first_fire(node: gs.Node, rules: list[Rule], outputs: set[str], tol: float):
-    """(rule, chain) of the first rule that fires at `node`, else (None, first Reject or None)."""
-    reject = None
+def _decide(
+    node: gs.Node, rules: list[Rule], outputs: set[str], tol: float
+) -> tuple[Rule | None, Candidate | None, Chain | None]:
+    """The chain ending at `node` (read once) and the first rule that fires on it, or why none does."""
+    found = find_chain(node, outputs, tol)
+    if found is None:
+        return None, None, None
+    if isinstance(found, Reject):
+        return None, Candidate(found.names, found.slope_range, None, found.reason), None
+    shape = (found.first.d_in, found.first.d_out, found.second.d_out)
+    reasons = []
     for rule in rules:
-        found = rule.match(node, outputs, tol)
-        if isinstance(found, Chain):
-            return rule, found
-        if isinstance(found, Reject) and reject is None:
-            reject = found
-    return None, reject
+        reason = rule.check(found)
+        if reason is None:
+            return rule, Candidate(found.names, found.slope_range, rule.name, None, shape), found
+        reasons.append(reason)
+    reason = reasons[0] if reasons else "every rule that could fire is skipped"
+    return None, Candidate(found.names, found.slope_range, None, reason, shape), None
+
+
+def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None) -> tuple[list, list]:
+    """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
+
+    A rewrite only kills nodes upstream of the node being visited, so the rest of the sweep stays valid;
+    a chain of three layers folds in one sweep because the fused layer is what the next one sees."""
+    outputs = {t.name for t in g.outputs}
+    rewrites, candidates = [], []
+    for node in list(g.nodes):
+        rule, candidate, chain = _decide(node, rules, outputs, tol)
+        if candidate is None:
+            continue
+        candidate.graph = gname
+        candidates.append(candidate)
+        if chain is not None and names is not None:
+            done = rule.rewrite(g, names, chain)
+            done.graph = gname
+            rewrites.append(done)
+    return rewrites, candidates
 
 
 def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> list[Candidate]:
     """Every candidate chain in the graph and its subgraphs, without changing anything."""
     rules = active_rules(skip, graph.opset)
-    found = []
-    for gname, g in _graphs(graph):
-        outputs = {t.name for t in g.outputs}
-        for node in g.nodes:
-            rule, hit = _first_fire(node, rules, outputs, tol)
-            if isinstance(hit, Chain):
-                shape = (hit.first.d_in, hit.first.d_out, hit.second.d_out)
-                found.append(Candidate(hit.names, hit.slope_range, rule.name, None, shape, gname))
-            elif isinstance(hit, Reject):
-                found.append(Candidate(hit.names, hit.slope_range, None, hit.reason, None, gname))
-    return found
+    return [c for gname, g in _graphs(graph) for c in _sweep(g, gname, rules, tol, None)[1]]
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> PassResult:
-    """Apply the rules to a fixed point; chains of three or more layers collapse one pair at a time."""
+    """Apply the rules, sweep after sweep, until one fires nothing; what that last sweep saw but left is
+    reported as skipped."""
     rules = active_rules(skip, graph.opset)
     result = PassResult(modified=False)
     names = Names(graph)
     for gname, g in _graphs(graph):
-        while len(result.rewrites) < MAX_REWRITES:
-            outputs = {t.name for t in g.outputs}
-            fired = None
-            for node in g.nodes:
-                rule, hit = _first_fire(node, rules, outputs, tol)
-                if isinstance(hit, Chain):
-                    fired = rule.rewrite(g, names, hit)
-                    break
-            if fired is None:
+        for _ in range(MAX_SWEEPS):
+            rewrites, candidates = _sweep(g, gname, rules, tol, names)
+            if not rewrites:
+                result.skipped += [c for c in candidates if c.rule is None]
                 break
-            fired.graph = gname
-            result.rewrites.append(fired)
+            result.rewrites += rewrites
             result.modified = True
             g.cleanup(remove_unused_graph_inputs=False).toposort()
-    result.skipped = [c for c in inspect(graph, tol, skip) if c.rule is None]
     return result

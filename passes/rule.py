@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from passes.chain import Chain, Reject
+from passes.chain import Chain
 from passes.linear import Names
 
 
@@ -29,11 +29,12 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class Rule:
-    """`match` finds a chain at a node (or says why not); `rewrite` changes the graph and says what it did."""
+    """Every rule shares one match (`find_chain`); `check` says why this rule may not fire on a chain
+    (None: it fires), `rewrite` changes the graph and says what it did."""
 
     name: str
     summary: str
-    match: Callable[[gs.Node, set[str], float], Chain | Reject | None]
+    check: Callable[[Chain], str | None]
     rewrite: Callable[[gs.Graph, Names, Chain], Rewrite]
     min_opset: int = 11  # Gemm's bias is optional from opset 11 on
     max_opset: int = 24
