@@ -6,6 +6,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,22 +24,44 @@ STAMP_KEY = "lc_onnx"
 
 @dataclass
 class OptimizeResult:
+    """The new model and the report. Where the input kept its weights as external data, `model` still
+    points at them (in `source`); `save` streams them to the output's own data file."""
+
     model: onnx.ModelProto
     report: Report
+    source: Path | None = None  # the input's folder, when the input kept its weights as external data
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+        """Write the model; by default in the input's layout (external data in, external data out)."""
+        if external_data is None and self.source is not None:
+            external_data = True
+        return io.save(self.model, path, external_data=external_data, source=self.source)
 
 
-def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+@dataclass
+class _Input:
+    model: onnx.ModelProto
+    path: Path | None  # the file it came from, so ONNX Runtime can open it where it is
+    source: Path | None  # its folder, when weights were left on disk as external data
+    owned: bool  # loaded here, so its weights may be released once they have been copied
+
+
+def _open(model_or_path: onnx.ModelProto | str | os.PathLike) -> _Input:
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
-    return io.load(model_or_path)
+        return _Input(model_or_path, None, None, owned=False)
+    path = Path(model_or_path)
+    model, external = io.read(path, load_weights=False)
+    return _Input(model, path, path.parent.resolve() if external else None, owned=True)
 
 
-def _import(model: onnx.ModelProto) -> gs.Graph:
+def _import(src: _Input) -> gs.Graph:
     """The checked graph, with the shapes that inference adds where the model leaves them open."""
-    light = shapes.weightless(model)
+    light = shapes.weightless(src.model)
     shapes.check(light)
     try:
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(src.model)
+        if src.source is not None:
+            io.attach_external(graph, src.source)
         shapes.annotate(graph, shapes.infer(light))
         return graph
     except Exception as e:  # graphsurgeon raises bare exceptions for malformed graphs
@@ -60,7 +83,7 @@ def totals(model: onnx.ModelProto) -> Totals:
     for g in _graphs(model.graph):
         nodes += len(g.node)
         params += sum(math.prod(t.dims) for t in g.initializer)
-    return Totals(nodes, params, model.ByteSize())
+    return Totals(nodes, params, model.ByteSize() + io.external_size(model))
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
@@ -82,11 +105,6 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.
     return out
 
 
-def check(model: onnx.ModelProto) -> None:
-    if model.ByteSize() <= io.PROTOBUF_LIMIT:
-        onnx.checker.check_model(model)
-
-
 def optimize(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     *,
@@ -105,30 +123,36 @@ def optimize(
     error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs)."""
     if not (tol >= 0 and math.isfinite(tol)):
         raise InputError(f"tol must be a finite number >= 0, got {tol}")
-    original = _as_model(model_or_path)
     try:
         skip_set = frozenset(skip)
         passes.registry.active_rules(skip_set)
     except ValueError as e:
         raise InputError(str(e)) from None
+    src = _open(model_or_path)
+    original = src.model
     report = Report(tol=tol, before=totals(original))
-    graph = _import(original)
+    graph = _import(src)
     result = passes.run(graph, tol, skip_set)
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
-        return OptimizeResult(original, report)
+        return OptimizeResult(original, report, src.source)
 
     model = _export(graph, original, report)
+    del graph
     try:
-        check(model)
-    except onnx.checker.ValidationError as e:
-        raise ValidationError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}", report) from e
+        shapes.check(shapes.weightless(model))
+    except InputError as e:
+        raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
     report.after = totals(model)
     if validate:
         feeds = validation.make_inputs(original, input_shapes, inputs, seed)
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
-        report.validation = validation.compare(original, model, feeds, limit)
+        if src.owned and src.path is not None:
+            # ONNX Runtime reads the original from its file: its weights in memory are no longer needed
+            del original.graph.initializer[:]
+            original = src.path
+        report.validation = validation.compare(original, model, feeds, limit, src.source)
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
             raise ValidationError(
@@ -136,14 +160,13 @@ def optimize(
                 f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:g}; lower --tol or raise --rtol",
                 report,
             )
-    return OptimizeResult(model, report)
+    return OptimizeResult(model, report, src.source)
 
 
 def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = DEFAULT_TOL,
             skip: tuple[str, ...] = ()) -> list[passes.Candidate]:
     """Every candidate chain with the rule that would fire on it, or why none would."""
-    model = _as_model(model_or_path)
     try:
-        return passes.inspect(_import(model), tol, frozenset(skip))
+        return passes.inspect(_import(_open(model_or_path)), tol, frozenset(skip))
     except ValueError as e:
         raise InputError(str(e)) from None

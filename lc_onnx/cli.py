@@ -83,13 +83,12 @@ def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, se
         raise io.InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
     given = load_inputs(inputs_path) if inputs_path else None
     shapes = parse_shapes(input_shape)
-    source, was_external = io.read(model)
     result = api.optimize(
-        source, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
+        model, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
         input_shapes=shapes, inputs=given, seed=seed,
     )
-    # keep the input's layout: external data in, external data out (and always past 2 GB)
-    io.save(result.model, output, external_data=True if external_data or was_external else None)
+    # the input's layout is kept: external data in, external data out (and always past 2 GB)
+    result.save(output, external_data=True if external_data else None)
     if report_path:
         report_path.write_text(result.report.to_json())
     if not quiet:

@@ -66,7 +66,7 @@ def run_demo(output_dir: Path | None = None, runs: int = 30) -> None:
         click.echo(f"built {src}: {len(SLOPES)} MLP blocks {DIM}>{HIDDEN}>{DIM}, PReLU slopes {SLOPES}")
         click.echo(f"$ lc-onnx optimize {src.name}   (tol {api.DEFAULT_TOL:g})\n")
         result = api.optimize(src)
-        out = io.save(result.model, io.default_output(src))
+        out = result.save(io.default_output(src))
         click.echo(result.report.table())
         click.echo(f"wrote {out}\n")
 

@@ -6,7 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
@@ -21,10 +23,10 @@ def _summary(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """The model with its weights, and whether they were stored as external data; InputError says what
-    is wrong with the path or file (missing, a folder, empty, not ONNX, external data missing or outside
-    the model's folder)."""
+def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """The model, and whether its weights are stored as external data; InputError says what is wrong with
+    the path or file (missing, a folder, empty, not ONNX, external data missing or outside the model's
+    folder). With `load_weights=False`, external weights stay on disk (checked, not read): see `Source`."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -38,13 +40,80 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise InputError(f"{p}: not a readable ONNX model ({_summary(e)})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputError(f"{p}: the file holds no ONNX graph")
-    external = any(uses_external_data(t) for t in _all_tensors(model))
-    if external:
-        try:
-            load_external_data_for_model(model, str(p.parent.resolve()))
-        except (OSError, ValueError, onnx.checker.ValidationError) as e:
-            raise InputError(f"{p}: cannot read its external data ({_summary(e)})") from None
-    return model, external
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    base = p.parent.resolve()
+    try:
+        if external and load_weights:
+            load_external_data_for_model(model, str(base))
+        for t in [] if load_weights else external:
+            _external_span(t, base)
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise InputError(f"{p}: cannot read its external data ({_summary(e)})") from None
+    return model, bool(external)
+
+
+def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int | None]:
+    """(file, offset, length) of an external tensor, refusing files outside `base` (path traversal)."""
+    info = {kv.key: kv.value for kv in t.external_data}
+    location = info.get("location", "")
+    target = (base / location).resolve()
+    if not location or os.path.isabs(location) or not target.is_relative_to(base):
+        raise ValueError(f"tensor {t.name}: external data location {location!r} points outside {base}")
+    if not target.is_file():
+        raise ValueError(f"tensor {t.name}: external data file {location!r} is missing")
+    offset, length = int(info.get("offset", 0)), info.get("length")
+    length = int(length) if length is not None else None
+    if offset + (length or 0) > target.stat().st_size:
+        raise ValueError(f"tensor {t.name}: external data runs past the end of {location!r}")
+    return target, offset, length
+
+
+def external_bytes(t: onnx.TensorProto, base: Path) -> bytes:
+    """The raw bytes of one external tensor, read from disk now."""
+    target, offset, length = _external_span(t, base)
+    with open(target, "rb") as f:
+        f.seek(offset)
+        return f.read() if length is None else f.read(length)
+
+
+class ExternalValues(gs.ir.tensor.LazyValues):
+    """graphsurgeon's lazy values for a tensor whose data is still on disk: read only when a rule needs it,
+    and exported as the original (small) TensorProto that points at the file."""
+
+    def __init__(self, tensor: onnx.TensorProto, base: Path):
+        super().__init__(tensor)
+        self.base = base
+
+    def load(self) -> np.ndarray:
+        full = onnx.TensorProto()
+        full.CopyFrom(self.tensor)
+        del full.external_data[:]
+        full.data_location = onnx.TensorProto.DEFAULT
+        full.raw_data = external_bytes(self.tensor, self.base)
+        return onnx.numpy_helper.to_array(full)
+
+
+def attach_external(graph: gs.Graph, base: Path) -> None:
+    """Point every constant of `graph` whose data is external at the files in `base`."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            lazy = getattr(t, "_values", None)
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and uses_external_data(lazy.tensor):
+                t._values = ExternalValues(lazy.tensor, base)
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(uses_external_data(t) for t in _all_tensors(model))
+
+
+def external_size(model: onnx.ModelProto) -> int:
+    """Bytes of weights that live outside the protobuf."""
+    total = 0
+    for t in _all_tensors(model):
+        if uses_external_data(t):
+            info = {kv.key: kv.value for kv in t.external_data}
+            total += int(info.get("length", 0))
+    return total
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -57,10 +126,12 @@ def default_output(path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}.lc{p.suffix or '.onnx'}")
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+         source: Path | None = None) -> Path:
     """Write atomically: temp files in the same folder, then renames, so an interrupted run leaves no
-    half-written model. With `external_data` (default: when the model is over protobuf's 2 GB limit) the
-    weights go to `<name>.data` beside it. `model` is not changed."""
+    half-written model. With `external_data` (default: when the model is over protobuf's 2 GB limit or
+    still points at external data in `source`) the weights go to `<name>.data` beside it, streamed one
+    tensor at a time. `model` is not changed."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -68,14 +139,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     if not os.access(folder, os.W_OK):
         raise InputError(f"{folder}: output folder is not writable")
     if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
+        external_data = has_external(model) or model.ByteSize() > PROTOBUF_LIMIT
+    elif not external_data and has_external(model):
+        raise InputError("the model's weights are external data; it can only be saved with external data")
     temps: list[str] = []
     try:
         tmp = _temp(folder, p.name, temps)
         if external_data:
             data_name = f"{p.name}.data"
             tmp_data = _temp(folder, data_name, temps)
-            if _write_split(model, tmp, tmp_data, data_name):
+            if _write_split(model, tmp, tmp_data, data_name, source):
                 os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp, "wb") as f:
@@ -100,7 +173,8 @@ def _temp(folder: Path, name: str, temps: list[str]) -> str:
     return tmp
 
 
-def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_name: str) -> int:
+def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_name: str,
+                 source: Path | None) -> int:
     """The main graph's large initializers to `data_path` one at a time, and a model that points at them
     under `data_name`; no second copy of the weights is made. Returns the bytes of external data."""
     shell = onnx.ModelProto()
@@ -108,7 +182,7 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
     with open(data_path, "wb") as data:
         for t in model.graph.initializer:
             stub = shell.graph.initializer.add()
-            raw = _raw_bytes(t)
+            raw = _raw_bytes(t, source)
             if raw is None or len(raw) < EXTERNAL_THRESHOLD:
                 stub.CopyFrom(t)
                 continue
@@ -125,7 +199,11 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
     return written
 
 
-def _raw_bytes(t: onnx.TensorProto) -> bytes | None:
+def _raw_bytes(t: onnx.TensorProto, source: Path | None) -> bytes | None:
+    if uses_external_data(t):
+        if source is None:
+            raise InputError(f"tensor {t.name} is external data, and the folder it lives in is unknown")
+        return external_bytes(t, source)
     if t.HasField("raw_data"):
         return t.raw_data
     if t.data_type == onnx.TensorProto.STRING:

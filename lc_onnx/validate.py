@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from lc_onnx import io
 from lc_onnx.errors import InputError, ValidationError
 from lc_onnx.io import PROTOBUF_LIMIT
 
@@ -82,19 +83,21 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a readable .npz file ({e})") from None
 
 
-def session(model: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0,
-            opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL) -> ort.InferenceSession:
-    """An ORT session on an in-memory model; models over 2 GB go through a temporary folder."""
+def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, threads: int = 0,
+            opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, source: Path | None = None) -> ort.InferenceSession:
+    """An ORT session on a model file, or on an in-memory model; models over 2 GB, or that point at
+    external data in `source`, go through a temporary folder."""
     so = ort.SessionOptions()
     so.graph_optimization_level = opt_level
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if isinstance(model, Path):
+        return ort.InferenceSession(str(model), so, providers=providers)
+    if model.ByteSize() <= PROTOBUF_LIMIT and not io.has_external(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        path = io.save(model, Path(d) / "model.onnx", external_data=True, source=source)
         return ort.InferenceSession(str(path), so, providers=providers)
 
 
@@ -150,26 +153,33 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return max_abs, rel
 
 
-def compare(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            rtol: float) -> Validation:
-    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol."""
+def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            rtol: float, source: Path | None = None) -> Validation:
+    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol. The two
+    sessions run one after the other, so only one model's weights are in ONNX Runtime at a time."""
     try:
-        ref_sess = session(original)
+        sess = session(original, source=source)
     except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
         raise InputError(f"ONNX Runtime cannot run the original model, so it cannot be validated "
-                         f"({str(e).splitlines()[0]}); use --no-validate to skip") from None
+                         f"({_line(e)}); use --no-validate to skip") from None
+    names = [o.name for o in sess.get_outputs()]
     try:
-        ref = ref_sess.run(None, feeds)
+        ref = sess.run(None, feeds)
     except Exception as e:
         raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
-                         f"({str(e).splitlines()[0]}); give shapes with --input-shape or data with "
-                         f"--inputs") from None
+                         f"({_line(e)}); give shapes with --input-shape or data with --inputs") from None
+    del sess
     try:
-        got = session(optimized).run(None, feeds)
+        got = session(optimized, source=source).run(None, feeds)
     except Exception as e:
-        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({str(e).splitlines()[0]})") from e
+        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({_line(e)})") from e
     result = Validation(rtol=rtol, inputs={k: list(v.shape) for k, v in feeds.items()})
-    for meta, r, g in zip(ref_sess.get_outputs(), ref, got, strict=True):
+    for name, r, g in zip(names, ref, got, strict=True):
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))
-        result.outputs.append(OutputError(meta.name, max_abs, rel, rel <= rtol))
+        result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol))
     return result
+
+
+def _line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

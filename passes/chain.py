@@ -55,13 +55,15 @@ class Reject:
     slope_range: tuple[float, float] | None = None
 
 
-def _slopes(act: gs.Node) -> np.ndarray | str:
+def _slopes(act: gs.Node) -> tuple[np.ndarray, int] | str:
+    """The slope values (flat, float64) and the rank of the slope tensor."""
     if is_op(act, "LeakyRelu"):
-        return np.array([float(act.attrs.get("alpha", 0.01))])
+        return np.array([float(act.attrs.get("alpha", 0.01))]), 0
     value = const_value(act.inputs[1])
     if value is None:
         return f"slope of {act.name} is not a constant"
-    return value.astype(np.float64).reshape(-1) if value.size else np.array([np.nan])
+    flat = value.astype(np.float64).reshape(-1) if value.size else np.array([np.nan])
+    return flat, value.ndim
 
 
 def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
@@ -97,11 +99,12 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         return Reject(names, second)
     names = first.names + [n.name for n in between] + second.names
 
-    slopes = None
+    slopes, slope_rank = None, 0
     if activation is not None:
-        slopes = _slopes(activation)
-        if isinstance(slopes, str):
-            return Reject(names, slopes)
+        found = _slopes(activation)
+        if isinstance(found, str):
+            return Reject(names, found)
+        slopes, slope_rank = found
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
             return Reject(names, f"slope of {activation.name} holds NaN or inf", srange)
@@ -111,7 +114,7 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
             return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange)
 
-    reason = _structure_problem(first, between, activation, second, graph_outputs)
+    reason = _structure_problem(first, between, activation, slope_rank, second, graph_outputs)
     if reason:
         return Reject(names, reason, None if slopes is None else (float(slopes.min()), float(slopes.max())))
     return Chain(first, second, between, activation, slopes)
@@ -121,6 +124,7 @@ def _structure_problem(
     first: LinearLayer,
     between: list[gs.Node],
     activation: gs.Node | None,
+    slope_rank: int,
     second: LinearLayer,
     graph_outputs: set[str],
 ) -> str | None:
@@ -132,7 +136,6 @@ def _structure_problem(
     if any(is_op(n, "Reshape") for n in between) and not (first.x_rank == 2 and second.x_rank == 2):
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
     if activation is not None and is_op(activation, "PRelu"):
-        slope_rank = const_value(activation.inputs[1]).ndim
         x_rank = rank_of(activation.inputs[0]) or (
             first.x_rank if not any(is_op(n, "Reshape") for n in between) else None
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.match import const_value, is_empty, is_op, producer, rank_of
+from passes.match import const_value, is_const, is_empty, is_op, producer, rank_of
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -95,7 +95,7 @@ def _bias_add(tensor: gs.Tensor, graph_outputs: set[str]) -> tuple[gs.Node, gs.T
     if not is_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
         return None
     other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
-    return (add, other) if const_value(other) is not None else None
+    return (add, other) if is_const(other) else None
 
 
 def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True) -> LinearLayer | str:
@@ -138,7 +138,7 @@ def read_linear_ending_at(tensor: gs.Tensor, graph_outputs: set[str]) -> LinearL
     if is_op(node, "Add") and len(node.inputs) == 2:
         for data, other in (node.inputs, node.inputs[::-1]):
             mm = producer(data)
-            if mm is not None and is_op(mm, "MatMul") and const_value(other) is not None:
+            if mm is not None and is_op(mm, "MatMul") and is_const(other):
                 layer = read_matmul(mm, graph_outputs)
                 if isinstance(layer, str) or layer.y is tensor:
                     return layer

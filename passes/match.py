@@ -32,6 +32,18 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def is_const(tensor: gs.Tensor | None) -> bool:
+    """Whether `const_value` would find a value, without reading it (weights may be large, or on disk)."""
+    if tensor is None:
+        return False
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    if node is not None and is_op(node, "Identity"):
+        return is_const(node.inputs[0])
+    return node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant)
+
+
 def _read(constant: gs.Constant) -> np.ndarray:
     # `.values` would cache the array on the tensor, and graphsurgeon then re-encodes it on export
     # (inline, even where it was external data); reading the lazy source leaves the tensor as it was

@@ -1,0 +1,125 @@
+"""Files: bad input is one clean error, external data in and out, atomic writes, weights left on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import lc_onnx
+from lc_onnx import io
+from tests.builder import Builder, mlp
+from tests.harness import random_feeds, run
+
+
+def save_external(model, path, location=None):
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location or f"{path.name}.data", size_threshold=0)
+    return path
+
+
+def set_location(path, location):
+    m = onnx.load(path, load_external_data=False)
+    for t in m.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = location
+    onnx.save(m, path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "not a readable ONNX model"),
+    ("text", "not a readable ONNX model"),
+    ("no graph", "holds no ONNX graph"),
+    ("cycle", "not valid ONNX"),
+    ("dangling input", "not valid ONNX"),
+    ("mismatched weights", "not valid ONNX"),
+    ("external data outside the folder", "points outside"),
+    ("external data missing", "missing"),
+])
+def test_bad_models_raise_input_error(tmp_path, case, message):
+    path = tmp_path / "m.onnx"
+    good = mlp()
+    if case == "truncated":
+        path.write_bytes(good.SerializeToString()[:200])
+    elif case == "text":
+        path.write_text("hello, not a model\n")
+    elif case == "no graph":
+        path.write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
+    elif case in ("cycle", "dangling input"):
+        src = "b" if case == "cycle" else "nowhere"
+        nodes = [helper.make_node("Relu", [src], ["a"]), helper.make_node("Relu", ["a"], ["b"])]
+        vi = [helper.make_tensor_value_info("x", 1, [2]), helper.make_tensor_value_info("b", 1, [2])]
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", vi[:1], vi[1:])), path)
+    elif case == "mismatched weights":
+        for t in good.graph.initializer:
+            if list(t.dims) == [32, 8]:
+                t.CopyFrom(numpy_helper.from_array(np.ones((16, 8), np.float32), t.name))
+        onnx.save(good, path)
+    else:
+        save_external(good, path)
+        set_location(path, "../../etc/passwd" if "outside" in case else "gone.data")
+    with pytest.raises(lc_onnx.InputError, match=message):
+        lc_onnx.optimize(path)
+
+
+def test_external_data_in_gives_external_data_out(tmp_path):
+    src = save_external(mlp(d_in=64, hidden=256, d_out=64), tmp_path / "m.onnx")
+    result = lc_onnx.optimize(src)
+    assert result.source == tmp_path.resolve()
+    out = result.save(tmp_path / "m.lc.onnx")
+    assert (tmp_path / "m.lc.onnx.data").exists()
+    stub = onnx.load(out, load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stub.graph.initializer)
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = random_feeds(mlp(d_in=64, hidden=256, d_out=64))
+    np.testing.assert_allclose(run(onnx.load(out), feeds)[0], run(onnx.load(src), feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_untouched_external_weights_are_streamed_not_loaded(tmp_path, monkeypatch):
+    b = Builder()
+    y = b.linear(b.prelu(b.linear("x", 64, 256), 1.0), 256, 64)
+    side = b.linear("x", 64, 512)  # not part of any chain: its weight is never read
+    model = b.model([("x", ["N", 64])], [(y, ["N", 64]), (side, ["N", 512])])
+    src = save_external(model, tmp_path / "m.onnx")
+    loads = []
+    real = io.ExternalValues.load
+    monkeypatch.setattr(io.ExternalValues, "load", lambda self: loads.append(self.tensor.name) or real(self))
+    result = lc_onnx.optimize(src, validate=False)
+    assert len(result.report.rewrites) == 1
+    # the chain's weights, biases and slope, once each; never the side layer's weight (c16) or bias (c19)
+    assert sorted(loads) == ["c1", "c10", "c13", "c4", "c7"]
+    out = result.save(tmp_path / "out.onnx")
+    got = run(onnx.load(out), random_feeds(model))
+    want = run(onnx.load(src), random_feeds(model))
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=0)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_save_force_external_and_keeps_input_model_intact(tmp_path):
+    model = mlp(d_in=64, hidden=256, d_out=64)
+    before = model.SerializeToString()
+    io.save(model, tmp_path / "m.onnx", external_data=True)
+    assert model.SerializeToString() == before
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"old contents")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", boom)
+    with pytest.raises(lc_onnx.InputError, match="No space left"):
+        io.save(mlp(), target)
+    assert target.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_written_file_has_normal_permissions(tmp_path):
+    path = io.save(mlp(), tmp_path / "m.onnx")
+    assert path.stat().st_mode & 0o644 == 0o644
