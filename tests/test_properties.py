@@ -56,8 +56,10 @@ def chains(draw):
 @given(chains())
 def test_random_chains_stay_equivalent(case):
     model, exact, layers = case
+    # slopes off 1 move outputs by design, by an amount the tool's default rtol does not bound: there the
+    # harness compares at 1e-2 and the tool's own validation is off
     tol = 1e-4 if exact else 1e-2
-    result = optimized(model, tol=TOL, rtol=tol, atol=tol)
+    result = optimized(model, tol=TOL, rtol=tol, atol=tol, validate=exact)
     # whatever fired, no rewrite may have made a layer costlier
     for r in result.report.rewrites:
         assert r.macs_after <= r.macs_before
