@@ -60,7 +60,7 @@ def check(light: onnx.ModelProto) -> None:
     weights whose shapes do not fit fail here with the checker's message."""
     try:
         onnx.checker.check_model(light, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # bad UTF-8 too
         raise InputError(f"the model is not valid ONNX: {_first_line(e)}") from None
 
 
