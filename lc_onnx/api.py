@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +116,15 @@ def optimize(
     input_shapes: dict[str, list[int]] | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
     """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
 
     The input model is never changed. With `validate`, both models run in ONNX Runtime on
     seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
-    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs)."""
+    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs). `progress` is called with
+    the name of each stage as it starts."""
+    step = progress or (lambda stage: None)
     if not (tol >= 0 and math.isfinite(tol)):
         raise InputError(f"tol must be a finite number >= 0, got {tol}")
     try:
@@ -128,16 +132,20 @@ def optimize(
         passes.registry.active_rules(skip_set)
     except ValueError as e:
         raise InputError(str(e)) from None
+    step("loading")
     src = _open(model_or_path)
     original = src.model
     report = Report(tol=tol, before=totals(original))
+    step("checking")
     graph = _import(src)
+    step("rewriting")
     result = passes.run(graph, tol, skip_set)
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
         return OptimizeResult(original, report, src.source)
 
+    step("exporting")
     model = _export(graph, original, report)
     del graph
     try:
@@ -146,6 +154,7 @@ def optimize(
         raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
     report.after = totals(model)
     if validate:
+        step("validating in ONNX Runtime")
         feeds = validation.make_inputs(original, input_shapes, inputs, seed)
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
         if src.owned and src.path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def _handle_errors(fn):
 
     wrapper = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
     return wrapper
+
+
+class _Progress:
+    """Stage lines with elapsed time on stderr, for runs on large models (only on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.start = enabled, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.enabled:
+            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {stage}...", err=True)
+
+    def done(self) -> None:
+        self("done")
 
 
 def _skip_option(fn):
@@ -83,12 +98,15 @@ def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, se
         raise io.InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
     given = load_inputs(inputs_path) if inputs_path else None
     shapes = parse_shapes(input_shape)
+    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     result = api.optimize(
         model, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
-        input_shapes=shapes, inputs=given, seed=seed,
+        input_shapes=shapes, inputs=given, seed=seed, progress=progress,
     )
+    progress("writing")
     # the input's layout is kept: external data in, external data out (and always past 2 GB)
     result.save(output, external_data=True if external_data else None)
+    progress.done()
     if report_path:
         report_path.write_text(result.report.to_json())
     if not quiet:
