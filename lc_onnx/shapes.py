@@ -58,10 +58,25 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 def check(light: onnx.ModelProto) -> None:
     """onnx.checker with strict shape inference: cycles, dangling inputs, unknown standard ops and
     weights whose shapes do not fit fail here with the checker's message."""
+    if not _valid_text(light.graph):
+        raise InputError("the model is not valid ONNX: a name in it is not valid UTF-8")
     try:
         onnx.checker.check_model(light, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # bad UTF-8 too
         raise InputError(f"the model is not valid ONNX: {_first_line(e)}") from None
+
+
+def _valid_text(graph: onnx.GraphProto) -> bool:
+    """Protobuf hands back bytes, not str, for a damaged string field; names must be text."""
+    names = [graph.name] + [v.name for v in list(graph.input) + list(graph.output) + list(graph.initializer)]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+        for attr in node.attribute:
+            names.append(attr.name)
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                if not _valid_text(g):
+                    return False
+    return all(isinstance(n, str) for n in names)
 
 
 def _first_line(e: Exception, limit: int = 300) -> str:
