@@ -98,12 +98,32 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(out, name, getattr(original, name))
     out.metadata_props.extend(p for p in original.metadata_props if p.key != STAMP_KEY)
+    _restore_node_notes(original.graph, out.graph)
     counts = {}
     for r in report.rewrites:
         counts[r.rule] = counts.get(r.rule, 0) + 1
     stamp = {"tol": report.tol, "rewrites": counts}
     out.metadata_props.add(key=STAMP_KEY, value=json.dumps(stamp, sort_keys=True))
     return out
+
+
+def _restore_node_notes(original: onnx.GraphProto, out: onnx.GraphProto) -> None:
+    """graphsurgeon drops the doc strings and metadata_props of graphs and nodes (the dynamo exporter
+    keeps stack traces and module names there); give each surviving node, by name, its own back."""
+    notes = {}
+    for g in _graphs(original):
+        for n in g.node:
+            if n.name and (n.doc_string or n.metadata_props):
+                notes[n.name] = n
+    if original.metadata_props and not out.metadata_props:
+        out.metadata_props.extend(original.metadata_props)
+    for g in _graphs(out):
+        for n in g.node:
+            source = notes.get(n.name)
+            if source is not None:
+                n.doc_string = source.doc_string
+                del n.metadata_props[:]
+                n.metadata_props.extend(source.metadata_props)
 
 
 def optimize(

@@ -20,6 +20,8 @@ def model_path(tmp_path):
     model.doc_string = "a test model"
     model.producer_name = "tests"
     model.metadata_props.add(key="author", value="me")
+    model.graph.node[-1].doc_string = "the output"
+    model.graph.node[-1].metadata_props.add(key="namespace", value="head")
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     return path
@@ -45,6 +47,8 @@ def test_output_keeps_envelope_and_stamps_metadata(model_path):
     assert props["author"] == "me"
     assert json.loads(props["lc_onnx"])["rewrites"] == {"collapse_linear_chain": 1}
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    out_node = next(n for n in model.graph.node if n.name == "out")
+    assert out_node.doc_string == "the output" and out_node.metadata_props[0].value == "head"
 
 
 def test_same_input_gives_byte_identical_output(model_path, tmp_path):
