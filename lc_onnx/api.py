@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import passes
-from lc_onnx import io, shapes
+from lc_onnx import check, io, shapes
 from lc_onnx import validate as validation
 from lc_onnx.errors import InputError, ValidationError
 from lc_onnx.report import Report, Totals
@@ -57,8 +57,7 @@ def _open(model_or_path: onnx.ModelProto | str | os.PathLike) -> _Input:
 
 def _import(src: _Input) -> gs.Graph:
     """The checked graph, with the shapes that inference adds where the model leaves them open."""
-    light = shapes.weightless(src.model)
-    shapes.check(light)
+    light = check.check_model(src.model)
     try:
         graph = gs.import_onnx(src.model)
         if src.source is not None:
@@ -69,19 +68,9 @@ def _import(src: _Input) -> gs.Graph:
         raise InputError(f"the graph cannot be read ({str(e).strip().splitlines()[0]})") from None
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def totals(model: onnx.ModelProto) -> Totals:
     nodes = params = 0
-    for g in _graphs(model.graph):
+    for g in shapes.graphs(model.graph):
         nodes += len(g.node)
         params += sum(math.prod(t.dims) for t in g.initializer)
     return Totals(nodes, params, model.ByteSize() + io.external_size(model))
@@ -111,13 +100,13 @@ def _restore_node_notes(original: onnx.GraphProto, out: onnx.GraphProto) -> None
     """graphsurgeon drops the doc strings and metadata_props of graphs and nodes (the dynamo exporter
     keeps stack traces and module names there); give each surviving node, by name, its own back."""
     notes = {}
-    for g in _graphs(original):
+    for g in shapes.graphs(original):
         for n in g.node:
             if n.name and (n.doc_string or n.metadata_props):
                 notes[n.name] = n
     if original.metadata_props and not out.metadata_props:
         out.metadata_props.extend(original.metadata_props)
-    for g in _graphs(out):
+    for g in shapes.graphs(out):
         for n in g.node:
             source = notes.get(n.name)
             if source is not None:
@@ -132,6 +121,7 @@ def optimize(
     tol: float = DEFAULT_TOL,
     validate: bool = True,
     rtol: float | None = None,
+    atol: float | None = None,
     skip: tuple[str, ...] | frozenset[str] = (),
     input_shapes: dict[str, list[int]] | None = None,
     inputs: dict[str, np.ndarray] | None = None,
@@ -142,7 +132,8 @@ def optimize(
 
     The input model is never changed. With `validate`, both models run in ONNX Runtime on
     seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
-    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs). `progress` is called with
+    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs) and its largest absolute error
+    exceeds `atol` (default 1e-5; 1e-3 for float16). `progress` is called with
     the name of each stage as it starts."""
     step = progress or (lambda stage: None)
     if not (tol >= 0 and math.isfinite(tol)):
@@ -169,7 +160,7 @@ def optimize(
     model = _export(graph, original, report)
     del graph
     try:
-        shapes.check(shapes.weightless(model))
+        check.check_model(model)
     except InputError as e:
         raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
     report.after = totals(model)
@@ -177,16 +168,18 @@ def optimize(
         step("validating in ONNX Runtime")
         feeds = validation.make_inputs(original, input_shapes, inputs, seed)
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
+        abs_limit = validation.default_atol(original) if atol is None else atol
         if src.owned and src.path is not None:
             # ONNX Runtime reads the original from its file: its weights in memory are no longer needed
             del original.graph.initializer[:]
             original = src.path
-        report.validation = validation.compare(original, model, feeds, limit, src.source)
+        report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source)
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
             raise ValidationError(
                 f"validation failed: output {worst.name!r} differs by rel L2 {worst.rel_l2:.3g} "
-                f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:g}; lower --tol or raise --rtol",
+                f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:g} (and atol {abs_limit:g}); "
+                f"lower --tol or raise --rtol",
                 report,
             )
     return OptimizeResult(model, report, src.source)

@@ -77,6 +77,8 @@ def main() -> None:
 @click.option("--rtol", type=float, default=None,
               help="Largest relative L2 error allowed per output "
                    "(default: the larger of --tol and 1e-4; 1e-2 for float16).")
+@click.option("--atol", type=float, default=None,
+              help="An output also passes when no element moves more than this (default 1e-5; 1e-3 for float16).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime comparison.")
 @click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..",
               help="Shape of a validation input whose dims are open (repeatable).")
@@ -90,7 +92,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_skip_option
 @_handle_errors
-def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
+def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
              external_data, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
     output = output or io.default_output(model)
@@ -100,7 +102,7 @@ def optimize(model, output, tol, rtol, no_validate, input_shape, inputs_path, se
     shapes = parse_shapes(input_shape)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     result = api.optimize(
-        model, tol=tol, rtol=rtol, validate=not no_validate, skip=tuple(skip),
+        model, tol=tol, rtol=rtol, atol=atol, validate=not no_validate, skip=tuple(skip),
         input_shapes=shapes, inputs=given, seed=seed, progress=progress,
     )
     progress("writing")

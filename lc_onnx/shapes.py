@@ -1,4 +1,4 @@
-"""Shape inference on a weightless copy of the model, so that rewrites know tensor ranks cheaply."""
+"""A weightless copy of the model, for checking and shape inference at any size, and the ranks it gives."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import math
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-
-from lc_onnx.errors import InputError
 
 SMALL = 64  # initializers up to this many elements are kept: Reshape targets and the like
 
@@ -35,15 +33,23 @@ def _dims(vi: onnx.ValueInfoProto) -> list | None:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
 
 
-def _collect(graph: onnx.GraphProto, found: dict[str, tuple[int, list]]) -> None:
-    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
-        dims = _dims(vi)
-        if dims is not None:
-            found[vi.name] = (vi.type.tensor_type.elem_type, dims)
+def graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph of its control-flow nodes."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
-                _collect(g, found)
+                yield from graphs(g)
+
+
+def _collect(graph: onnx.GraphProto) -> dict[str, tuple[int, list]]:
+    found = {}
+    for g in graphs(graph):
+        for vi in list(g.value_info) + list(g.output) + list(g.input):
+            dims = _dims(vi)
+            if dims is not None:
+                found[vi.name] = (vi.type.tensor_type.elem_type, dims)
+    return found
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -55,45 +61,13 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def check(light: onnx.ModelProto) -> None:
-    """onnx.checker with strict shape inference: cycles, dangling inputs, unknown standard ops and
-    weights whose shapes do not fit fail here with the checker's message."""
-    if not _valid_text(light.graph):
-        raise InputError("the model is not valid ONNX: a name in it is not valid UTF-8")
-    try:
-        onnx.checker.check_model(light, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # bad UTF-8 too
-        raise InputError(f"the model is not valid ONNX: {_first_line(e)}") from None
-
-
-def _valid_text(graph: onnx.GraphProto) -> bool:
-    """Protobuf hands back bytes, not str, for a damaged string field; names must be text."""
-    names = [graph.name] + [v.name for v in list(graph.input) + list(graph.output) + list(graph.initializer)]
-    for node in graph.node:
-        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
-        for attr in node.attribute:
-            names.append(attr.name)
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
-                if not _valid_text(g):
-                    return False
-    return all(isinstance(n, str) for n in names)
-
-
-def _first_line(e: Exception, limit: int = 300) -> str:
-    """The message on one line (the checker spreads it over several), cut to `limit` characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def infer(light: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, not a requirement: rewrites then need ranks the graph states
         return {}
-    found: dict[str, tuple[int, list]] = {}
-    _collect(inferred.graph, found)
-    return found
+    return _collect(inferred.graph)
 
 
 def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> None:

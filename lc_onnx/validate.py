@@ -112,6 +112,7 @@ class OutputError:
 @dataclass
 class Validation:
     rtol: float
+    atol: float
     outputs: list[OutputError] = field(default_factory=list)
     inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
 
@@ -120,16 +121,25 @@ class Validation:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict:
-        return {"rtol": self.rtol, "passed": self.passed, "inputs": self.inputs,
+        return {"rtol": self.rtol, "atol": self.atol, "passed": self.passed, "inputs": self.inputs,
                 "outputs": [asdict(o) for o in self.outputs]}
+
+
+def _half(model: onnx.ModelProto) -> bool:
+    return any(o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+               for o in model.graph.output)
 
 
 def default_rtol(model: onnx.ModelProto, tol: float) -> float:
     """1e-4 for float32/64 outputs (1e-2 for float16, which rounds differently once two layers are one),
     or `tol` if larger: a slope up to `tol` from 1 taken as the identity moves outputs by about that much."""
-    half = any(o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-               for o in model.graph.output)
-    return max(1e-2 if half else 1e-4, tol)
+    return max(1e-2 if _half(model) else 1e-4, tol)
+
+
+def default_atol(model: onnx.ModelProto) -> float:
+    """An output whose every element is this close passes even when its relative error does not: outputs
+    near zero (cancellation) have large relative error at the dtype's rounding level."""
+    return 1e-3 if _half(model) else 1e-5
 
 
 def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -154,8 +164,9 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 
 
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            rtol: float, source: Path | None = None) -> Validation:
-    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol. The two
+            rtol: float, atol: float, source: Path | None = None) -> Validation:
+    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol or max |abs|
+    ≤ atol. The two
     sessions run one after the other, so only one model's weights are in ONNX Runtime at a time."""
     try:
         sess = session(original, source=source)
@@ -173,10 +184,10 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         got = session(optimized, source=source).run(None, feeds)
     except Exception as e:
         raise ValidationError(f"ONNX Runtime cannot run the optimized model ({_line(e)})") from e
-    result = Validation(rtol=rtol, inputs={k: list(v.shape) for k, v in feeds.items()})
+    result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()})
     for name, r, g in zip(names, ref, got, strict=True):
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))
-        result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol))
+        result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol or max_abs <= atol))
     return result
 
 
