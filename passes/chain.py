@@ -91,12 +91,11 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     first = read_linear_ending_at(tensor, graph_outputs)
     if first is None or (isinstance(first, str) and activation is None):
         return None
-    names = ([] if isinstance(first, str) else first.names) + [n.name for n in between] + [node.name]
     if isinstance(first, str):
-        return Reject(names, first)
+        return Reject([n.name for n in between] + [node.name], first)
     second = read_linear_starting_at(node, graph_outputs)
     if isinstance(second, str):
-        return Reject(names, second)
+        return Reject(first.names + [n.name for n in between] + [node.name], second)
     names = first.names + [n.name for n in between] + second.names
 
     slopes, slope_rank = None, 0
