@@ -78,6 +78,7 @@ def totals(model: onnx.ModelProto) -> Totals:
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
     """The rewritten graph inside the original's model envelope: opsets, producer, functions, metadata."""
+    _shield_source_tensors(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = original.ir_version
     del out.opset_import[:]
@@ -94,6 +95,21 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.
     stamp = {"tol": report.tol, "rewrites": counts}
     out.metadata_props.add(key=STAMP_KEY, value=json.dumps(stamp, sort_keys=True))
     return out
+
+
+def _shield_source_tensors(graph: gs.Graph) -> None:
+    """graphsurgeon's export writes the tensor's name into the source TensorProto it reuses; where that
+    name is unset (a Constant node's value) it would change the caller's model, so give it a copy."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        constants = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+        constants += [v for n in g.nodes for v in n.attrs.values() if isinstance(v, gs.Constant)]
+        for t in constants:
+            lazy = t._values
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and (
+                    not lazy.tensor.HasField("name") or lazy.tensor.name != t.name):
+                copy = onnx.TensorProto()
+                copy.CopyFrom(lazy.tensor)
+                lazy.tensor = copy
 
 
 def _restore_node_notes(original: onnx.GraphProto, out: onnx.GraphProto) -> None:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.cost import ChainCost, chain_cost
 from passes.linear import LinearLayer, read_linear_ending_at, read_linear_starting_at
-from passes.match import const_value, is_inference_dropout, is_op, only_feeds, producer, rank_of
+from passes.match import (
+    const_value,
+    is_explicit_shape,
+    is_inference_dropout,
+    is_op,
+    only_feeds,
+    producer,
+    rank_of,
+)
 
 MAX_WALK = 16  # nodes between two layers; real exports have at most a handful
 
@@ -23,10 +32,21 @@ class Chain:
     between: list[gs.Node]  # in graph order, activation included
     activation: gs.Node | None
     slopes: np.ndarray | None  # float64 slope values of the activation
+    # Shape nodes outside the chain that read a chain tensor, with a surviving tensor holding that shape
+    shape_readers: list[tuple[gs.Node, gs.Tensor]] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
         return self.first.names + [n.name for n in self.between] + self.second.names
+
+    def rewire_shape_readers(self) -> None:
+        """Point the Shape readers at their surviving tensors, so the chain's nodes can die."""
+        for reader, shape in self.shape_readers:
+            for out in reader.outputs:
+                for user in list(out.outputs):
+                    for i, t in enumerate(user.inputs):
+                        if t is out:
+                            user.inputs[i] = shape
 
     @property
     def slope_range(self) -> tuple[float, float] | None:
@@ -55,15 +75,15 @@ class Reject:
     slope_range: tuple[float, float] | None = None
 
 
-def _slopes(act: gs.Node) -> tuple[np.ndarray, int] | str:
-    """The slope values (flat, float64) and the rank of the slope tensor."""
+def _slopes(act: gs.Node) -> tuple[np.ndarray, tuple[int, ...]] | str:
+    """The slope values (flat, float64) and the slope tensor's shape."""
     if is_op(act, "LeakyRelu"):
-        return np.array([float(act.attrs.get("alpha", 0.01))]), 0
+        return np.array([float(act.attrs.get("alpha", 0.01))]), ()
     value = const_value(act.inputs[1])
     if value is None:
         return f"slope of {act.name} is not a constant"
     flat = value.astype(np.float64).reshape(-1) if value.size else np.array([np.nan])
-    return flat, value.ndim
+    return flat, value.shape
 
 
 def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
@@ -98,12 +118,12 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         return Reject(first.names + [n.name for n in between] + [node.name], second)
     names = first.names + [n.name for n in between] + second.names
 
-    slopes, slope_rank = None, 0
+    slopes, slope_shape = None, ()
     if activation is not None:
         found = _slopes(activation)
         if isinstance(found, str):
             return Reject(names, found)
-        slopes, slope_rank = found
+        slopes, slope_shape = found
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
             return Reject(names, f"slope of {activation.name} holds NaN or inf", srange)
@@ -113,44 +133,80 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
             return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange)
 
-    reason = _structure_problem(first, between, activation, slope_rank, second, graph_outputs)
-    if reason:
-        return Reject(names, reason, None if slopes is None else (float(slopes.min()), float(slopes.max())))
-    return Chain(first, second, between, activation, slopes)
+    srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
+    reason = _shape_problem(first, between, activation, slope_shape, second)
+    readers = reason or _outside_readers(first, between, second, graph_outputs)
+    if isinstance(readers, str):
+        return Reject(names, readers, srange)
+    return Chain(first, second, between, activation, slopes, readers)
 
 
-def _structure_problem(
+def _shape_problem(
     first: LinearLayer,
     between: list[gs.Node],
     activation: gs.Node | None,
-    slope_rank: int,
+    slope_shape: tuple[int, ...],
     second: LinearLayer,
-    graph_outputs: set[str],
 ) -> str | None:
-    """Why the chain's nodes may not be removed, or None when nothing outside the chain needs them."""
+    """Why the layers' shapes may not chain, or None."""
     if first.d_out != second.d_in:
         return f"shapes do not chain: {first.d_in}x{first.d_out} then {second.d_in}x{second.d_out}"
     if first.dtype != second.dtype:
         return f"dtypes differ: {first.dtype} then {second.dtype}"
-    if any(is_op(n, "Reshape") for n in between) and not (first.x_rank == 2 and second.x_rank == 2):
+    reshaped = any(is_op(n, "Reshape") for n in between)
+    if reshaped and not (first.x_rank == 2 and second.x_rank == 2):
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
-    if activation is not None and is_op(activation, "PRelu"):
-        x_rank = rank_of(activation.inputs[0]) or (
-            first.x_rank if not any(is_op(n, "Reshape") for n in between) else None
-        )
-        if slope_rank > 1 and (x_rank is None or slope_rank > x_rank):
-            return f"cannot prove that the slope of {activation.name} keeps the tensor's rank"
+    if activation is not None and not _slope_keeps_shape(activation, slope_shape, first, reshaped):
+        return f"cannot prove that the slope of {activation.name} broadcasts without changing the shape"
+    return None
 
+
+def _slope_keeps_shape(act: gs.Node, slope: tuple[int, ...], first: LinearLayer, reshaped: bool) -> bool:
+    """A PRelu slope broadcasts against its input; it must not raise the rank or stretch a dim."""
+    if not slope:
+        return True
+    x = act.inputs[0]
+    rank = rank_of(x) or (None if reshaped else first.x_rank)
+    if math.prod(slope) == 1 or (all(d == 1 for d in slope[:-1]) and slope[-1] == first.d_out):
+        return len(slope) == 1 or (rank is not None and len(slope) <= rank)
+    dims = x.shape
+    if dims is None or not all(isinstance(d, int) for d in dims) or len(slope) > len(dims):
+        return False
+    return all(s in (1, d) for s, d in zip(slope[::-1], dims[::-1], strict=False))
+
+
+def _outside_readers(
+    first: LinearLayer, between: list[gs.Node], second: LinearLayer, graph_outputs: set[str]
+) -> list[tuple[gs.Node, gs.Tensor]] | str:
+    """Nodes outside the chain that read its inner tensors: none may, but a Shape may read one whose shape
+    another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
+    readers with that tensor, or why the chain's nodes cannot be removed."""
     chain_nodes = first.nodes + between + second.nodes
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
+    readers = []
     for tensor in inner:
         if tensor.name in graph_outputs:
             return f"{tensor.name} is a graph output"
         users = [c for c in tensor.outputs if not any(c is n for n in chain_nodes)]
         for user in users:
-            # GPT-2: a Shape of the activation computes the Reshape target; it dies with the chain
-            if not (is_op(user, "Shape") and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs)):
+            if is_op(user, "Shape") and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs):
+                continue  # computes a target for the chain's own Reshape: dies with the chain
+            same = _stated_shape(tensor, between) if is_op(user, "Shape") and not user.attrs else None
+            if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
+            readers.append((user, same))
         if len(tensor.outputs) - len(users) != 1:
             return f"{tensor.name} feeds the chain more than once"
+    return readers
+
+
+def _stated_shape(tensor: gs.Tensor, between: list[gs.Node]) -> gs.Tensor | None:
+    """A tensor outside the chain holding `tensor`'s shape: the target of the last Reshape before it, when
+    that target spells out every dim (nodes after the Reshape are elementwise)."""
+    producers = [n for n in between if n.outputs[0] is tensor]
+    if not producers:
+        return None
+    for node in reversed(between[: between.index(producers[0]) + 1]):
+        if is_op(node, "Reshape"):
+            return node.inputs[1] if is_explicit_shape(node.inputs[1]) else None
     return None

@@ -28,6 +28,7 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
         bias = np.zeros(b.d_out) if b.bias is None else b.bias.copy()
         if a.bias is not None:
             bias += a.bias @ b.weight
+    chain.rewire_shape_readers()
     base = b.nodes[0].name.removesuffix("_collapsed") + "_collapsed"
     write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2)
     cost = chain.cost

@@ -87,3 +87,26 @@ def only_feeds(tensor: gs.Tensor, targets: list[gs.Node], graph_outputs: set[str
         if not all(only_feeds(out, targets, graph_outputs, depth + 1) for out in consumer.outputs):
             return False
     return True
+
+
+SHAPE_PRESERVING = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Identity", "Cast", "Reshape", "Flatten")
+
+
+def is_explicit_shape(tensor: gs.Tensor, depth: int = 0) -> bool:
+    """True when `tensor`, used as a Reshape target, holds every output dim as it is (no -1 to infer, no 0
+    to copy): built only from Shape results and positive constants. Then it *is* the Reshape output's shape."""
+    if depth > 12:
+        return False
+    value = const_value(tensor) if is_const(tensor) else None
+    if value is not None:
+        return value.dtype.kind in "iu" and bool((value > 0).all())
+    node = producer(tensor)
+    if node is None:
+        return False
+    if is_op(node, "Shape"):
+        return True
+    if is_op(node, "Concat"):
+        return all(is_explicit_shape(t, depth + 1) for t in node.inputs)
+    if is_op(node, *SHAPE_PRESERVING):
+        return is_explicit_shape(node.inputs[0], depth + 1)
+    return False
