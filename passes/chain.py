@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +16,6 @@ from passes.match import (
     is_op,
     only_feeds,
     producer,
-    rank_of,
 )
 
 MAX_WALK = 16  # nodes between two layers; real exports have at most a handful
@@ -75,15 +73,14 @@ class Reject:
     slope_range: tuple[float, float] | None = None
 
 
-def _slopes(act: gs.Node) -> tuple[np.ndarray, tuple[int, ...]] | str:
-    """The slope values (flat, float64) and the slope tensor's shape."""
+def _slopes(act: gs.Node) -> np.ndarray | str:
+    """The slope values, flat, in float64."""
     if is_op(act, "LeakyRelu"):
-        return np.array([float(act.attrs.get("alpha", 0.01))]), ()
+        return np.array([float(act.attrs.get("alpha", 0.01))])
     value = const_value(act.inputs[1])
     if value is None:
         return f"slope of {act.name} is not a constant"
-    flat = value.astype(np.float64).reshape(-1) if value.size else np.array([np.nan])
-    return flat, value.shape
+    return value.astype(np.float64).reshape(-1) if value.size else np.array([np.nan])
 
 
 def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
@@ -118,12 +115,11 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         return Reject(first.names + [n.name for n in between] + [node.name], second)
     names = first.names + [n.name for n in between] + second.names
 
-    slopes, slope_shape = None, ()
+    slopes = None
     if activation is not None:
-        found = _slopes(activation)
-        if isinstance(found, str):
-            return Reject(names, found)
-        slopes, slope_shape = found
+        slopes = _slopes(activation)
+        if isinstance(slopes, str):
+            return Reject(names, slopes)
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
             return Reject(names, f"slope of {activation.name} holds NaN or inf", srange)
@@ -134,45 +130,23 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange)
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
-    reason = _shape_problem(first, between, activation, slope_shape, second)
+    reason = _shape_problem(first, between, second)
     readers = reason or _outside_readers(first, between, second, graph_outputs)
     if isinstance(readers, str):
         return Reject(names, readers, srange)
     return Chain(first, second, between, activation, slopes, readers)
 
 
-def _shape_problem(
-    first: LinearLayer,
-    between: list[gs.Node],
-    activation: gs.Node | None,
-    slope_shape: tuple[int, ...],
-    second: LinearLayer,
-) -> str | None:
-    """Why the layers' shapes may not chain, or None."""
+def _shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
+    """Why the layers' shapes may not chain, or None. (PRelu's slope broadcasts one way, to the input's
+    shape, so the activation never changes a shape.)"""
     if first.d_out != second.d_in:
         return f"shapes do not chain: {first.d_in}x{first.d_out} then {second.d_in}x{second.d_out}"
     if first.dtype != second.dtype:
         return f"dtypes differ: {first.dtype} then {second.dtype}"
-    reshaped = any(is_op(n, "Reshape") for n in between)
-    if reshaped and not (first.x_rank == 2 and second.x_rank == 2):
+    if any(is_op(n, "Reshape") for n in between) and not (first.x_rank == 2 and second.x_rank == 2):
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
-    if activation is not None and not _slope_keeps_shape(activation, slope_shape, first, reshaped):
-        return f"cannot prove that the slope of {activation.name} broadcasts without changing the shape"
     return None
-
-
-def _slope_keeps_shape(act: gs.Node, slope: tuple[int, ...], first: LinearLayer, reshaped: bool) -> bool:
-    """A PRelu slope broadcasts against its input; it must not raise the rank or stretch a dim."""
-    if not slope:
-        return True
-    x = act.inputs[0]
-    rank = rank_of(x) or (None if reshaped else first.x_rank)
-    if math.prod(slope) == 1 or (all(d == 1 for d in slope[:-1]) and slope[-1] == first.d_out):
-        return len(slope) == 1 or (rank is not None and len(slope) <= rank)
-    dims = x.shape
-    if dims is None or not all(isinstance(d, int) for d in dims) or len(slope) > len(dims):
-        return False
-    return all(s in (1, d) for s, d in zip(slope[::-1], dims[::-1], strict=False))
 
 
 def _outside_readers(

@@ -290,3 +290,36 @@ def test_constants_shared_through_identity():
         (s,) = b.node("Identity", [slope])
         h = b.linear(b.node("PRelu", [h, s])[0], 32, d_out)
     optimized(b.model([("x", ["N", 8])], [(h, ["N", 8])]), rewrites=2)
+
+
+def gpt2_like(target_from_shape: bool):
+    """Gemm → Reshape(to 3-D) → PRelu → Reshape(to 2-D) → Gemm → Reshape(to 3-D with dims from
+    Shape(activation)), as HF GPT-2's Conv1D exports with dynamic axes."""
+    b = Builder()
+    (flat,) = b.node("Reshape", ["x", b.const(np.array([-1, 8]), dtype=np.int64)])
+    h2d = b.linear(flat, 8, 32, "gemm")
+    if target_from_shape:  # batch and tokens read from Shape(x), hidden a positive constant: explicit
+        (sx,) = b.node("Shape", ["x"])
+        (lead,) = b.node("Slice", [sx, b.const([0], dtype=np.int64), b.const([2], dtype=np.int64)])
+        (target,) = b.node("Concat", [lead, b.const([32], dtype=np.int64)], axis=0)
+    else:
+        target = b.const(np.array([-1, 3, 32]), dtype=np.int64)
+    (h3d,) = b.node("Reshape", [h2d, target])
+    act = b.prelu(h3d, 1.0)
+    (s,) = b.node("Shape", [act])
+    (lead,) = b.node("Slice", [s, b.const([0], dtype=np.int64), b.const([2], dtype=np.int64)])
+    (out_shape,) = b.node("Concat", [lead, b.const([8], dtype=np.int64)], axis=0)
+    (back,) = b.node("Reshape", [act, b.const(np.array([-1, 32]), dtype=np.int64)])
+    y2d = b.linear(back, 32, 8, "gemm")
+    (y,) = b.node("Reshape", [y2d, out_shape])
+    return b.model([("x", ["N", 3, 8])], [(y, ["N", 3, 8])])
+
+
+def test_shape_reader_outside_the_chain_is_rewired_to_an_explicit_target():
+    result = optimized(gpt2_like(target_from_shape=True), rewrites=1)
+    assert count_ops(result.model, "PRelu") == 0 and count_ops(result.model, "Gemm") == 1
+
+
+def test_shape_reader_outside_the_chain_without_explicit_target_blocks():
+    assert "also feeds" in skipped_reason(gpt2_like(target_from_shape=False))
+
