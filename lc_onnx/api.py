@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 import passes
 from lc_onnx import check, io, shapes
 from lc_onnx import validate as validation
-from lc_onnx.errors import InputError, ValidationError
+from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.report import Report, Totals
 
 DEFAULT_TOL = 1e-3
@@ -60,12 +60,12 @@ def _import(src: _Input) -> gs.Graph:
     light = check.check_model(src.model)
     try:
         graph = gs.import_onnx(src.model)
-        if src.source is not None:
-            io.attach_external(graph, src.source)
-        shapes.annotate(graph, shapes.infer(light))
-        return graph
     except Exception as e:  # graphsurgeon raises bare exceptions for malformed graphs
-        raise InputError(f"the graph cannot be read ({str(e).strip().splitlines()[0]})") from None
+        raise InputError(f"the graph cannot be read ({one_line(e)})") from None
+    if src.source is not None:
+        io.attach_external(graph, src.source)
+    shapes.annotate(graph, shapes.infer(light))
+    return graph
 
 
 def totals(model: onnx.ModelProto) -> Totals:

@@ -9,7 +9,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from onnx import helper
 
 from lc_onnx import shapes
-from lc_onnx.errors import InputError
+from lc_onnx.errors import InputError, one_line
 
 
 def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -26,7 +26,7 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(light, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
-        raise InputError(f"the model is not valid ONNX: {_one_line(e)}") from None
+        raise InputError(f"the model is not valid ONNX: {one_line(e)}") from None
     return light
 
 
@@ -71,9 +71,3 @@ def _size_problem(t: onnx.TensorProto) -> str | None:
             per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
             return None if n == count * per else f"holds {n} values for dims {list(t.dims)}"
     return None if count == 0 else f"holds no data for dims {list(t.dims)}"
-
-
-def _one_line(e: Exception, limit: int = 300) -> str:
-    """The message on one line (the checker spreads it over several), cut to `limit` characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

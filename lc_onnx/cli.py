@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from lc_onnx import api, io
-from lc_onnx.errors import LcOnnxError
+from lc_onnx.errors import LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
 from passes import RULES, rule_names
 
@@ -34,8 +34,7 @@ def _handle_errors(fn):
         except Exception as e:  # a bug of ours: still one line unless asked for more
             if debug:
                 traceback.print_exc()
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+            click.echo(f"internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
                        err=True)
             sys.exit(3)
 

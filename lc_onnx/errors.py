@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (checkers and runtimes spread theirs over several), cut to `limit`."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class LcOnnxError(Exception):
     exit_code = 2
 

@@ -12,15 +12,10 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-from lc_onnx.errors import InputError
+from lc_onnx.errors import InputError, one_line
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models must keep their weights as external data
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside the .onnx file
-
-
-def _summary(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.ModelProto, bool]:
@@ -37,7 +32,7 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise InputError(f"{p}: not a readable ONNX model ({_summary(e)})") from None
+        raise InputError(f"{p}: not a readable ONNX model ({one_line(e)})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputError(f"{p}: the file holds no ONNX graph")
     external = [t for t in _all_tensors(model) if uses_external_data(t)]
@@ -48,7 +43,7 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
         for t in [] if load_weights else external:
             _external_span(t, base)
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise InputError(f"{p}: cannot read its external data ({_summary(e)})") from None
+        raise InputError(f"{p}: cannot read its external data ({one_line(e)})") from None
     return model, bool(external)
 
 
@@ -155,7 +150,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
                 f.write(model.SerializeToString())
         os.replace(tmp, p)
     except OSError as e:
-        raise InputError(f"{p}: cannot write ({e.strerror or _summary(e)})") from None
+        raise InputError(f"{p}: cannot write ({e.strerror or one_line(e)})") from None
     finally:
         for t in temps:
             Path(t).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from lc_onnx import io
-from lc_onnx.errors import InputError, ValidationError
+from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.io import PROTOBUF_LIMIT
 
 DYNAMIC_DIM = 2  # size given to a dimension the model leaves open
@@ -172,25 +172,20 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         sess = session(original, source=source)
     except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
         raise InputError(f"ONNX Runtime cannot run the original model, so it cannot be validated "
-                         f"({_line(e)}); use --no-validate to skip") from None
+                         f"({one_line(e)}); use --no-validate to skip") from None
     names = [o.name for o in sess.get_outputs()]
     try:
         ref = sess.run(None, feeds)
     except Exception as e:
         raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
-                         f"({_line(e)}); give shapes with --input-shape or data with --inputs") from None
+                         f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
     del sess
     try:
         got = session(optimized, source=source).run(None, feeds)
     except Exception as e:
-        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({_line(e)})") from e
+        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
     result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()})
     for name, r, g in zip(names, ref, got, strict=True):
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))
         result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol or max_abs <= atol))
     return result
-
-
-def _line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
