@@ -135,8 +135,9 @@ def inspect(model, tol, as_json, skip) -> None:
             f"{c.slope_range[0]:.4g}" if c.slope_range[0] == c.slope_range[1]
             else f"{c.slope_range[0]:.4g}..{c.slope_range[1]:.4g}")
         where = f"[{c.graph}] " if c.graph else ""
-        verdict = f"-> {c.rule} ({'{}>{}>{}'.format(*c.shape)})" if c.rule else f"left: {c.reason}"
-        click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  slope {slope}  {verdict}")
+        shape = "{}>{}>{}".format(*c.shape) if c.shape else "?"
+        verdict = f"-> {c.rule}" if c.rule else f"left: {c.reason}"
+        click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  {shape}  slope {slope}  {verdict}")
     fire = sum(c.rule is not None for c in found)
     click.echo(f"{fire} of {len(found)} chain(s) would be rewritten at tol {tol:g}")
 

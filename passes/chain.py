@@ -71,6 +71,7 @@ class Reject:
     names: list[str]
     reason: str
     slope_range: tuple[float, float] | None = None
+    shape: tuple[int, int, int] | None = None  # d_in, hidden, d_out where both layers could be read
 
 
 def _slopes(act: gs.Node) -> np.ndarray | str:
@@ -114,26 +115,27 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     if isinstance(second, str):
         return Reject(first.names + [n.name for n in between] + [node.name], second)
     names = first.names + [n.name for n in between] + second.names
+    shape = (first.d_in, first.d_out, second.d_out)
 
     slopes = None
     if activation is not None:
         slopes = _slopes(activation)
         if isinstance(slopes, str):
-            return Reject(names, slopes)
+            return Reject(names, slopes, None, shape)
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
-            return Reject(names, f"slope of {activation.name} holds NaN or inf", srange)
+            return Reject(names, f"slope of {activation.name} holds NaN or inf", srange, shape)
         off = float(np.abs(slopes - 1.0).max())
         if off > tol:
             lo, hi = srange
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
-            return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange)
+            return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     reason = _shape_problem(first, between, second)
     readers = reason or _outside_readers(first, between, second, graph_outputs)
     if isinstance(readers, str):
-        return Reject(names, readers, srange)
+        return Reject(names, readers, srange, shape)
     return Chain(first, second, between, activation, slopes, readers)
 
 

@@ -46,7 +46,7 @@ def _decide(
     if found is None:
         return None, None, None
     if isinstance(found, Reject):
-        return None, Candidate(found.names, found.slope_range, None, found.reason), None
+        return None, Candidate(found.names, found.slope_range, None, found.reason, found.shape), None
     shape = (found.first.d_in, found.first.d_out, found.second.d_out)
     reasons = []
     for rule in rules:
