@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from lc_onnx import api, io
+from lc_onnx import bench as bench_mod
 from lc_onnx.errors import LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
 from passes import RULES, rule_names
@@ -140,6 +141,36 @@ def inspect(model, tol, as_json, skip) -> None:
         click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  {shape}  slope {slope}  {verdict}")
     fire = sum(c.rule is not None for c in found)
     click.echo(f"{fire} of {len(found)} chain(s) would be rewritten at tol {tol:g}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(sorted(bench_mod.PROVIDERS)), default="cpu", show_default=True,
+              help="Execution provider; cuda fails (exit 2) where it is not available, with no CPU fallback.")
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: ONNX Runtime's choice).")
+@click.option("--batch", type=int, default=None, help="Set the open first dim of every input to this.")
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model first.")
+@click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..", help="Shape of an input (repeatable).")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help="A .npz file of inputs by name.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, json_path, quiet) -> None:
+    """Latency of one or more models in ONNX Runtime, run in turn (A B A B ...) on the same inputs, with
+    median, p10, p90 and the speedup against the first model."""
+    given = load_inputs(inputs_path) if inputs_path else None
+    show = not quiet and sys.stderr.isatty()
+    with click.progressbar(length=runs, label="timing", file=sys.stderr if show else None,
+                           hidden=not show) as bar:
+        result = bench_mod.bench_files(
+            list(models), provider, threads, batch, runs, warmup, parse_shapes(input_shape), given, seed,
+            progress=lambda i: bar.update(1),
+        )
+    click.echo(result.table())
+    if json_path:
+        json_path.write_text(result.to_json())
 
 
 @main.command()

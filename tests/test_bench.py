@@ -1,0 +1,89 @@
+"""`lc-onnx bench`: interleaved runs, the table and JSON, batch and provider handling. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lc_onnx import bench
+from lc_onnx.cli import main
+from tests.builder import mlp
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(mlp(rank=3), a)
+    onnx.save(mlp(rank=3, slope=None), b)
+    return a, b
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["bench", *map(str, args)])
+
+
+def test_two_models_table_and_json(pair, tmp_path):
+    out = tmp_path / "b.json"
+    result = invoke(*pair, "--runs", 3, "--warmup", 1, "--batch", 4, "--json", out)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:2] == ["model", "median"] and "1.00x" in lines[1] and str(pair[1]) in lines[2]
+    data = json.loads(out.read_text())
+    assert data["inputs"] == {"x": [4, 3, 8]} and data["runs"] == 3 and data["provider"] == "cpu"
+    first, second = data["models"]
+    assert first["speedup_vs_first"] == 1.0 and second["runs"] == 3
+    assert first["p10_ms"] <= first["median_ms"] <= first["p90_ms"]
+
+
+def test_models_run_interleaved(pair, monkeypatch):
+    order = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, *_):
+            order.append(self.name)
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(bench, "session", lambda m, *a, **k: Fake(m.name))
+    bench.interleaved(list(pair), {}, runs=3, warmup=1)
+    assert order == ["a.onnx", "b.onnx"] * 4
+
+
+def test_cuda_without_cuda_is_exit_2_not_a_cpu_fallback(pair, monkeypatch):
+    monkeypatch.setattr(bench.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = invoke(pair[0], "--provider", "cuda")
+    assert result.exit_code == 2 and "CUDAExecutionProvider is not available" in result.stderr
+
+
+def test_provider_that_falls_back_is_an_error(pair, monkeypatch):
+    class CpuOnly:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(bench, "session", lambda *a, **k: CpuOnly())
+    with pytest.raises(bench.InputError, match="fell back"):
+        bench.interleaved([pair[0]], {}, runs=1, warmup=0, providers=["CUDAExecutionProvider"])
+
+
+def test_fixed_batch_dim_and_mismatched_inputs_are_exit_2(tmp_path, pair):
+    fixed = tmp_path / "fixed.onnx"
+    model = mlp(rank=3)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, fixed)
+    result = invoke(fixed, "--batch", 8)
+    assert result.exit_code == 2 and "fixed first dim" in result.stderr
+    other = tmp_path / "other.onnx"
+    renamed = mlp(rank=3)
+    renamed.graph.input[0].name = "z"
+    for n in renamed.graph.node:
+        n.input[:] = ["z" if i == "x" else i for i in n.input]
+    onnx.save(renamed, other)
+    result = invoke(pair[0], other)
+    assert result.exit_code == 2 and "cannot share inputs" in result.stderr
