@@ -1,0 +1,397 @@
+"""Side-by-side latency study: original vs `lc-onnx` vs the hand-fused ideal, and what the peers do.
+
+    python benchmarks/study.py            # full study, writes benchmarks/RESULTS.md and benchmarks/study.png
+    python benchmarks/study.py --quick    # small shapes, few runs, writes nothing
+
+Reference models, built here from configs with random weights and PReLU slope 1 in every MLP (no
+downloads): ViT-T/16 (d 192, MLP 768, 12 blocks, 224x224), BERT-base (HF BertModel, 768/3072, 12 layers,
+seq 128), GPT-2 small (HF GPT2Model, 768/3072, 12 layers, seq 128) and a VGG11 classifier head
+(25088 > 4096 > 4096 > 1000). All exported with torch's legacy exporter (opset 17, dynamic batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import lc_onnx
+from lc_onnx import bench, train
+from lc_onnx.validate import session
+
+HERE = Path(__file__).parent
+WORK = Path("/tmp/lc_study")
+
+
+# --- reference models -------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """ViT-T/16: 224x224 -> 196 patches + cls, d 192, 12 pre-norm blocks, MLP 768."""
+
+    def __init__(self, d=192, h=768, depth=12, heads=3, image=224, patch=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
+        self.blocks = nn.Sequential(*[Block(d, h, heads) for _ in range(depth)])
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1000))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.blocks(t)[:, 0])
+
+
+class VGGHead(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(25088, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
+                         nn.Dropout(), nn.Linear(4096, 1000))
+
+
+class HF(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class Spec:
+    name: str
+    build: object  # () -> nn.Module
+    args: object  # (batch) -> tuple of example tensors
+    input_names: list[str]
+    model_type: str | None = None  # for the ORT transformers optimizer
+    blocks: int = 12
+    heads: int = 0
+    hidden: int = 0
+    settings: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (1, 2), (8, 1), (8, 2)])
+
+
+def specs(quick: bool) -> list[Spec]:
+    import transformers
+
+    seq = 16 if quick else 128
+    d, h, layers = (64, 256, 2) if quick else (768, 3072, 12)
+    bert = transformers.BertConfig(hidden_size=d, intermediate_size=h, num_hidden_layers=layers,
+                                   num_attention_heads=max(d // 64, 1))
+    gpt2 = transformers.GPT2Config(n_embd=d, n_inner=h, n_layer=layers, n_head=max(d // 64, 1), use_cache=False)
+    vit = (lambda: ViT(depth=2, image=64)) if quick else ViT
+    image = 64 if quick else 224
+    return [
+        Spec("ViT-T/16", vit, lambda b: (torch.randn(b, 3, image, image),), ["pixels"], None, 2 if quick else 12),
+        Spec("BERT-base", lambda: HF(transformers.BertModel(bert, add_pooling_layer=False)),
+             lambda b: (torch.randint(0, 1000, (b, seq)), torch.ones(b, seq, dtype=torch.int64)),
+             ["input_ids", "attention_mask"], "bert", layers, max(d // 64, 1), d),
+        Spec("GPT-2 small", lambda: HF(transformers.GPT2Model(gpt2)),
+             lambda b: (torch.randint(0, 1000, (b, seq)), torch.ones(b, seq, dtype=torch.int64)),
+             ["input_ids", "attention_mask"], "gpt2", layers, max(d // 64, 1), d),
+        Spec("VGG11 head", VGGHead, lambda b: (torch.randn(b, 25088),), ["features"], None, 2),
+    ]
+
+
+# --- variants ---------------------------------------------------------------------------------------
+
+
+def export(module: nn.Module, spec: Spec, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train.export(module.eval(), spec.args(1), path, input_names=spec.input_names,
+                     dynamic_axes={n: {0: "batch"} for n in spec.input_names})
+    return path
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    big = model.ByteSize() > 1.8e9
+    onnx.save(model, path, save_as_external_data=big, location=f"{path.name}.data")
+    return path
+
+
+def build_variants(spec: Spec, folder: Path, partial: bool) -> dict[str, Path]:
+    """original, lc-onnx, ideal (fused in torch) — or, with `partial`, the same with only the last 4
+    blocks at slope 1 (the others at 0.5, which lc-onnx leaves)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    names = train.prepare(model, init=1.0)
+    keep = names[:-4] if partial else []
+    with torch.no_grad():
+        for n in keep:
+            model.get_submodule(n).weight.fill_(0.5)
+    out = {"original": export(model, spec, folder / "original.onnx")}
+    ideal = copy.deepcopy(model)
+    train.collapse(ideal, threshold=0.05)
+    out["ideal"] = export(ideal, spec, folder / "ideal.onnx")
+    start = time.perf_counter()
+    result = lc_onnx.optimize(out["original"], tol=1e-3, validate=False)
+    out["lc-onnx"] = result.save(folder / "lc.onnx")
+    print(f"  {spec.name}{' (partial)' if partial else ''}: lc-onnx {len(result.report.rewrites)} rewrites "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    return out
+
+
+def peers(spec: Spec, variants: dict[str, Path], folder: Path) -> dict[str, Path | str]:
+    """What each peer makes of the original (and of lc-onnx's output): a path, or why it failed."""
+    out: dict[str, Path | str] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def attempt(name, fn):
+        start = time.perf_counter()
+        try:
+            out[name] = fn()
+            print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        except Exception as e:  # a peer's failure is a result to report, not a reason to stop
+            out[name] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            print(f"  {name}: {out[name]}", flush=True)
+
+    def onnxsim_of(src: Path, dst: Path):
+        import onnxsim
+
+        model, ok = onnxsim.simplify(str(src))
+        return save(model, dst)
+
+    def onnxslim_of(src: Path, dst: Path):
+        import onnxslim
+
+        return save(onnxslim.slim(str(src)), dst)
+
+    def onnxoptimizer_of(src: Path, dst: Path):
+        import onnxoptimizer
+
+        return save(onnxoptimizer.optimize(onnx.load(src)), dst)
+
+    def ort_offline(src: Path, dst: Path):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        return dst
+
+    def ort_transformers(src: Path, dst: Path):
+        from onnxruntime.transformers import optimizer
+
+        m = optimizer.optimize_model(str(src), model_type=spec.model_type, num_heads=spec.heads,
+                                     hidden_size=spec.hidden)
+        m.save_model_to_file(str(dst))
+        return dst
+
+    o, lc = variants["original"], variants["lc-onnx"]
+    attempt("onnxsim", lambda: onnxsim_of(o, folder / "onnxsim.onnx"))
+    attempt("onnxslim", lambda: onnxslim_of(o, folder / "onnxslim.onnx"))
+    attempt("onnxoptimizer", lambda: onnxoptimizer_of(o, folder / "onnxoptimizer.onnx"))
+    attempt("ORT offline ENABLE_ALL", lambda: ort_offline(o, folder / "ort_all.onnx"))
+    attempt("lc-onnx + onnxsim", lambda: onnxsim_of(lc, folder / "lc_onnxsim.onnx"))
+    if spec.model_type:
+        attempt("ORT transformers optimizer", lambda: ort_transformers(o, folder / "ort_tf.onnx"))
+        attempt("lc-onnx + ORT transformers optimizer", lambda: ort_transformers(lc, folder / "lc_ort_tf.onnx"))
+    return out
+
+
+# --- measurement ------------------------------------------------------------------------------------
+
+
+def ops(path: Path) -> dict[str, int]:
+    m = onnx.load(path, load_external_data=False)
+    counts = {}
+    for n in m.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    fused = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulNBits")
+    return {"linear": sum(counts.get(k, 0) for k in fused), "PRelu": counts.get("PRelu", 0), "nodes": len(m.graph.node)}
+
+
+def size_and_params(path: Path) -> tuple[int, int]:
+    m = onnx.load(path, load_external_data=False)
+    params = sum(math.prod(t.dims) for t in m.graph.initializer)
+    files = [path] + [path.with_name(f"{path.name}.data")]
+    return sum(f.stat().st_size for f in files if f.exists()), params
+
+
+def max_error(paths: list[Path], feeds) -> list[float]:
+    ref = None
+    errors = []
+    for p in paths:
+        out = session(p).run(None, feeds)[0]
+        ref = out if ref is None else ref
+        errors.append(float(np.abs(out - ref).max()))
+    return errors
+
+
+def feeds_for(spec: Spec, batch: int) -> dict[str, np.ndarray]:
+    return {n: t.numpy() for n, t in zip(spec.input_names, spec.args(batch), strict=True)}
+
+
+def runs_for(paths: list[Path], feeds, threads: int, budget_s: float) -> int:
+    """As many runs as fit the time budget for this group, between 5 and 50."""
+    s = session(paths[0], None, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    s.run(None, feeds)
+    start = time.perf_counter()
+    s.run(None, feeds)
+    one = time.perf_counter() - start
+    return int(min(50, max(5, budget_s / (one * len(paths)))))
+
+
+def time_group(paths: list[Path], feeds, threads: int, budget_s: float) -> tuple[list[bench.Latency], int]:
+    runs = runs_for(paths, feeds, threads, budget_s)
+    return bench.interleaved(paths, feeds, runs=runs, warmup=3, threads=threads), runs
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes and few runs; writes nothing")
+    ap.add_argument("--budget", type=float, default=12.0, help="seconds of timed runs per group (default 12)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    budget = 1.0 if args.quick else args.budget
+    lines, chart = [], []
+    peer_lines = []
+    for spec in specs(args.quick):
+        folder = WORK / spec.name.replace("/", "_").replace(" ", "_")
+        print(spec.name, flush=True)
+        v = build_variants(spec, folder / "full", partial=False)
+        order = ["original", "lc-onnx", "ideal"]
+        paths = [v[k] for k in order]
+        meta = [size_and_params(p) for p in paths]
+        errs = max_error(paths, feeds_for(spec, 1))
+        for batch, threads in spec.settings:
+            lat, runs = time_group(paths, feeds_for(spec, batch), threads, budget)
+            o, lc, ideal = (x.median_ms for x in lat)
+            lines.append(
+                f"| {spec.name} | all {spec.blocks} | {batch} | {threads} | {runs} | {o:.2f} | {lc:.2f} | {ideal:.2f} "
+                f"| {o / lc:.2f}x | {o / ideal:.2f}x | {ideal / lc:.3f} "
+                f"| {meta[0][1] / 1e6:.1f}M > {meta[1][1] / 1e6:.1f}M "
+                f"| {meta[0][0] / 1e6:.1f} > {meta[1][0] / 1e6:.1f} MB | {errs[1]:.1e} |")
+            chart.append((f"{spec.name}\nb{batch} t{threads}", o / lc, o / ideal))
+            print(lines[-1], flush=True)
+        if spec.blocks > 4:
+            pv = build_variants(spec, folder / "partial", partial=True)
+            ppaths = [pv[k] for k in order]
+            pmeta = [size_and_params(p) for p in ppaths]
+            perrs = max_error(ppaths, feeds_for(spec, 1))
+            for batch, threads in [(1, 2)]:
+                lat, runs = time_group(ppaths, feeds_for(spec, batch), threads, budget)
+                o, lc, ideal = (x.median_ms for x in lat)
+                lines.append(
+                    f"| {spec.name} | last 4 | {batch} | {threads} | {runs} | {o:.2f} | {lc:.2f} | {ideal:.2f} "
+                    f"| {o / lc:.2f}x | {o / ideal:.2f}x | {ideal / lc:.3f} "
+                    f"| {pmeta[0][1] / 1e6:.1f}M > {pmeta[1][1] / 1e6:.1f}M "
+                    f"| {pmeta[0][0] / 1e6:.1f} > {pmeta[1][0] / 1e6:.1f} MB | {perrs[1]:.1e} |")
+                print(lines[-1], flush=True)
+        found = peers(spec, v, folder / "peers")
+        ok = {k: p for k, p in found.items() if isinstance(p, Path)}
+        tpaths = [v["original"], *ok.values()]
+        lat, runs = time_group(tpaths, feeds_for(spec, 1), 2, budget)
+        errs = max_error(tpaths, feeds_for(spec, 1))
+        base = ops(v["original"])
+        peer_lines.append(f"| {spec.name} | original | {base['linear']} | {base['PRelu']} | {base['nodes']} "
+                          f"| {lat[0].median_ms:.2f} | 1.00x | – |")
+        for (name, p), latency, err in zip(ok.items(), lat[1:], errs[1:], strict=True):
+            c = ops(p)
+            peer_lines.append(f"| {spec.name} | {name} | {c['linear']} | {c['PRelu']} | {c['nodes']} "
+                              f"| {latency.median_ms:.2f} | {lat[0].median_ms / latency.median_ms:.2f}x | {err:.1e} |")
+        for name, why in found.items():
+            if isinstance(why, str):
+                peer_lines.append(f"| {spec.name} | {name} | – | – | – | – | – | {why} |")
+        print("\n".join(peer_lines[-len(found) - 1:]), flush=True)
+    if not args.quick:
+        write(lines, peer_lines, chart, budget)
+
+
+def write(lines: list[str], peer_lines: list[str], chart, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    x = np.arange(len(chart))
+    ax.bar(x - 0.2, [c[1] for c in chart], 0.4, label="lc-onnx")
+    ax.bar(x + 0.2, [c[2] for c in chart], 0.4, label="ideal (fused in torch)")
+    ax.set_xticks(x, [c[0] for c in chart], fontsize=7)
+    ax.set_ylabel("speedup vs original (ONNX Runtime, CPU)")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(HERE / "study.png", dpi=110)
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
+    text = [
+        "# Latency study: original vs lc-onnx vs the hand-fused ideal",
+        "",
+        "Command: `python benchmarks/study.py`  ",
+        f"Machine: {cpu.stdout.strip()}, 2 cores, no GPU; onnxruntime {ort.__version__} (CPU), "
+        f"onnx {onnx.__version__}, torch {torch.__version__}; {datetime.date.today().isoformat()}.  ",
+        "Models: random weights, PReLU slope 1 in every MLP, exported with torch's legacy exporter (opset 17). "
+        "ideal = the MLPs fused in torch before export (`lc_onnx.train.collapse`). "
+        f"Latency: ONNX Runtime ORT_ENABLE_ALL, medians of interleaved runs (about {budget:g} s of runs per row, "
+        "5 to 50 runs each); ratios are what carry over, absolute times are context. "
+        "`last 4`: the first blocks at slope 0.5 (left by lc-onnx), the last 4 at 1.",
+        "",
+        "| model | collapsed | batch | threads | runs | original ms | lc-onnx ms | ideal ms | lc-onnx speedup "
+        "| ideal speedup | ideal/lc-onnx | params | file | max err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+        "![speedups](study.png)",
+        "",
+        "## What the peers do (batch 1, 2 threads)",
+        "",
+        "linear = MatMul/Gemm (and ORT's fused variants) nodes; a tool that fused the chain would lower it and "
+        "remove PRelu.",
+        "",
+        "| model | tool | linear nodes | PRelu | nodes | ms | speedup | max err / note |",
+        "|---|---|---|---|---|---|---|---|",
+        *peer_lines,
+        "",
+        "## CUDA",
+        "",
+        "Not measured: no GPU machine was lent to this session. To measure: on a machine with a GPU and "
+        "`pip install onnxruntime-gpu`, run `lc-onnx bench original.onnx lc.onnx --provider cuda --batch 8`; "
+        "it exits 2 with one line if CUDAExecutionProvider cannot be had (no silent CPU fallback).",
+    ]
+    (HERE / "RESULTS.md").write_text("\n".join(text) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'study.png'}")
+
+
+if __name__ == "__main__":
+    main()
