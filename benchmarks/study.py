@@ -260,7 +260,7 @@ def feeds_for(spec: Spec, batch: int) -> dict[str, np.ndarray]:
 
 def runs_for(paths: list[Path], feeds, threads: int, budget_s: float) -> int:
     """As many runs as fit the time budget for this group, between 5 and 50."""
-    s = session(paths[0], None, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    s = session(paths[0], None, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False)
     s.run(None, feeds)
     start = time.perf_counter()
     s.run(None, feeds)

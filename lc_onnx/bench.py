@@ -36,9 +36,10 @@ def interleaved(
     providers: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Latency]:
-    """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL) for all."""
+    """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
+    worker threads, which would take the cores from the model that runs next) for all."""
     sessions = [
-        session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL) for m in models
+        session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False) for m in models
     ]
     if providers:
         for s in sessions:

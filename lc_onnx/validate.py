@@ -84,13 +84,17 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, threads: int = 0,
-            opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, source: Path | None = None) -> ort.InferenceSession:
+            opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, source: Path | None = None,
+            spinning: bool = True) -> ort.InferenceSession:
     """An ORT session on a model file, or on an in-memory model; models over 2 GB, or that point at
-    external data in `source`, go through a temporary folder."""
+    external data in `source`, go through a temporary folder. `spinning=False` stops idle worker threads
+    from spinning, which would steal the cores from the next session when several run in turn."""
     so = ort.SessionOptions()
     so.graph_optimization_level = opt_level
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, Path):
         return ort.InferenceSession(str(model), so, providers=providers)
