@@ -1,4 +1,4 @@
-"""Interleaved ONNX Runtime latency: models run in turn (A B A B ...) so machine drift hits all alike."""
+"""Interleaved ONNX Runtime latency: models run in turn (A B, B A, ...) so machine drift hits all alike."""
 
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ def interleaved(
             s.run(None, feeds)
     times: list[list[float]] = [[] for _ in sessions]
     for i in range(runs):
-        for s, t in zip(sessions, times, strict=True):
+        # the order turns each round (A B C, B C A, C A B, ...): the model that runs right after a large
+        # one finds the caches cold, and no model should always be that one
+        for k in range(len(sessions)):
+            j = (i + k) % len(sessions)
             start = time.perf_counter()
-            s.run(None, feeds)
-            t.append((time.perf_counter() - start) * 1e3)
+            sessions[j].run(None, feeds)
+            times[j].append((time.perf_counter() - start) * 1e3)
         if progress:
             progress(i + 1)
     return [

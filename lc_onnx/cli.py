@@ -158,7 +158,7 @@ def inspect(model, tol, as_json, skip) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
 def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, json_path, quiet) -> None:
-    """Latency of one or more models in ONNX Runtime, run in turn (A B A B ...) on the same inputs, with
+    """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
     median, p10, p90 and the speedup against the first model."""
     given = load_inputs(inputs_path) if inputs_path else None
     show = not quiet and sys.stderr.isatty()

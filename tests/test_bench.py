@@ -52,8 +52,10 @@ def test_models_run_interleaved(pair, monkeypatch):
             return ["CPUExecutionProvider"]
 
     monkeypatch.setattr(bench, "session", lambda m, *a, **k: Fake(m.name))
-    bench.interleaved(list(pair), {}, runs=3, warmup=1)
-    assert order == ["a.onnx", "b.onnx"] * 4
+    bench.interleaved(list(pair) + [pair[0].with_name("c.onnx")], {}, runs=3, warmup=1)
+    warm, timed = order[:3], order[3:]
+    assert warm == ["a.onnx", "b.onnx", "c.onnx"]
+    assert timed == ["a.onnx", "b.onnx", "c.onnx", "b.onnx", "c.onnx", "a.onnx", "c.onnx", "a.onnx", "b.onnx"]
 
 
 def test_cuda_without_cuda_is_exit_2_not_a_cpu_fallback(pair, monkeypatch):
