@@ -1,6 +1,7 @@
 """Peak memory and time of `lc-onnx optimize` on a model over protobuf's 2 GB limit, against onnx.load+save.
 
     python benchmarks/memory_big_model.py [--blocks 44] [--folder /tmp/lc_big]
+    python benchmarks/memory_big_model.py --model path/to/model.onnx      # an existing model instead
 
 Builds (without holding it in memory) a GPT-2-large-MLP-shaped model with external data: `blocks` residual
 blocks x + (PRelu(x·W1 + b1, slope 1)·W2 + b2), 1280 -> 5120 -> 1280, float32 (44 blocks = 2.3 GB). Each
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,19 +86,34 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=44)
     ap.add_argument("--folder", type=Path, default=Path("/tmp/lc_big"))
     ap.add_argument("--keep", action="store_true", help="keep the model files afterwards")
+    ap.add_argument("--model", type=Path, help="measure this model instead of building one")
+    ap.add_argument("--peers", action="store_true", help="also time onnxsim and onnxslim on it")
     args = ap.parse_args()
-    src = build(args.folder, args.blocks)
-    size = sum(f.stat().st_size for f in args.folder.iterdir()) / 1e9
-    print(f"model: {src} ({size:.2f} GB with external data, {args.blocks} blocks {D}>{H}>{D})")
+    if args.model:
+        src = args.model.resolve()
+        args.folder = Path(tempfile.mkdtemp(prefix="lc_cost_"))  # outputs only; the model stays where it is
+        data = src.with_name(f"{src.name}.data")
+        size = (src.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e9
+        print(f"model: {src} ({size:.2f} GB)")
+    else:
+        src = build(args.folder, args.blocks)
+        size = sum(f.stat().st_size for f in args.folder.iterdir()) / 1e9
+        print(f"model: {src} ({size:.2f} GB with external data, {args.blocks} blocks {D}>{H}>{D})")
     py = sys.executable
-    baseline = (f"import onnx; m = onnx.load('{src}'); onnx.save(m, '{args.folder}/copy.onnx', "
-                "save_as_external_data=True, location='copy.onnx.data')")
+    external = "save_as_external_data=True, location='copy.onnx.data'" if size > 1.9 or not args.model else ""
+    baseline = f"import onnx; m = onnx.load('{src}'); onnx.save(m, '{args.folder}/copy.onnx', {external})"
     lc = [str(Path(py).parent / "lc-onnx"), "optimize", str(src), "-o", str(args.folder / "out.onnx"), "-q"]
     rows = [
         ("onnx.load + onnx.save", [py, "-c", baseline]),
         ("lc-onnx optimize --no-validate", [*lc, "--no-validate"]),
         ("lc-onnx optimize (validation on)", lc),
     ]
+    if args.peers:
+        rows += [
+            ("onnxsim", [py, "-c", f"import onnxsim, onnx; m, _ = onnxsim.simplify('{src}'); "
+                                   f"onnx.save(m, '{args.folder}/sim.onnx')"]),
+            ("onnxslim", [py, "-c", f"import onnxslim; onnxslim.slim('{src}', '{args.folder}/slim.onnx')"]),
+        ]
     base_time = None
     print("| command | wall (s) | vs load+save | peak RSS (GB) | RSS / model size |\n|---|---|---|---|---|")
     for label, cmd in rows:
