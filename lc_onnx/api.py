@@ -55,8 +55,9 @@ def _open(model_or_path: onnx.ModelProto | str | os.PathLike) -> _Input:
     return _Input(model, path, path.parent.resolve() if external else None, owned=True)
 
 
-def _import(src: _Input) -> gs.Graph:
-    """The checked graph, with the shapes that inference adds where the model leaves them open."""
+def _import(src: _Input) -> tuple[gs.Graph, list]:
+    """The checked graph, with the shapes that inference adds where the model leaves them open (and the
+    list of those, to take off before export)."""
     light = check.check_model(src.model)
     try:
         graph = gs.import_onnx(src.model)
@@ -64,8 +65,7 @@ def _import(src: _Input) -> gs.Graph:
         raise InputError(f"the graph cannot be read ({one_line(e)})") from None
     if src.source is not None:
         io.attach_external(graph, src.source)
-    shapes.annotate(graph, shapes.infer(light))
-    return graph
+    return graph, shapes.annotate(graph, shapes.infer(light))
 
 
 def totals(model: onnx.ModelProto) -> Totals:
@@ -164,9 +164,10 @@ def optimize(
     original = src.model
     report = Report(tol=tol, before=totals(original))
     step("checking")
-    graph = _import(src)
+    graph, annotated = _import(src)
     step("rewriting")
     result = passes.run(graph, tol, skip_set)
+    shapes.unannotate(annotated)
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
@@ -205,6 +206,6 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = 
             skip: tuple[str, ...] = ()) -> list[passes.Candidate]:
     """Every candidate chain with the rule that would fire on it, or why none would."""
     try:
-        return passes.inspect(_import(_open(model_or_path)), tol, frozenset(skip))
+        return passes.inspect(_import(_open(model_or_path))[0], tol, frozenset(skip))
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -70,15 +70,26 @@ def infer(light: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     return _collect(inferred.graph)
 
 
-def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> None:
+def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> list[tuple[gs.Variable, object]]:
     """Give each intermediate tensor whose shape the graph leaves open the inferred one (graph inputs and
-    outputs keep what the model declares)."""
+    outputs keep what the model declares). Returns (tensor, its dtype before) for `unannotate`."""
+    changed = []
     for g in [graph, *graph.subgraphs(recursive=True)]:
         interface = {t.name for t in g.inputs + g.outputs}
         for tensor in g.tensors().values():
             if (isinstance(tensor, gs.Variable) and tensor.shape is None and tensor.name in shapes
                     and tensor.name not in interface):
+                changed.append((tensor, tensor.dtype))
                 elem, dims = shapes[tensor.name]
                 tensor.shape = dims
                 if tensor.dtype is None and elem:
                     tensor.dtype = helper.tensor_dtype_to_np_dtype(elem)
+    return changed
+
+
+def unannotate(changed: list[tuple[gs.Variable, object]]) -> None:
+    """Take the inferred shapes off again before export: value_info the model did not have changes which
+    fusions ONNX Runtime applies (a shape-aware fusion can pick a slower kernel), so the output keeps the
+    input's own shape information."""
+    for tensor, dtype in changed:
+        tensor.shape, tensor.dtype = None, dtype

@@ -30,7 +30,7 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
             bias += a.bias @ b.weight
     chain.rewire_shape_readers()
     base = b.nodes[0].name.removesuffix("_collapsed") + "_collapsed"
-    write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2)
+    write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2, bias_first=b.bias_first)
     cost = chain.cost
     return Rewrite(
         NAME,

@@ -24,6 +24,7 @@ class LinearLayer:
     dtype: np.dtype
     x_rank: int | None
     internal: list[gs.Tensor] = field(default_factory=list)  # tensors between its nodes
+    bias_first: bool = False  # Add(bias, x), as torch's legacy exporter writes it
 
     @property
     def d_in(self) -> int:
@@ -113,7 +114,7 @@ def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True) 
             return layer  # not a bias: the layer ends at the MatMul and the Add stays
         layer.nodes.append(add)
         layer.internal.append(y)
-        layer.y, layer.bias = add.outputs[0], bias
+        layer.y, layer.bias, layer.bias_first = add.outputs[0], bias, add.inputs[0] is not y
     return layer
 
 
@@ -172,8 +173,11 @@ def write_linear(
     bias: np.ndarray | None,
     dtype: np.dtype,
     gemm: bool,
+    bias_first: bool = False,
 ) -> list[gs.Node]:
-    """Make `y` the output of one new layer on `x`: a Gemm for 2-D inputs, else MatMul(+Add)."""
+    """Make `y` the output of one new layer on `x`: a Gemm for 2-D inputs, else MatMul(+Add), the Add's
+    operands in the order the replaced layer had (ONNX Runtime's fusions look at that order, so the new
+    layer meets the same fusions the old one did)."""
     y.inputs.clear()  # detach y from its old producer; the old nodes die in cleanup
     w = gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(weight.astype(dtype)))
     b = None if bias is None else gs.Constant(names(f"{base}.bias"), bias.astype(dtype))
@@ -186,7 +190,7 @@ def write_linear(
         mid = gs.Variable(names(f"{base}.matmul_out"), dtype=dtype)
         nodes = [
             gs.Node("MatMul", names(f"{base}.matmul"), inputs=[x, w], outputs=[mid]),
-            gs.Node("Add", names(f"{base}.add"), inputs=[mid, b], outputs=[y]),
+            gs.Node("Add", names(f"{base}.add"), inputs=[b, mid] if bias_first else [mid, b], outputs=[y]),
         ]
     graph.nodes.extend(nodes)
     return nodes
