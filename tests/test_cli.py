@@ -159,3 +159,13 @@ def test_unknown_input_name(model_path):
 def test_debug_shows_traceback(tmp_path):
     result = invoke("optimize", tmp_path / "missing.onnx", "--debug")
     assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_output_adds_no_inferred_shapes(model_path):
+    # shapes lc-onnx infers for its own use stay out of the output: extra value_info changes which
+    # fusions ONNX Runtime applies
+    original = onnx.load(model_path)
+    model = lc_onnx.optimize(model_path).model
+    known = {v.name for v in original.graph.value_info}
+    shaped = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
+    assert shaped <= known
