@@ -89,3 +89,26 @@ def test_fixed_batch_dim_and_mismatched_inputs_are_exit_2(tmp_path, pair):
     onnx.save(renamed, other)
     result = invoke(pair[0], other)
     assert result.exit_code == 2 and "cannot share inputs" in result.stderr
+
+
+def test_one_model_with_given_inputs_prints_no_progress_off_a_terminal(pair, tmp_path):
+    import numpy as np
+
+    feeds = tmp_path / "x.npz"
+    np.savez(feeds, x=np.ones((5, 3, 8), np.float32))
+    out = tmp_path / "one.json"
+    result = invoke(pair[0], "--inputs", feeds, "--runs", 2, "--warmup", 0, "--threads", 1, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # CliRunner is not a terminal: no progress bar
+    assert len(result.stdout.splitlines()) == 3  # header, one model, the settings line
+    data = json.loads(out.read_text())
+    assert data["inputs"] == {"x": [5, 3, 8]} and data["threads"] == 1 and len(data["models"]) == 1
+
+
+def test_bad_input_shape_and_unknown_input_are_exit_2(pair):
+    result = invoke(pair[0], "--input-shape", "x:3,a")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --input-shape")
+    result = invoke(pair[0], "--input-shape", "nope:1,3,8")
+    assert result.exit_code == 2 and "has no input 'nope'" in result.stderr
+    result = invoke(pair[0], "--runs", 0)
+    assert result.exit_code == 2 and "--runs" in result.stderr
