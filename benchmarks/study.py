@@ -273,6 +273,27 @@ def time_group(paths: list[Path], feeds, threads: int, budget_s: float) -> tuple
     return bench.interleaved(paths, feeds, runs=runs, warmup=3, threads=threads), runs
 
 
+def spinning_check(paths: list[Path], feeds, threads: int, rounds: int = 6, block: int = 8) -> list[tuple]:
+    """Original and ideal with idle worker threads spinning (ORT's default) and not: models alternate in
+    blocks of `block` runs (the first run of each block untimed), so a model's spinning threads only touch
+    the next model's first run. Returns (spinning, median ms of each model)."""
+    out = []
+    for spin in (False, True):
+        sessions = [session(p, None, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=spin) for p in paths]
+        times: list[list[float]] = [[] for _ in sessions]
+        for r in range(rounds):
+            for j in range(len(sessions)):
+                k = (j + r) % len(sessions)
+                for i in range(block + 1):
+                    start = time.perf_counter()
+                    sessions[k].run(None, feeds)
+                    if i:
+                        times[k].append((time.perf_counter() - start) * 1e3)
+        out.append((spin, [float(np.median(t)) for t in times]))
+        del sessions
+    return out
+
+
 # --- report -----------------------------------------------------------------------------------------
 
 
@@ -284,7 +305,8 @@ def main() -> None:
     torch.set_num_threads(2)
     budget = 1.0 if args.quick else args.budget
     lines, chart = [], []
-    peer_lines = []
+    peer_lines, spin_lines = [], []
+    ratios: list[tuple[str, float, float]] = []  # (row, ideal/lc-onnx, lc-onnx speedup)
     for spec in specs(args.quick):
         folder = WORK / spec.name.replace("/", "_").replace(" ", "_")
         print(spec.name, flush=True)
@@ -296,13 +318,30 @@ def main() -> None:
         for batch, threads in spec.settings:
             lat, runs = time_group(paths, feeds_for(spec, batch), threads, budget)
             o, lc, ideal = (x.median_ms for x in lat)
+            collapsed = f"all {spec.blocks}"
+            if ideal / lc < 0.98 and not args.quick:  # below target: measure again, longer, and show both
+                lines.append(f"| {spec.name} | {collapsed} (first try) | {batch} | {threads} | {runs} | {o:.2f} "
+                             f"| {lc:.2f} | {ideal:.2f} | {o / lc:.2f}x | {o / ideal:.2f}x | {ideal / lc:.3f} "
+                             "| | | |")
+                print(lines[-1], flush=True)
+                first = ideal / lc
+                lat, runs = time_group(paths, feeds_for(spec, batch), threads, 3 * budget)
+                o, lc, ideal = (x.median_ms for x in lat)
+                collapsed += f" (again, 3x the runs; first try {first:.3f})"
             lines.append(
-                f"| {spec.name} | all {spec.blocks} | {batch} | {threads} | {runs} | {o:.2f} | {lc:.2f} | {ideal:.2f} "
+                f"| {spec.name} | {collapsed} | {batch} | {threads} | {runs} | {o:.2f} | {lc:.2f} | {ideal:.2f} "
                 f"| {o / lc:.2f}x | {o / ideal:.2f}x | {ideal / lc:.3f} "
                 f"| {meta[0][1] / 1e6:.1f}M > {meta[1][1] / 1e6:.1f}M "
                 f"| {meta[0][0] / 1e6:.1f} > {meta[1][0] / 1e6:.1f} MB | {errs[1]:.1e} |")
             chart.append((f"{spec.name}\nb{batch} t{threads}", o / lc, o / ideal))
+            ratios.append((f"{spec.name} all, batch {batch}, {threads} thread(s)", ideal / lc, o / lc))
             print(lines[-1], flush=True)
+        if spec.name.startswith("ViT"):
+            for spin, (o, ideal) in spinning_check([paths[0], paths[2]], feeds_for(spec, 1), 2,
+                                                   rounds=2 if args.quick else 6):
+                spin_lines.append(f"| {spec.name} | 1 | 2 | {'on (ORT default)' if spin else 'off (bench)'} "
+                                  f"| {o:.2f} | {ideal:.2f} | {o / ideal:.2f}x |")
+                print(spin_lines[-1], flush=True)
         if spec.blocks > 4:
             pv = build_variants(spec, folder / "partial", partial=True)
             ppaths = [pv[k] for k in order]
@@ -316,6 +355,7 @@ def main() -> None:
                     f"| {o / lc:.2f}x | {o / ideal:.2f}x | {ideal / lc:.3f} "
                     f"| {pmeta[0][1] / 1e6:.1f}M > {pmeta[1][1] / 1e6:.1f}M "
                     f"| {pmeta[0][0] / 1e6:.1f} > {pmeta[1][0] / 1e6:.1f} MB | {perrs[1]:.1e} |")
+                ratios.append((f"{spec.name} last 4, batch {batch}, {threads} thread(s)", ideal / lc, o / lc))
                 print(lines[-1], flush=True)
         found = peers(spec, v, folder / "peers")
         ok = {k: p for k, p in found.items() if isinstance(p, Path)}
@@ -333,11 +373,27 @@ def main() -> None:
             if isinstance(why, str):
                 peer_lines.append(f"| {spec.name} | {name} | – | – | – | – | – | {why} |")
         print("\n".join(peer_lines[-len(found) - 1:]), flush=True)
+    print("\n".join(targets(ratios)))
     if not args.quick:
-        write(lines, peer_lines, chart, budget)
+        write(lines, peer_lines, chart, budget, ratios, spin_lines)
 
 
-def write(lines: list[str], peer_lines: list[str], chart, budget: float) -> None:
+def targets(ratios: list[tuple[str, float, float]]) -> list[str]:
+    """The issue's targets against what was measured: lc-onnx within 2% of the ideal everywhere, ViT-T fully
+    collapsed at least 2.4x faster at batch 1 on 2 threads."""
+    low = [f"{row} ({r:.3f})" for row, r, _ in ratios if r < 0.98]
+    worst = min(ratios, key=lambda x: x[1])
+    vit = [sp for row, _, sp in ratios if row == "ViT-T/16 all, batch 1, 2 thread(s)"]
+    out = [f"- ideal/lc-onnx >= 0.98 everywhere: {'met' if not low else 'MISSED in ' + '; '.join(low)} "
+           f"(lowest {worst[1]:.3f}: {worst[0]}; median over {len(ratios)} rows "
+           f"{float(np.median([r for _, r, _ in ratios])):.3f})."]
+    if vit:
+        out.append(f"- ViT-T/16 fully collapsed >= 2.4x at batch 1, 2 threads: {'met' if vit[0] >= 2.4 else 'MISSED'} "
+                   f"({vit[0]:.2f}x; see the ideal's own speedup in the same row, and the spinning table).")
+    return out
+
+
+def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios, spin_lines) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,13 +414,14 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float) -> None
     text = [
         "# Latency study: original vs lc-onnx vs the hand-fused ideal",
         "",
-        "Command: `python benchmarks/study.py`  ",
+        "Command: `.venv/bin/python benchmarks/study.py` (from the repository root)  ",
         f"Machine: {cpu.stdout.strip()}, 2 cores, no GPU; onnxruntime {ort.__version__} (CPU), "
         f"onnx {onnx.__version__}, torch {torch.__version__}; {datetime.date.today().isoformat()}.  ",
         "Models: random weights, PReLU slope 1 in every MLP, exported with torch's legacy exporter (opset 17). "
         "ideal = the MLPs fused in torch before export (`lc_onnx.train.collapse`). "
         f"Latency: ONNX Runtime ORT_ENABLE_ALL, medians of interleaved runs (about {budget:g} s of runs per row, "
-        "5 to 50 runs each); ratios are what carry over, absolute times are context. "
+        "5 to 50 runs each; a row whose ideal/lc-onnx falls under 0.98 is measured again with 3x the time "
+        "and both are shown); ratios are what carry over, absolute times are context. "
         "`last 4`: the first blocks at slope 0.5 (left by lc-onnx), the last 4 at 1.",
         "",
         "| model | collapsed | batch | threads | runs | original ms | lc-onnx ms | ideal ms | lc-onnx speedup "
@@ -373,6 +430,20 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float) -> None
         *lines,
         "",
         "![speedups](study.png)",
+        "",
+        "## Targets",
+        "",
+        *targets(ratios),
+        "",
+        "## Idle worker threads spinning (ViT-T/16, batch 1, 2 threads)",
+        "",
+        "`lc-onnx bench` and the rows above turn spinning off (`session.intra_op.allow_spinning=0`): with it on, "
+        "a session's idle workers spin on the cores while the next model runs, and interleaved runs slow each "
+        "other down. Here the two models alternate in blocks of 8 runs (the first of each block untimed):",
+        "",
+        "| model | batch | threads | spinning | original ms | ideal ms | ideal speedup |",
+        "|---|---|---|---|---|---|---|",
+        *spin_lines,
         "",
         "## What the peers do (batch 1, 2 threads)",
         "",
