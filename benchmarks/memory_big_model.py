@@ -160,8 +160,10 @@ def trace(src: str, out: str) -> None:
     print(json.dumps([{k: v for k, v in s.items() if k != "t"} for s in stages[:-1]]))
 
 
-def run_model(src: Path, label: str, folder: Path, peers: bool, timeout: float) -> list[str]:
-    """The table rows for one model, and the stage trace."""
+def run_model(src: Path, label: str, folder: Path, peers: bool, timeout: float,
+              measured: dict | None = None) -> list[str]:
+    """The table rows for one model, and the stage trace; `measured` gets {command: (wall s, peak RSS GB)}."""
+    measured = {} if measured is None else measured
     size = model_size(src)
     big = size > 1.9 or src.with_name(f"{src.name}.data").exists()
     py = sys.executable
@@ -189,6 +191,7 @@ def run_model(src: Path, label: str, folder: Path, peers: bool, timeout: float) 
             out.append(f"| {label} | {size:.3f} | {name} | – | – | – | – | failed: {e} |")
         else:
             base = base or wall
+            measured[name] = (wall, rss)
             out.append(f"| {label} | {size:.3f} | {name} | {wall:.1f} | {wall / base:.2f}x | {rss:.2f} "
                        f"| {rss / size:.2f} | |")
         print(out[-1], flush=True)
@@ -227,10 +230,12 @@ def main() -> None:
         return
     peers = not (args.no_peers or args.quick)
     work = Path(tempfile.mkdtemp(prefix="lc_cost_"))  # outputs; models stay where they are
-    rows, traces = [], []
+    rows, traces, verdicts = [], [], []
 
     def add(src: Path, label: str) -> None:
-        lines = run_model(src, label, work, peers, args.timeout)
+        got: dict = {}
+        lines = run_model(src, label, work, peers, args.timeout, got)
+        verdicts.append(verdict(label, model_size(src), got))
         rows.extend(line for line in lines if line.startswith("|"))
         traces.extend(line for line in lines if line.startswith("-"))
 
@@ -255,10 +260,25 @@ def main() -> None:
                 shutil.rmtree(args.folder)
     shutil.rmtree(work)
     if not (args.quick or args.model):
-        write(rows, traces, args)
+        write(rows, traces, verdicts, args)
 
 
-def write(rows: list[str], traces: list[str], args) -> None:
+def verdict(label: str, size: float, got: dict) -> str:
+    """The targets for one model: lc-onnx at most 1.5x load+save's time, peak RSS at most 1.5x the model."""
+    base = got.get("onnx.load + onnx.save")
+    parts = []
+    for name, short in (("lc-onnx optimize (validation on)", "with validation"),
+                        ("lc-onnx optimize --no-validate", "--no-validate")):
+        if base and name in got:
+            t, r = got[name][0] / base[0], got[name][1] / size
+            parts.append(f"{short}: time {t:.2f}x load+save ({'met' if t <= 1.5 else 'MISSED'}), "
+                         f"peak RSS {r:.2f}x the model ({'met' if r <= 1.5 else 'MISSED'})")
+    if base:
+        parts.append(f"load+save itself: peak RSS {base[1] / size:.2f}x the model")
+    return f"- **{label}**: " + "; ".join(parts) + "."
+
+
+def write(rows: list[str], traces: list[str], verdicts: list[str], args) -> None:
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     mem = subprocess.run(["sh", "-c", "free -g | awk '/Mem:/ {print $2}'"], capture_output=True, text=True)
     import onnxruntime
@@ -279,6 +299,10 @@ def write(rows: list[str], traces: list[str], args) -> None:
         "| model | size GB | command | wall s | vs load+save | peak RSS GB | RSS / model | note |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "## Targets",
+        "",
+        *verdicts,
         "",
         "## Where the time and memory go (lc_onnx.optimize with validation, then save, in one process)",
         "",
