@@ -139,6 +139,23 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     return Chain(first, second, between, activation, slopes, readers)
 
 
+def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | None:
+    """The Gemm/MatMul that `layer` feeds through nodes `find_chain` walks (Shape readers aside); None
+    when its output goes anywhere else."""
+    tensor = layer.y
+    for _ in range(MAX_WALK + 1):
+        users = [u for u in tensor.outputs if not is_op(u, "Shape")]
+        if tensor.name in graph_outputs or len(users) != 1:
+            return None
+        user = users[0]
+        if is_op(user, "Gemm", "MatMul"):
+            return user
+        if not (is_op(user, "Identity", "Reshape", "PRelu", "LeakyRelu") or is_inference_dropout(user, graph_outputs)):
+            return None
+        tensor = user.outputs[0]
+    return None
+
+
 def _shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
     """Why the layers' shapes may not chain, or None. (PRelu's slope broadcasts one way, to the input's
     shape, so the activation never changes a shape.)"""

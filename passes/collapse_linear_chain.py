@@ -45,4 +45,6 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     )
 
 
-RULE = Rule(NAME, "fuse two linear layers joined by a (nearly) linear activation into one", check, rewrite)
+RULE = Rule(
+    NAME, "fuse two linear layers joined by a (nearly) linear activation into one", check, rewrite, folds_weights=True
+)

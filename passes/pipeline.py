@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes.chain import Chain, Reject, find_chain
+from passes.chain import Chain, Reject, find_chain, next_layer_node
+from passes.cost import later_pair_first_is_cheaper
 from passes.linear import Names
 from passes.registry import active_rules
 from passes.rule import Rewrite, Rule
@@ -58,11 +59,25 @@ def _decide(
     return None, Candidate(found.names, found.slope_range, None, reason, shape), None
 
 
+def _fold_later(chain: Chain, rules: list[Rule], outputs: set[str], tol: float) -> bool:
+    """Whether a weight-folding rule should wait: the chain after this one (sharing its second layer) also
+    folds, and folding that one first is the cheaper product. The last chain of a run never waits, so
+    every sweep over a run still rewrites."""
+    nxt = next_layer_node(chain.second, outputs)
+    if nxt is None:
+        return False
+    rule, _, later = _decide(nxt, rules, outputs, tol)
+    if later is None or not rule.folds_weights or later.first.nodes[0] is not chain.second.nodes[0]:
+        return False
+    return later_pair_first_is_cheaper(chain.first.d_in, chain.first.d_out, later.first.d_out, later.second.d_out)
+
+
 def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None) -> tuple[list, list]:
     """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
 
     A rewrite only kills nodes upstream of the node being visited, so the rest of the sweep stays valid;
-    a chain of three layers folds in one sweep because the fused layer is what the next one sees."""
+    a run of layers folds front to back in one sweep (the fused layer is what the next chain sees), or
+    back to front over several sweeps where that is the cheaper product."""
     outputs = {t.name for t in g.outputs}
     rewrites, candidates = [], []
     for node in list(g.nodes):
@@ -72,6 +87,8 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
         candidate.graph = gname
         candidates.append(candidate)
         if chain is not None and names is not None:
+            if rule.folds_weights and _fold_later(chain, rules, outputs, tol):
+                continue
             done = rule.rewrite(g, names, chain)
             done.graph = gname
             rewrites.append(done)

@@ -38,3 +38,4 @@ class Rule:
     rewrite: Callable[[gs.Graph, Names, Chain], Rewrite]
     min_opset: int = 11  # Gemm's bias is optional from opset 11 on
     max_opset: int = 24
+    folds_weights: bool = False  # rewrite multiplies the weights, so the order of a longer run matters

@@ -112,6 +112,18 @@ def test_chain_of_four_layers_collapses_into_one():
     assert count_ops(result.model, "MatMul") == 1 and count_ops(result.model, "PRelu") == 0
 
 
+@pytest.mark.parametrize("dims,first_fold", [((64, 32, 16, 4), (32, 16, 4)), ((4, 16, 32, 64), (4, 16, 32))])
+def test_three_layers_fold_in_the_cheaper_order(dims, first_fold):
+    """A shrinking head folds back to front (W1·(W2·W3)), a widening one front to back."""
+    b = Builder()
+    h = b.linear("x", dims[0], dims[1], "gemm")
+    for d_in, d_out in zip(dims[1:], dims[2:]):
+        h = b.linear(b.prelu(h, 1.0), d_in, d_out, "gemm")
+    result = optimized(b.model([("x", ["N", dims[0]])], [(h, ["N", dims[-1]])]), rewrites=2)
+    assert result.report.rewrites[0].shape == first_fold
+    assert count_ops(result.model, "Gemm") == 1 and count_ops(result.model, "PRelu") == 0
+
+
 def test_slope_near_one_within_tol_reports_error_bound():
     result = optimized(mlp(slope=0.9995), rewrites=1, tol=1e-3, rtol=1e-2, atol=1e-2)
     r = result.report.rewrites[0]
