@@ -73,7 +73,7 @@ def totals(model: onnx.ModelProto) -> Totals:
     for g in shapes.graphs(model.graph):
         nodes += len(g.node)
         params += sum(math.prod(t.dims) for t in g.initializer)
-    return Totals(nodes, params, model.ByteSize() + io.external_size(model))
+    return Totals(nodes, params, io.serialized_size(model) + io.external_size(model))
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:

@@ -98,7 +98,7 @@ def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, t
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, Path):
         return ort.InferenceSession(str(model), so, providers=providers)
-    if model.ByteSize() <= PROTOBUF_LIMIT and not io.has_external(model):
+    if not io.has_external(model) and io.serialized_size(model) <= PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory() as d:
         path = io.save(model, Path(d) / "model.onnx", external_data=True, source=source)

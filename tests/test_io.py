@@ -123,3 +123,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 def test_written_file_has_normal_permissions(tmp_path):
     path = io.save(mlp(), tmp_path / "m.onnx")
     assert path.stat().st_mode & 0o644 == 0o644
+
+
+def test_serialized_size_is_byte_size_without_encoding(tmp_path):
+    """The size in the report and the 2 GB decision: exact, for raw, typed, tiny and subgraph tensors."""
+    m = mlp(rank=3)
+    m.graph.initializer.append(helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros(300_000, np.float16), "big"))  # 3-byte varint
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty"))
+    m.metadata_props.add(key="k", value="v")
+    assert io.serialized_size(m) == m.ByteSize()
+    assert io.serialized_size(onnx.ModelProto()) == onnx.ModelProto().ByteSize()
+    external = onnx.load(save_external(mlp(), tmp_path / "m.onnx"), load_external_data=False)
+    assert io.serialized_size(external) == external.ByteSize()
