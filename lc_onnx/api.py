@@ -168,6 +168,7 @@ def optimize(
     step("rewriting")
     result = passes.run(graph, tol, skip_set)
     shapes.unannotate(annotated)
+    del annotated  # it holds graph tensors, and through them the graph and the input's weights
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
@@ -187,9 +188,9 @@ def optimize(
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
         abs_limit = validation.default_atol(original) if atol is None else atol
         if src.owned and src.path is not None:
-            # ONNX Runtime reads the original from its file: its weights in memory are no longer needed
-            del original.graph.initializer[:]
-            original = src.path
+            # ONNX Runtime reads the original from its file: the copy in memory is no longer needed
+            src.model = original = src.path
+            validation.return_freed_memory()
         report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source)
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -167,6 +169,16 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return max_abs, rel
 
 
+def return_freed_memory() -> None:
+    """glibc keeps freed blocks (a dropped model's protobuf arenas, a closed session's tensors) in the heap
+    below live ones, so the next session's weights would stack on top: hand those pages back first."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+
+
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
             rtol: float, atol: float, source: Path | None = None) -> Validation:
     """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol or max |abs|
@@ -184,10 +196,12 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
                          f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
     del sess
+    return_freed_memory()
     try:
         got = session(optimized, source=source).run(None, feeds)
     except Exception as e:
         raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
+    return_freed_memory()
     result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()})
     for name, r, g in zip(names, ref, got, strict=True):
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))

@@ -61,7 +61,7 @@ class Chain:
         """c with ‖error per row‖ ≤ c·‖min(0, h)‖, from `W_B·(α−1)·min(0, h)` (Frobenius ≥ spectral norm)."""
         if self.slopes is None:
             return 0.0
-        return float(np.abs(1.0 - self.slopes).max() * np.linalg.norm(self.second.weight))
+        return float(np.abs(1.0 - self.slopes).max() * self.second.frobenius)
 
 
 @dataclass

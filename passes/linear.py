@@ -1,4 +1,7 @@
-"""A linear layer `y = x·W + b` read from `Gemm` or `MatMul(+Add)` as float64 (W, b), and written back."""
+"""A linear layer `y = x·W + b` read from `Gemm` or `MatMul(+Add)`, and written back.
+
+The weight stays as stored (its own dtype, a transposed view for Gemm's transB): a float64 copy of every
+candidate's weight would cost 2x its size each time a sweep looks at it. `weight` makes one on demand."""
 
 from __future__ import annotations
 
@@ -19,24 +22,36 @@ class LinearLayer:
     nodes: list[gs.Node]
     x: gs.Tensor
     y: gs.Tensor
-    weight: np.ndarray  # float64, (d_in, d_out)
+    w: np.ndarray  # as stored, (d_in, d_out); the layer's weight is scale·w
     bias: np.ndarray | None  # float64, (d_out,)
     dtype: np.dtype
     x_rank: int | None
     internal: list[gs.Tensor] = field(default_factory=list)  # tensors between its nodes
     bias_first: bool = False  # Add(bias, x), as torch's legacy exporter writes it
+    scale: float = 1.0  # Gemm's alpha
+
+    @property
+    def weight(self) -> np.ndarray:
+        """scale·w in float64 (a new array each time)."""
+        return self.w.astype(np.float64) * self.scale
+
+    @property
+    def frobenius(self) -> float:
+        """‖scale·w‖_F, accumulated in at least float32 (float16 would overflow)."""
+        w = self.w if self.w.dtype.itemsize >= 4 else self.w.astype(np.float32)
+        return float(abs(self.scale) * np.linalg.norm(w))
 
     @property
     def d_in(self) -> int:
-        return self.weight.shape[0]
+        return self.w.shape[0]
 
     @property
     def d_out(self) -> int:
-        return self.weight.shape[1]
+        return self.w.shape[1]
 
     @property
     def params(self) -> int:
-        return self.weight.size + (0 if self.bias is None else self.bias.size)
+        return self.w.size + (0 if self.bias is None else self.bias.size)
 
     @property
     def names(self) -> list[str]:
@@ -78,14 +93,14 @@ def read_gemm(node: gs.Node) -> LinearLayer | str:
         return w
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
-    weight = alpha * (w.T if node.attrs.get("transB", 0) else w).astype(np.float64)
+    weight = w.T if node.attrs.get("transB", 0) else w
     bias = None
     if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
         bias = _bias(const_value(node.inputs[2]), weight.shape[1], 2, node)
         if isinstance(bias, str):
             return bias
         bias = beta * bias
-    return LinearLayer([node], node.inputs[0], node.outputs[0], weight, bias, w.dtype, 2)
+    return LinearLayer([node], node.inputs[0], node.outputs[0], weight, bias, w.dtype, 2, scale=alpha)
 
 
 def _bias_add(tensor: gs.Tensor, graph_outputs: set[str]) -> tuple[gs.Node, gs.Tensor] | None:
@@ -105,7 +120,7 @@ def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True) 
     if isinstance(w, str):
         return w
     x, y = node.inputs[0], node.outputs[0]
-    layer = LinearLayer([node], x, y, w.astype(np.float64), None, w.dtype, rank_of(x))
+    layer = LinearLayer([node], x, y, w, None, w.dtype, rank_of(x))
     found = _bias_add(y, graph_outputs) if with_bias else None
     if found is not None:
         add, b = found
@@ -179,7 +194,7 @@ def write_linear(
     operands in the order the replaced layer had (ONNX Runtime's fusions look at that order, so the new
     layer meets the same fusions the old one did)."""
     y.inputs.clear()  # detach y from its old producer; the old nodes die in cleanup
-    w = gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(weight.astype(dtype)))
+    w = gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(weight, dtype=dtype))
     b = None if bias is None else gs.Constant(names(f"{base}.bias"), bias.astype(dtype))
     if gemm:
         inputs = [x, w] if b is None else [x, w, b]

@@ -117,7 +117,7 @@ def test_three_layers_fold_in_the_cheaper_order(dims, first_fold):
     """A shrinking head folds back to front (W1·(W2·W3)), a widening one front to back."""
     b = Builder()
     h = b.linear("x", dims[0], dims[1], "gemm")
-    for d_in, d_out in zip(dims[1:], dims[2:]):
+    for d_in, d_out in zip(dims[1:-1], dims[2:], strict=True):
         h = b.linear(b.prelu(h, 1.0), d_in, d_out, "gemm")
     result = optimized(b.model([("x", ["N", dims[0]])], [(h, ["N", dims[-1]])]), rewrites=2)
     assert result.report.rewrites[0].shape == first_fold
@@ -335,3 +335,15 @@ def test_shape_reader_outside_the_chain_is_rewired_to_an_explicit_target():
 def test_shape_reader_outside_the_chain_without_explicit_target_blocks():
     assert "also feeds" in skipped_reason(gpt2_like(target_from_shape=False))
 
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_fold_in_row_blocks_matches(monkeypatch, trans_b):
+    """The product is taken a few rows of W_A at a time (uneven last block, transposed view, alpha)."""
+    from passes import collapse_linear_chain
+
+    monkeypatch.setattr(collapse_linear_chain, "BLOCK_VALUES", 7 * 32)  # 7 rows of 32 per block
+    b = Builder()
+    h = b.linear("x", 30, 32, "gemm", trans_b=trans_b, alpha=0.5)
+    y = b.linear(b.prelu(h, 1.0), 32, 6, "gemm")
+    optimized(b.model([("x", ["N", 30])], [(y, ["N", 6])]), rewrites=1)
