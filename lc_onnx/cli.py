@@ -15,7 +15,7 @@ from lc_onnx import api, io
 from lc_onnx import bench as bench_mod
 from lc_onnx.errors import LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
-from passes import RULES, rule_names
+from passes import NODE_RULES, RULES, rule_names
 
 TOL_HELP = f"Largest |slope - 1| that still counts as the identity (default {api.DEFAULT_TOL:g})."
 
@@ -123,7 +123,8 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
 @_skip_option
 @_handle_errors
 def inspect(model, tol, as_json, skip) -> None:
-    """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not."""
+    """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not;
+    then the single nodes a node rule would change."""
     found = api.inspect(model, tol=tol, skip=tuple(skip))
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in found], indent=2))
@@ -131,7 +132,8 @@ def inspect(model, tol, as_json, skip) -> None:
     if not found:
         click.echo("no candidate chain (no linear -> activation -> linear with constant weights)")
         return
-    for i, c in enumerate(found):
+    chains = [c for c in found if c.kind == "chain"]
+    for i, c in enumerate(chains):
         slope = "-" if c.slope_range is None else (
             f"{c.slope_range[0]:.4g}" if c.slope_range[0] == c.slope_range[1]
             else f"{c.slope_range[0]:.4g}..{c.slope_range[1]:.4g}")
@@ -139,8 +141,11 @@ def inspect(model, tol, as_json, skip) -> None:
         shape = "{}>{}>{}".format(*c.shape) if c.shape else "?"
         verdict = f"-> {c.rule}" if c.rule else f"left: {c.reason}"
         click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  {shape}  slope {slope}  {verdict}")
-    fire = sum(c.rule is not None for c in found)
-    click.echo(f"{fire} of {len(found)} chain(s) would be rewritten at tol {tol:g}")
+    fire = sum(c.rule is not None for c in chains)
+    click.echo(f"{fire} of {len(chains)} chain(s) would be rewritten at tol {tol:g}")
+    for c in found:
+        if c.kind == "node":
+            click.echo(f"node {'[' + c.graph + '] ' if c.graph else ''}{c.names[0]}  -> {c.rule}")
 
 
 @main.command()
@@ -176,7 +181,7 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
 @main.command()
 def rules() -> None:
     """List the rules and what each does (names for --skip)."""
-    for r in RULES:
+    for r in RULES + NODE_RULES:
         click.echo(f"{r.name:24} opset {r.min_opset}-{r.max_opset}  {r.summary}")
 
 

@@ -52,9 +52,9 @@ class Report:
                     r.rule,
                     _nodes(r.names, r.graph),
                     _slope(r.slope_range),
-                    "{}>{}>{}".format(*r.shape),
-                    f"{_n(r.params_before)} -> {_n(r.params_after)}",
-                    f"{_n(r.macs_before)} -> {_n(r.macs_after)}",
+                    "{}>{}>{}".format(*r.shape) if r.shape else "-",
+                    f"{_n(r.params_before)} -> {_n(r.params_after)}" if r.shape else "-",
+                    f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.shape else "-",
                     "exact" if r.error_coefficient == 0 else f"c={r.error_coefficient:.3g}",
                 ))
             lines += _grid(rows)

@@ -9,8 +9,8 @@ import onnx_graphsurgeon as gs
 from passes.chain import Chain, Reject, find_chain, next_layer_node
 from passes.cost import later_pair_first_is_cheaper
 from passes.linear import Names
-from passes.registry import active_rules
-from passes.rule import Rewrite, Rule
+from passes.registry import active_node_rules, active_rules
+from passes.rule import NodeRule, Rewrite, Rule
 
 MAX_SWEEPS = 1_000  # a guard: each sweep that fires removes nodes, so the loop ends long before this
 
@@ -25,6 +25,7 @@ class Candidate:
     reason: str | None
     shape: tuple[int, int, int] | None = None
     graph: str = ""
+    kind: str = "chain"  # or "node": a node rule's single node
 
 
 @dataclass
@@ -95,16 +96,38 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
     return rewrites, candidates
 
 
+def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None,
+                exclude: set[str] = frozenset()) -> tuple[list[Rewrite], list[Candidate]]:
+    """The node rules on every node not named in `exclude`, rewriting when `names` is given."""
+    rewrites, candidates = [], []
+    for node in list(g.nodes):
+        rule = next((r for r in rules if node.name not in exclude and r.applies(node)), None)
+        if rule is None:
+            continue
+        candidates.append(Candidate([node.name], None, rule.name, None, None, gname, kind="node"))
+        if names is not None:
+            done = rule.rewrite(g, names, node)
+            done.graph = gname
+            rewrites.append(done)
+    return rewrites, candidates
+
+
 def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> list[Candidate]:
-    """Every candidate chain in the graph and its subgraphs, without changing anything."""
-    rules = active_rules(skip, graph.opset)
-    return [c for gname, g in _graphs(graph) for c in _sweep(g, gname, rules, tol, None)[1]]
+    """Every candidate chain in the graph and its subgraphs, and every node a node rule would change
+    once the chains are collapsed, without changing anything."""
+    rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
+    found = []
+    for gname, g in _graphs(graph):
+        chains = _sweep(g, gname, rules, tol, None)[1]
+        collapsed = {n for c in chains if c.rule is not None for n in c.names}
+        found += chains + _node_sweep(g, gname, node_rules, None, collapsed)[1]
+    return found
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> PassResult:
     """Apply the rules, sweep after sweep, until one fires nothing; what that last sweep saw but left is
     reported as skipped."""
-    rules = active_rules(skip, graph.opset)
+    rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     result = PassResult(modified=False)
     names = Names(graph)
     for gname, g in _graphs(graph):
@@ -113,6 +136,11 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> Pass
             if not rewrites:
                 result.skipped += [c for c in candidates if c.rule is None]
                 break
+            result.rewrites += rewrites
+            result.modified = True
+            g.cleanup(remove_unused_graph_inputs=False).toposort()
+        rewrites = _node_sweep(g, gname, node_rules, names)[0]
+        if rewrites:
             result.rewrites += rewrites
             result.modified = True
             g.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -18,7 +18,7 @@ class Rewrite:
     rule: str
     names: list[str]  # the nodes the rule replaced
     slope_range: tuple[float, float] | None
-    shape: tuple[int, int, int]  # d_in, hidden, d_out
+    shape: tuple[int, int, int] | None  # d_in, hidden, d_out; None for a rule on one node
     params_before: int
     params_after: int
     macs_before: int  # per input row
@@ -39,3 +39,16 @@ class Rule:
     min_opset: int = 11  # Gemm's bias is optional from opset 11 on
     max_opset: int = 24
     folds_weights: bool = False  # rewrite multiplies the weights, so the order of a longer run matters
+
+
+@dataclass(frozen=True)
+class NodeRule:
+    """A rule on one node, tried after the chain rules are done (so a chain is collapsed, not changed
+    piecemeal): `applies` says whether it fires, `rewrite` changes the graph and says what it did."""
+
+    name: str
+    summary: str
+    applies: Callable[[gs.Node], bool]
+    rewrite: Callable[[gs.Graph, Names, gs.Node], Rewrite]
+    min_opset: int = 7  # PRelu broadcasts its slope from opset 7 on
+    max_opset: int = 24

@@ -190,6 +190,9 @@ def test_collapses_inside_if_subgraphs():
 
 
 def skipped_reason(model, **kw) -> str:
+    """Why the one chain was left; the model must come back unchanged (the node rule is skipped here:
+    tests/test_prelu_to_leaky_relu.py has it)."""
+    kw.setdefault("skip", ("prelu_to_leaky_relu",))
     result = optimized(model, rewrites=0, **kw)
     assert result.model is model or result.model.SerializeToString() == model.SerializeToString()
     (only,) = result.report.skipped
@@ -269,7 +272,7 @@ def test_dropout_in_training_mode_is_not_seen_through():
     (h,) = b.node("Dropout", [b.linear("x", 8, 32), b.const(0.0), b.const(True, dtype=np.bool_)])
     y = b.linear(b.prelu(h, 1.0), 32, 8)
     result = lc_onnx.optimize(b.model([("x", ["N", 8])], [(y, ["N", 8])]), validate=False)
-    assert not result.report.rewrites
+    assert [r.rule for r in result.report.rewrites] == ["prelu_to_leaky_relu"]
 
 
 def test_custom_domain_activation_passes_through():

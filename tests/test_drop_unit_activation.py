@@ -31,9 +31,11 @@ def test_bottleneck_slope_outside_tolerance_is_left_alone():
 
 
 def test_skip_by_name():
-    result = lc_onnx.optimize(bottleneck(), skip=("drop_unit_activation",))
+    result = lc_onnx.optimize(bottleneck(), skip=("drop_unit_activation", "prelu_to_leaky_relu"))
     assert not result.report.rewrites
-    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain",)).report.rewrites
+    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain", "prelu_to_leaky_relu")).report.rewrites
+    (only,) = lc_onnx.optimize(mlp(), skip=("collapse_linear_chain",)).report.rewrites
+    assert only.rule == "prelu_to_leaky_relu"  # the PRelu left behind still runs faster
 
 
 def test_equal_cost_collapses():

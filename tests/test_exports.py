@@ -112,17 +112,18 @@ def test_residual_block_outside_tolerance_is_left(tmp_path, dynamo):
     model = nn.Sequential(Block(), Block(slope=0.5), Block())
     onnx_model = export(model, (torch.randn(2, 5, 16),), tmp_path / "m.onnx", dynamo)
     result = optimized(onnx_model, rewrites=2)
-    assert count_ops(result.model, "PRelu") == 1
+    assert count_ops(result.model, "PRelu") == 0 and count_ops(result.model, "LeakyRelu") == 1
     (left,) = result.report.skipped
     assert "outside tolerance" in left.reason and left.slope_range == (0.5, 0.5)
 
-    candidates = lc_onnx.inspect(onnx_model)  # in graph order: block 0, 1, 2
+    candidates = [c for c in lc_onnx.inspect(onnx_model) if c.kind == "chain"]  # in graph order: block 0, 1, 2
     assert [c.rule is None for c in candidates] == [False, True, False]
     middle = candidates[1]
     assert "outside tolerance" in middle.reason
     assert middle.slope_range == (0.5, 0.5) and middle.shape == (16, 64, 16)
-    (prelu,) = [n for n in result.model.graph.node if n.op_type == "PRelu"]
-    assert prelu.name in middle.names  # the block left is the one with slope 0.5
+    (leaky,) = [n for n in result.model.graph.node if n.op_type == "LeakyRelu"]
+    assert leaky.name in middle.names  # the block left is the one with slope 0.5, its PRelu now LeakyRelu
+    assert leaky.attribute[0].f == 0.5
 
 
 @EXPORTERS
@@ -239,11 +240,12 @@ def test_hf_models_with_slopes_near_one_collapse_within_tolerance(tmp_path, dyna
 
 @EXPORTERS
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_hf_models_with_slopes_far_from_one_are_left_unchanged(tmp_path, dynamo, kind):
+def test_hf_models_with_slopes_far_from_one_keep_their_layers(tmp_path, dynamo, kind):
     onnx_model = export(hf_model(kind, 0.25), hf_inputs(), tmp_path / "m.onnx", dynamo, input_names=HF_INPUTS)
     result = optimized(onnx_model, rewrites=0, feeds=as_feeds(*hf_inputs()))
-    assert len(result.model.graph.node) == len(onnx_model.graph.node)
-    assert count_ops(result.model, "PRelu") == 2
+    for op in ("MatMul", "Gemm", "Add", "Reshape"):
+        assert count_ops(result.model, op) == count_ops(onnx_model, op)
+    assert count_ops(result.model, "PRelu") == 0 and count_ops(result.model, "LeakyRelu") == 2
     assert len(result.report.skipped) == 2
     for left in result.report.skipped:
         assert "outside tolerance" in left.reason and left.slope_range == (0.25, 0.25)

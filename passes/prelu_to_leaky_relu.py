@@ -1,0 +1,46 @@
+"""Rule: a PRelu with one slope for every element is that LeakyRelu, which ONNX Runtime runs faster.
+
+The blocks a partial collapse leaves keep their PRelu; on ViT-T with 12 scalar PRelu, ONNX Runtime (CPU,
+2 threads) took 13.3 ms with PRelu and 9.7 ms with LeakyRelu. Exact: both compute x < 0 ? α·x : x."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.linear import Names
+from passes.match import const_value, is_op
+from passes.rule import NodeRule, Rewrite
+
+NAME = "prelu_to_leaky_relu"
+FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _alpha(node: gs.Node) -> float | None:
+    """The one slope, where LeakyRelu's float32 `alpha` holds it exactly; else None."""
+    if not is_op(node, "PRelu") or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    slope = const_value(node.inputs[1])
+    if slope is None or slope.size != 1 or slope.dtype not in FLOATS:
+        return None
+    value = slope.reshape(-1)[0]
+    alpha = np.float32(value)
+    if not np.isfinite(alpha) or alpha.astype(slope.dtype) != value:
+        return None
+    return float(alpha)
+
+
+def applies(node: gs.Node) -> bool:
+    return _alpha(node) is not None
+
+
+def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:
+    alpha = _alpha(node)
+    x, y = node.inputs[0], node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()  # the PRelu dies in cleanup; the new node keeps its name for the report and notes
+    graph.nodes.append(gs.Node("LeakyRelu", node.name, attrs={"alpha": alpha}, inputs=[x], outputs=[y]))
+    return Rewrite(NAME, [node.name], (alpha, alpha), None, 0, 0, 0, 0, 0.0)
+
+
+RULE = NodeRule(NAME, "run a PRelu with one slope as LeakyRelu (faster in ONNX Runtime, exact)", applies, rewrite)
