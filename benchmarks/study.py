@@ -104,6 +104,7 @@ class Spec:
     heads: int = 0
     hidden: int = 0
     settings: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (1, 2), (8, 1), (8, 2)])
+    activation: str = ""  # the MLP activation the model has before `prepare`
 
 
 def specs(quick: bool) -> list[Spec]:
@@ -117,14 +118,16 @@ def specs(quick: bool) -> list[Spec]:
     vit = (lambda: ViT(depth=2, image=64)) if quick else ViT
     image = 64 if quick else 224
     return [
-        Spec("ViT-T/16", vit, lambda b: (torch.randn(b, 3, image, image),), ["pixels"], None, 2 if quick else 12),
+        Spec("ViT-T/16", vit, lambda b: (torch.randn(b, 3, image, image),), ["pixels"], None, 2 if quick else 12,
+             activation="GELU (erf)"),
         Spec("BERT-base", lambda: HF(transformers.BertModel(bert, add_pooling_layer=False)),
              lambda b: (torch.randint(0, 1000, (b, seq)), torch.ones(b, seq, dtype=torch.int64)),
-             ["input_ids", "attention_mask"], "bert", layers, max(d // 64, 1), d),
+             ["input_ids", "attention_mask"], "bert", layers, max(d // 64, 1), d, activation="GELU (erf)"),
         Spec("GPT-2 small", lambda: HF(transformers.GPT2Model(gpt2)),
              lambda b: (torch.randint(0, 1000, (b, seq)), torch.ones(b, seq, dtype=torch.int64)),
-             ["input_ids", "attention_mask"], "gpt2", layers, max(d // 64, 1), d),
-        Spec("VGG11 head", VGGHead, lambda b: (torch.randn(b, 25088),), ["features"], None, 2),
+             ["input_ids", "attention_mask"], "gpt2", layers, max(d // 64, 1), d,
+             activation="GELU (tanh, gelu_new)"),
+        Spec("VGG11 head", VGGHead, lambda b: (torch.randn(b, 25088),), ["features"], None, 2, activation="ReLU"),
     ]
 
 
@@ -166,6 +169,13 @@ def build_variants(spec: Spec, folder: Path, partial: bool) -> dict[str, Path]:
     print(f"  {spec.name}{' (partial)' if partial else ''}: lc-onnx {len(result.report.rewrites)} rewrites "
           f"in {time.perf_counter() - start:.1f} s", flush=True)
     return out
+
+
+def export_own(spec: Spec, folder: Path) -> Path:
+    """The model as built, with its own MLP activation: what a user has before LayerCollapse training
+    (same seed, so the same weights as the prepared model)."""
+    torch.manual_seed(0)
+    return export(spec.build().eval(), spec, folder / "own.onnx")
 
 
 def peers(spec: Spec, variants: dict[str, Path], folder: Path) -> dict[str, Path | str]:
@@ -305,7 +315,7 @@ def main() -> None:
     torch.set_num_threads(2)
     budget = 1.0 if args.quick else args.budget
     lines, chart = [], []
-    peer_lines, spin_lines = [], []
+    peer_lines, spin_lines, own_lines = [], [], []
     ratios: list[tuple[str, float, float]] = []  # (row, ideal/lc-onnx, lc-onnx speedup)
     for spec in specs(args.quick):
         folder = WORK / spec.name.replace("/", "_").replace(" ", "_")
@@ -357,6 +367,16 @@ def main() -> None:
                     f"| {pmeta[0][0] / 1e6:.1f} > {pmeta[1][0] / 1e6:.1f} MB | {perrs[1]:.1e} |")
                 ratios.append((f"{spec.name} last 4, batch {batch}, {threads} thread(s)", ideal / lc, o / lc))
                 print(lines[-1], flush=True)
+        own = [export_own(spec, folder / "full"), v["original"], v["lc-onnx"]]
+        if spec.blocks > 4:
+            own.append(pv["lc-onnx"])
+        for batch, threads in [(1, 2), (8, 2)]:
+            lat, runs = time_group(own, feeds_for(spec, batch), threads, budget)
+            ms = [x.median_ms for x in lat] + [float("nan")] * (4 - len(own))
+            own_lines.append(f"| {spec.name} | {spec.activation} | {batch} | {threads} | {runs} | "
+                             + " | ".join("–" if m != m else f"{m:.2f}" for m in ms) + " | "
+                             + " | ".join("–" if m != m else f"{ms[0] / m:.2f}x" for m in ms[1:]) + " |")
+            print(own_lines[-1], flush=True)
         found = peers(spec, v, folder / "peers")
         ok = {k: p for k, p in found.items() if isinstance(p, Path)}
         tpaths = [v["original"], *ok.values()]
@@ -375,7 +395,7 @@ def main() -> None:
         print("\n".join(peer_lines[-len(found) - 1:]), flush=True)
     print("\n".join(targets(ratios)))
     if not args.quick:
-        write(lines, peer_lines, chart, budget, ratios, spin_lines)
+        write(lines, peer_lines, chart, budget, ratios, spin_lines, own_lines)
 
 
 def targets(ratios: list[tuple[str, float, float]]) -> list[str]:
@@ -393,7 +413,7 @@ def targets(ratios: list[tuple[str, float, float]]) -> list[str]:
     return out
 
 
-def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios, spin_lines) -> None:
+def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios, spin_lines, own_lines) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -422,7 +442,8 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
         f"Latency: ONNX Runtime ORT_ENABLE_ALL, medians of interleaved runs (about {budget:g} s of runs per row, "
         "5 to 50 runs each; a row whose ideal/lc-onnx falls under 0.98 is measured again with 3x the time "
         "and both are shown); ratios are what carry over, absolute times are context. "
-        "`last 4`: the first blocks at slope 0.5 (left by lc-onnx), the last 4 at 1.",
+        "`last 4`: the first blocks at slope 0.5 (left by lc-onnx, which runs them as LeakyRelu; the ideal "
+        "keeps PRelu there, so lc-onnx can beat it), the last 4 at 1.",
         "",
         "| model | collapsed | batch | threads | runs | original ms | lc-onnx ms | ideal ms | lc-onnx speedup "
         "| ideal speedup | ideal/lc-onnx | params | file | max err |",
@@ -434,6 +455,19 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
         "## Targets",
         "",
         *targets(ratios),
+        "",
+        "## Against the model before LayerCollapse (its own activation)",
+        "",
+        "The rows above start from the prepared model (PReLU at slope 1), which is what lc-onnx is given. A user "
+        "starts from the model with its own activation, which ONNX Runtime fuses (Gelu) where it leaves a "
+        "PRelu alone: the prepared model is slower than the one it came from until its blocks are collapsed. "
+        "`last 4` here is lc-onnx's output for the partial setting, where the 8 blocks left keep slope 0.5 "
+        "and run as LeakyRelu (`prelu_to_leaky_relu`). Speedups are against the own-activation model.",
+        "",
+        "| model | own activation | batch | threads | runs | own ms | PReLU(1) ms | lc-onnx all ms "
+        "| lc-onnx last 4 ms | PReLU(1) | lc-onnx all | lc-onnx last 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *own_lines,
         "",
         "## Idle worker threads spinning (ViT-T/16, batch 1, 2 threads)",
         "",
