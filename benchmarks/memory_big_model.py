@@ -145,7 +145,9 @@ def trace(src: str, out: str) -> None:
 
     stages = [{"stage": "import lc_onnx (graphsurgeon, onnxruntime)", "t": start, "rss_start_gb": 0.0}]
 
-    def step(stage: str) -> None:
+    def step(stage: str, done: int | None = None, total: int | None = None) -> None:
+        if done is not None:
+            return  # steps within a stage
         now = time.perf_counter()
         rss, hwm = status()
         if stages:

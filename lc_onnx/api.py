@@ -32,11 +32,13 @@ class OptimizeResult:
     report: Report
     source: Path | None = None  # the input's folder, when the input kept its weights as external data
 
-    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-        """Write the model; by default in the input's layout (external data in, external data out)."""
+    def save(self, path: str | os.PathLike, external_data: bool | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Path:
+        """Write the model; by default in the input's layout (external data in, external data out).
+        `progress(done, total)` follows the tensors streamed to the data file."""
         if external_data is None and self.source is not None:
             external_data = True
-        return io.save(self.model, path, external_data=external_data, source=self.source)
+        return io.save(self.model, path, external_data=external_data, source=self.source, progress=progress)
 
 
 @dataclass
@@ -142,16 +144,16 @@ def optimize(
     input_shapes: dict[str, list[int]] | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> OptimizeResult:
     """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
 
     The input model is never changed. With `validate`, both models run in ONNX Runtime on
     seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
     error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs) and its largest absolute error
-    exceeds `atol` (default 1e-5; 1e-3 for float16). `progress` is called with
-    the name of each stage as it starts."""
-    step = progress or (lambda stage: None)
+    exceeds `atol` (default 1e-5; 1e-3 for float16). `progress(stage)` is called as each
+    stage starts, and `progress(stage, done, None)` as rewrites are made."""
+    step = progress or (lambda stage, done=None, total=None: None)
     if not (tol >= 0 and math.isfinite(tol)):
         raise InputError(f"tol must be a finite number >= 0, got {tol}")
     try:
@@ -166,7 +168,7 @@ def optimize(
     step("checking")
     graph, annotated = _import(src)
     step("rewriting")
-    result = passes.run(graph, tol, skip_set)
+    result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None))
     shapes.unannotate(annotated)
     del annotated  # it holds graph tensors, and through them the graph and the input's weights
     report.rewrites, report.skipped = result.rewrites, result.skipped

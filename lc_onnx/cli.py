@@ -44,14 +44,34 @@ def _handle_errors(fn):
 
 
 class _Progress:
-    """Stage lines with elapsed time on stderr, for runs on large models (only on a terminal)."""
+    """Stage lines with elapsed time on stderr, and a bar for a stage that counts its steps (only on a
+    terminal): `progress(stage)` starts a stage, `progress(stage, done, total)` moves its bar."""
+
+    WIDTH = 30
 
     def __init__(self, enabled: bool):
-        self.enabled, self.start = enabled, time.perf_counter()
+        self.enabled, self.start, self.open = enabled, time.perf_counter(), False
 
-    def __call__(self, stage: str) -> None:
-        if self.enabled:
-            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {stage}...", err=True)
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None) -> None:
+        if not self.enabled:
+            return
+        when = f"[{time.perf_counter() - self.start:6.1f}s]"
+        if done is None:
+            self._close()
+            click.echo(f"{when} {stage}...", err=True)
+            return
+        if total:
+            filled = self.WIDTH * min(done, total) // total
+            text = f"{when} {stage} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total}"
+        else:
+            text = f"{when} {stage}: {done}"
+        click.echo("\r" + text, err=True, nl=False)
+        self.open = True
+
+    def _close(self) -> None:
+        if self.open:
+            click.echo(err=True)
+            self.open = False
 
     def done(self) -> None:
         self("done")
@@ -107,7 +127,8 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
     )
     progress("writing")
     # the input's layout is kept: external data in, external data out (and always past 2 GB)
-    result.save(output, external_data=True if external_data else None)
+    result.save(output, external_data=True if external_data else None,
+                progress=lambda done, total: progress("writing tensors", done, total))
     progress.done()
     if report_path:
         report_path.write_text(result.report.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,11 +162,11 @@ def default_output(path: str | os.PathLike) -> Path:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
-         source: Path | None = None) -> Path:
+         source: Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write atomically: temp files in the same folder, then renames, so an interrupted run leaves no
     half-written model. With `external_data` (default: when the model is over protobuf's 2 GB limit or
     still points at external data in `source`) the weights go to `<name>.data` beside it, streamed one
-    tensor at a time. `model` is not changed."""
+    tensor at a time (`progress(done, total)` after each). `model` is not changed."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -182,7 +183,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         if external_data:
             data_name = f"{p.name}.data"
             tmp_data = _temp(folder, data_name, temps)
-            if _write_split(model, tmp, tmp_data, data_name, source):
+            if _write_split(model, tmp, tmp_data, data_name, source, progress):
                 os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp, "wb") as f:
@@ -208,13 +209,16 @@ def _temp(folder: Path, name: str, temps: list[str]) -> str:
 
 
 def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_name: str,
-                 source: Path | None) -> int:
+                 source: Path | None, progress: Callable[[int, int], None] | None = None) -> int:
     """The main graph's large initializers to `data_path` one at a time, and a model that points at them
     under `data_name`; no second copy of the weights is made. Returns the bytes of external data."""
     shell = onnx.ModelProto()
     shell.CopyFrom(_without_initializers(model))
+    total = len(model.graph.initializer)
     with open(data_path, "wb") as data:
-        for t in model.graph.initializer:
+        for i, t in enumerate(model.graph.initializer):
+            if progress:
+                progress(i, total)
             stub = shell.graph.initializer.add()
             raw = _raw_bytes(t, source)
             if raw is None or len(raw) < EXTERNAL_THRESHOLD:
@@ -228,6 +232,8 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
                 stub.external_data.add(key=key, value=value)
         written = data.tell()
+    if progress:
+        progress(total, total)
     with open(model_path, "wb") as f:
         f.write(shell.SerializeToString())
     return written

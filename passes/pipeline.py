@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -73,7 +74,8 @@ def _fold_later(chain: Chain, rules: list[Rule], outputs: set[str], tol: float) 
     return later_pair_first_is_cheaper(chain.first.d_in, chain.first.d_out, later.first.d_out, later.second.d_out)
 
 
-def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None) -> tuple[list, list]:
+def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None,
+           on_rewrite: Callable[[], None] = lambda: None) -> tuple[list, list]:
     """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
 
     A rewrite only kills nodes upstream of the node being visited, so the rest of the sweep stays valid;
@@ -93,6 +95,7 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
             done = rule.rewrite(g, names, chain)
             done.graph = gname
             rewrites.append(done)
+            on_rewrite()
     return rewrites, candidates
 
 
@@ -124,15 +127,24 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> 
     return found
 
 
-def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> PassResult:
+def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
+        on_rewrite: Callable[[int], None] | None = None) -> PassResult:
     """Apply the rules, sweep after sweep, until one fires nothing; what that last sweep saw but left is
-    reported as skipped."""
+    reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     result = PassResult(modified=False)
     names = Names(graph)
+    made = 0
+
+    def count() -> None:
+        nonlocal made
+        made += 1
+        if on_rewrite:
+            on_rewrite(made)
+
     for gname, g in _graphs(graph):
         for _ in range(MAX_SWEEPS):
-            rewrites, candidates = _sweep(g, gname, rules, tol, names)
+            rewrites, candidates = _sweep(g, gname, rules, tol, names, count)
             if not rewrites:
                 result.skipped += [c for c in candidates if c.rule is None]
                 break
