@@ -74,7 +74,9 @@ class _Progress:
             self.open = False
 
     def done(self) -> None:
-        self("done")
+        if self.enabled:
+            self._close()
+            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] done", err=True)
 
 
 def _skip_option(fn):
