@@ -202,6 +202,9 @@ def optimize(
                 f"lower --tol or raise --rtol",
                 report,
             )
+    if src.owned:  # the input loaded here is done with: give its memory back before the caller saves
+        src.model = original = None
+        validation.return_freed_memory()
     return OptimizeResult(model, report, src.source)
 
 
