@@ -20,6 +20,7 @@ from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.report import Report, Totals
 
 DEFAULT_TOL = 1e-3
+RELEASE_ABOVE = 64 * 2**20  # bytes of model: past this, memory is handed back between stages (gc costs ~0.1 s)
 STAMP_KEY = "lc_onnx"
 
 
@@ -164,9 +165,9 @@ def optimize(
     step("loading")
     src = _open(model_or_path)
     original = src.model
-    report = Report(tol=tol, before=totals(original))
     step("checking")
     graph, annotated = _import(src)
+    report = Report(tol=tol, before=totals(original))  # sizes read string fields: only once they are checked
     step("rewriting")
     result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None))
     shapes.unannotate(annotated)
@@ -189,11 +190,13 @@ def optimize(
         feeds = validation.make_inputs(original, input_shapes, inputs, seed)
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
         abs_limit = validation.default_atol(original) if atol is None else atol
+        big = report.before.bytes > RELEASE_ABOVE
         if src.owned and src.path is not None:
             # ONNX Runtime reads the original from its file: the copy in memory is no longer needed
             src.model = original = src.path
-            validation.return_freed_memory()
-        report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source)
+            if big:
+                validation.return_freed_memory()
+        report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source, release=big)
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
             raise ValidationError(
@@ -204,7 +207,8 @@ def optimize(
             )
     if src.owned:  # the input loaded here is done with: give its memory back before the caller saves
         src.model = original = None
-        validation.return_freed_memory()
+        if report.before.bytes > RELEASE_ABOVE:
+            validation.return_freed_memory()
     return OptimizeResult(model, report, src.source)
 
 

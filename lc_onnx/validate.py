@@ -180,10 +180,10 @@ def return_freed_memory() -> None:
 
 
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            rtol: float, atol: float, source: Path | None = None) -> Validation:
+            rtol: float, atol: float, source: Path | None = None, release: bool = False) -> Validation:
     """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol or max |abs|
-    ≤ atol. The two
-    sessions run one after the other, so only one model's weights are in ONNX Runtime at a time."""
+    ≤ atol. The two sessions run one after the other, so only one model's weights are in ONNX Runtime at a
+    time; with `release` (large models) the first session's memory is handed back before the second."""
     try:
         sess = session(original, source=source)
     except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
@@ -196,12 +196,14 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
                          f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
     del sess
-    return_freed_memory()
+    if release:
+        return_freed_memory()
     try:
         got = session(optimized, source=source).run(None, feeds)
     except Exception as e:
         raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
-    return_freed_memory()
+    if release:
+        return_freed_memory()
     result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()})
     for name, r, g in zip(names, ref, got, strict=True):
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))
