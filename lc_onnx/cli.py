@@ -205,7 +205,8 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
 def rules() -> None:
     """List the rules and what each does (names for --skip)."""
     for r in RULES + NODE_RULES:
-        click.echo(f"{r.name:24} opset {r.min_opset}-{r.max_opset}  {r.summary}")
+        opsets = f"opset {r.min_opset}-{r.max_opset}"
+        click.echo(f"{r.name:24} {opsets:12} {r.summary}")
 
 
 @main.command()
