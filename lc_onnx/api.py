@@ -190,12 +190,12 @@ def optimize(
         feeds = validation.make_inputs(original, input_shapes, inputs, seed)
         limit = validation.default_rtol(original, tol) if rtol is None else rtol
         abs_limit = validation.default_atol(original) if atol is None else atol
-        big = report.before.bytes > RELEASE_ABOVE
-        if src.owned and src.path is not None:
-            # ONNX Runtime reads the original from its file: the copy in memory is no longer needed
-            src.model = original = src.path
-            if big:
-                validation.return_freed_memory()
+    big = report.before.bytes > RELEASE_ABOVE
+    if src.owned:  # loaded here and now done with: ONNX Runtime reads the original from its file
+        src.model, original = None, src.path
+        if big:
+            validation.return_freed_memory()
+    if validate:
         report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source, release=big)
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
@@ -205,10 +205,6 @@ def optimize(
                 f"lower --tol or raise --rtol",
                 report,
             )
-    if src.owned:  # the input loaded here is done with: give its memory back before the caller saves
-        src.model = original = None
-        if report.before.bytes > RELEASE_ABOVE:
-            validation.return_freed_memory()
     return OptimizeResult(model, report, src.source)
 
 

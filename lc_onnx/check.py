@@ -6,9 +6,8 @@ import math
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
-from onnx import helper
 
-from lc_onnx import shapes
+from lc_onnx import io, shapes
 from lc_onnx.errors import InputError, one_line
 
 
@@ -56,12 +55,9 @@ def _size_problem(t: onnx.TensorProto) -> str | None:
         return None
     count = math.prod(t.dims)
     if t.HasField("raw_data"):
-        try:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, TypeError, ValueError):
+        itemsize = io.stored_itemsize(t.data_type)
+        if itemsize is None:
             return None
-        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            return None  # packed two to a byte
         if len(t.raw_data) != count * itemsize:
             return f"holds {len(t.raw_data)} bytes for {count} values of {itemsize} bytes"
         return None

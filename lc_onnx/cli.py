@@ -55,7 +55,7 @@ class _Progress:
     def __call__(self, stage: str, done: int | None = None, total: int | None = None) -> None:
         if not self.enabled:
             return
-        when = f"[{time.perf_counter() - self.start:6.1f}s]"
+        when = self._when()
         if done is None:
             self._close()
             click.echo(f"{when} {stage}...", err=True)
@@ -68,6 +68,9 @@ class _Progress:
         click.echo("\r" + text, err=True, nl=False)
         self.open = True
 
+    def _when(self) -> str:
+        return f"[{time.perf_counter() - self.start:6.1f}s]"
+
     def _close(self) -> None:
         if self.open:
             click.echo(err=True)
@@ -76,7 +79,7 @@ class _Progress:
     def done(self) -> None:
         if self.enabled:
             self._close()
-            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] done", err=True)
+            click.echo(f"{self._when()} done", err=True)
 
 
 def _skip_option(fn):

@@ -137,13 +137,21 @@ def _tensor_size(t: onnx.TensorProto) -> int:
 
 
 def _raw_length(t: onnx.TensorProto) -> int:
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 0
-    if itemsize == 0 or t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.STRING):
+    itemsize = stored_itemsize(t.data_type)
+    if itemsize is None:
         return len(t.raw_data)  # packed or variable-size types: ask the payload itself
     return math.prod(t.dims) * itemsize
+
+
+def stored_itemsize(data_type: int) -> int | None:
+    """Bytes per value in a tensor's raw_data; None where that is no whole number (4-bit types, two to a
+    byte), strings, or an unknown type."""
+    if data_type in (0, onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return None
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _field_size(length: int) -> int:

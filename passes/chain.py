@@ -74,6 +74,11 @@ class Reject:
     shape: tuple[int, int, int] | None = None  # d_in, hidden, d_out where both layers could be read
 
 
+def _passes_through(node: gs.Node, graph_outputs: set[str]) -> bool:
+    """A node a chain sees through between its layers (besides its one activation)."""
+    return is_op(node, "Identity", "Reshape") or is_inference_dropout(node, graph_outputs)
+
+
 def _slopes(act: gs.Node) -> np.ndarray | str:
     """The slope values, flat, in float64."""
     if is_op(act, "LeakyRelu"):
@@ -95,7 +100,7 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         p = producer(tensor)
         if p is None:
             return None
-        if is_op(p, "Identity", "Reshape") or is_inference_dropout(p, graph_outputs):
+        if _passes_through(p, graph_outputs):
             pass
         elif is_op(p, "PRelu", "LeakyRelu") and activation is None:
             activation = p
@@ -150,7 +155,7 @@ def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | No
         user = users[0]
         if is_op(user, "Gemm", "MatMul"):
             return user
-        if not (is_op(user, "Identity", "Reshape", "PRelu", "LeakyRelu") or is_inference_dropout(user, graph_outputs)):
+        if not (_passes_through(user, graph_outputs) or is_op(user, "PRelu", "LeakyRelu")):
             return None
         tensor = user.outputs[0]
     return None

@@ -100,7 +100,8 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
 
 
 def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None,
-                exclude: set[str] = frozenset()) -> tuple[list[Rewrite], list[Candidate]]:
+                exclude: set[str] = frozenset(),
+                on_rewrite: Callable[[], None] = lambda: None) -> tuple[list[Rewrite], list[Candidate]]:
     """The node rules on every node not named in `exclude`, rewriting when `names` is given."""
     rewrites, candidates = [], []
     for node in list(g.nodes):
@@ -112,6 +113,7 @@ def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | N
             done = rule.rewrite(g, names, node)
             done.graph = gname
             rewrites.append(done)
+            on_rewrite()
     return rewrites, candidates
 
 
@@ -151,7 +153,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
             result.rewrites += rewrites
             result.modified = True
             g.cleanup(remove_unused_graph_inputs=False).toposort()
-        rewrites = _node_sweep(g, gname, node_rules, names)[0]
+        rewrites = _node_sweep(g, gname, node_rules, names, on_rewrite=count)[0]
         if rewrites:
             result.rewrites += rewrites
             result.modified = True
