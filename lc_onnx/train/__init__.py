@@ -1,0 +1,20 @@
+"""The torch side of LayerCollapse: swap MLP activations for PReLU, regularize slopes toward 1, collapse, export.
+
+    names = prepare(model, (x,))                             # sites from one recorded forward pass
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3))    # slopes get their own step size, no decay
+    loss = ce + 0.2 * regularizer(model)                     # λ·Σ(α−1)²
+    collapse(model, threshold=0.05)                          # blocks within 0.05 of slope 1 -> one Linear
+    export(model, (x,), "model.onnx")                        # then `lc-onnx optimize` sees the PRelu chains
+
+The only package of lc_onnx that imports torch (`pip install lc-onnx[train]`).
+"""
+
+from lc_onnx.train.collapse import collapse
+from lc_onnx.train.export import export
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
+from lc_onnx.train.prepare import Prepared, prepare
+from lc_onnx.train.regularize import blocks, decoupled_step, param_groups, regularizer, slope_parameters, slopes
+from lc_onnx.train.sites import Site
+
+__all__ = ["LayerCollapsePReLU", "Prepared", "SharedActivation", "Site", "blocks", "collapse", "decoupled_step",
+           "export", "param_groups", "prepare", "regularizer", "slope_parameters", "slopes"]

@@ -1,0 +1,86 @@
+"""`collapse`: fuse each prepared block whose slope is within a threshold of 1 into one nn.Linear. It fuses
+exactly the modules `prepare` recorded, and refuses a site whose modules changed since."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, tag_feeder
+from lc_onnx.train.prepare import fingerprint
+from lc_onnx.train.regularize import blocks
+from lc_onnx.train.sites import is_linear
+
+
+def _affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) in float64 with y = x·Wᵀ + b, for nn.Linear, HF Conv1D and eval-mode BatchNorm1d."""
+    if isinstance(m, nn.Linear):
+        b = m.bias if m.bias is not None else torch.zeros(m.out_features)
+        return m.weight.double(), b.double()
+    if isinstance(m, nn.BatchNorm1d):
+        mean = m.running_mean if m.running_mean is not None else torch.zeros(m.num_features)
+        var = m.running_var if m.running_var is not None else torch.ones(m.num_features)
+        scale = 1.0 / torch.sqrt(var.double() + m.eps)
+        if m.affine:
+            scale = scale * m.weight.double()
+        shift = -mean.double() * scale + (m.bias.double() if m.affine else 0.0)
+        return torch.diag(scale), shift
+    return m.weight.double().T, m.bias.double()  # Conv1D: y = x·W + b
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
+    """Refuse a site whose modules are no longer the ones `prepare` recorded."""
+    roles = ["first", "second"] + ["norm"] * len(act.layout.batchnorms)
+    for (path, kind, width), role in zip(act.layout.fingerprint, roles, strict=True):
+        try:
+            module = base.get_submodule(path) if path else base
+            now = fingerprint(base, path, role)
+        except (AttributeError, TypeError):
+            module, now = None, None
+        ok = now == (path, kind, width) and (role == "norm" or is_linear(module))
+        if not ok:
+            found = type(module).__name__ if module is not None else "nothing"
+            raise RuntimeError(f"{name}: the {role} module of this block ({path}) is now {found}, not the "
+                               f"{kind} with {width[0]} hidden features that prepare() recorded; the model "
+                               "changed since prepare(), so the block cannot be collapsed safely")
+
+
+@torch.no_grad()
+def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None = None) -> list[str]:
+    """Replace each block whose slope is within `threshold` of 1 by one nn.Linear
+    (W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in); returns the names collapsed. The others
+    stay; `slopes(model)` says where they are. `only` limits it to those block names."""
+    done = []
+    for name, act in blocks(model).items():
+        if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
+            continue
+        lay = act.layout
+        base_path = ".".join(name.split(".")[: len(name.split(".")) - lay.up])
+        base = model.get_submodule(base_path) if base_path else model
+        _check(name, base, act)
+        first, second = base.get_submodule(lay.first), base.get_submodule(lay.second)
+        norms = [base.get_submodule(p) for p in lay.batchnorms]
+        if any(m.training for m in norms):
+            raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
+        w, b = _affine(first)
+        for m in (*norms, second):
+            wm, bm = _affine(m)
+            w, b = wm @ w, wm @ b + bm
+        ref = second.weight
+        fused = nn.Linear(w.shape[1], w.shape[0], device=ref.device, dtype=ref.dtype)
+        fused.weight.copy_(w.to(ref.dtype))
+        fused.bias.copy_(b.to(ref.dtype))
+        # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
+        _set(base, lay.second, fused)
+        for path in (lay.first, *lay.batchnorms, lay.slot):
+            _set(base, path, nn.Identity())
+        shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None
+        if isinstance(shared, SharedActivation):  # the new feeder must still tell the switch its site
+            tag_feeder(base.get_submodule(lay.feeder), shared, lay.slot.rpartition(".")[2])
+        done.append(name)
+    return done

@@ -1,0 +1,72 @@
+"""The fallback when `prepare` gets no example inputs: sites guessed from names and nn.Sequential order.
+Nothing here proves that the forward pass chains these modules (a LayerNorm or a residual in between would
+go unseen), so `prepare` warns when it uses it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lc_onnx.train.prelu import LayerCollapsePReLU
+from lc_onnx.train.sites import Site, is_linear, out_features
+
+# (first linear, activation, second linear), as attribute paths inside one module: timm/HF naming
+ATTRIBUTE_PATTERNS = [
+    ("fc1", "act", "fc2"),  # timm Mlp
+    ("c_fc", "act", "c_proj"),  # HF GPT-2
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # HF BERT, RoBERTa
+    ("lin1", "activation", "lin2"),  # HF DistilBERT
+    ("fc_in", "act", "fc_out"),  # HF GPT-J
+    ("dense_h_to_4h", "act", "dense_4h_to_h"),  # HF GPT-NeoX style
+]
+PASS_THROUGH = (nn.Dropout, nn.Identity, nn.BatchNorm1d)  # allowed between the layers in nn.Sequential
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, nn.Mish, nn.ReLU6, nn.Hardswish)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return isinstance(m, (*ACTIVATIONS, LayerCollapsePReLU)) or type(m).__module__.startswith(
+        "transformers.activations")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _qualify(parent: str, rel: str) -> str:
+    return f"{parent}.{rel}" if parent else rel
+
+
+def _site(model: nn.Module, parent: str, first: str, act: str, second: str, norms=()) -> Site:
+    q = [_qualify(parent, p) for p in (first, act, second)]
+    return Site(q[1], q[0], q[2], tuple(_qualify(parent, n) for n in norms), q[0],
+                out_features(model.get_submodule(q[0])))
+
+
+def find(model: nn.Module) -> list[Site]:
+    sites: dict[str, Site] = {}
+    for pname, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            kids = list(module.named_children())
+            for i, (first, m) in enumerate(kids):
+                if not is_linear(m):
+                    continue
+                j, norms, act = i + 1, [], None
+                while j < len(kids) and (isinstance(kids[j][1], PASS_THROUGH)
+                                         or act is None and _is_activation(kids[j][1])):
+                    if isinstance(kids[j][1], nn.BatchNorm1d):
+                        norms.append(kids[j][0])
+                    elif not isinstance(kids[j][1], PASS_THROUGH):
+                        act = kids[j][0]
+                    j += 1
+                if act and j < len(kids) and is_linear(kids[j][1]):
+                    site = _site(model, pname, first, act, kids[j][0], norms)
+                    sites.setdefault(site.act, site)
+        for first, act, second in ATTRIBUTE_PATTERNS:
+            f, a, s = (_get(module, p) for p in (first, act, second))
+            if f is not None and a is not None and s is not None and is_linear(f) and is_linear(s) and (
+                    _is_activation(a)):
+                site = _site(model, pname, first, act, second)
+                sites.setdefault(site.act, site)
+    return list(sites.values())

@@ -1,0 +1,114 @@
+"""`prepare`: put a LayerCollapsePReLU in place of each site's activation."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+
+from torch import nn
+
+from lc_onnx.train import names, sites, trace
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
+from lc_onnx.train.sites import Site
+
+
+class Prepared(list):
+    """The names of the prepared blocks (a list, as `slopes` and `collapse` name them), and:
+    `sites` (each one's modules), `unswappable` (activations called as functions, which have no module to
+    swap) and `verified` (whether the sites come from a recorded forward pass rather than from names)."""
+
+    def __init__(self, names_: list[str], sites_: list[Site], unswappable: list[str], verified: bool):
+        super().__init__(names_)
+        self.sites, self.unswappable, self.verified = sites_, unswappable, verified
+
+
+def _selected(name: str, include, exclude) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def _parts(path: str) -> list[str]:
+    return path.split(".") if path else []
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[int, ...]]:
+    """What `collapse` needs unchanged at `path`: the module's type and the width it has on the hidden side."""
+    m = root.get_submodule(path) if path else root
+    if role == "first":
+        width = (sites.out_features(m),)
+    elif role == "second":
+        width = (sites.in_features(m),)
+    else:
+        width = (m.num_features,)
+    return path, type(m).__name__, width
+
+
+def layout(site: Site, model: nn.Module) -> SiteLayout:
+    """The site's paths relative to the lowest module that holds all of them."""
+    parents = [_parts(p)[:-1] for p in (site.first, site.act, site.second, *site.batchnorms)]
+    common = []
+    for level in zip(*parents, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+
+    def rel(path: str) -> str:
+        return ".".join(_parts(path)[len(common):])
+
+    up = len(_parts(site.name)) - len(common)
+    prints = (fingerprint(model, site.first, "first"), fingerprint(model, site.second, "second"),
+              *(fingerprint(model, n, "norm") for n in site.batchnorms))
+    prints = tuple((rel(p), t, w) for p, t, w in prints)
+    return SiteLayout(up, rel(site.first), rel(site.second), rel(site.name), rel(site.feeder),
+                      tuple(rel(n) for n in site.batchnorms), prints)
+
+
+def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,
+            include: list[str] | None = None, exclude: list[str] | None = None) -> Prepared:
+    """Replace, in place, the activation of every LayerCollapse site with a LayerCollapsePReLU (slope `init`;
+    one per hidden unit with `per_channel`) and return the names of the prepared blocks.
+
+    With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
+    the model runs once in eval mode and a site is an activation module whose input is exactly one linear
+    layer's output and whose output feeds exactly one linear layer and nothing else (see `sites`). Without
+    them, sites are guessed from names, with a warning. `include`/`exclude` are fnmatch patterns on the
+    names. Blocks prepared before are kept as they are."""
+    if example_inputs is None:
+        warnings.warn("prepare() without example_inputs finds sites by module names, which cannot show that "
+                      "the forward pass really chains them; pass example_inputs to verify them", stacklevel=2)
+        found, unswappable = names.find(model), []
+    else:
+        found, unswappable = sites.find(trace.record(model, example_inputs))
+        for line in unswappable:
+            warnings.warn(line, stacklevel=2)
+    chosen = []
+    for site in found:
+        if not _selected(site.name, include, exclude):
+            continue
+        _install(model, site, init, per_channel, verified=example_inputs is not None)
+        chosen.append(site)
+    return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
+
+
+def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verified: bool) -> None:
+    current = model.get_submodule(site.act)
+    if isinstance(current, LayerCollapsePReLU):
+        return
+    first = model.get_submodule(site.first)
+    ref = first.weight
+    act = LayerCollapsePReLU(site.width if per_channel else 1, init, layout(site, model), verified)
+    act.to(device=ref.device, dtype=ref.dtype)
+    if not site.shared:
+        _set(model, site.act, act)
+        return
+    if not isinstance(current, SharedActivation):
+        current = SharedActivation(current)
+        _set(model, site.act, current)
+    current.sites[site.key] = act
+    tag_feeder(model.get_submodule(site.feeder), current, site.key)

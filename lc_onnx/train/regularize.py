@@ -1,0 +1,53 @@
+"""The LayerCollapse regularizer λ·Σ(α−1)², the slopes' own step size, and what the slopes are now."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lc_onnx.train.prelu import LayerCollapsePReLU
+
+
+def blocks(model: nn.Module) -> dict[str, LayerCollapsePReLU]:
+    """The prepared activations by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LayerCollapsePReLU)}
+
+
+def regularizer(model: nn.Module) -> torch.Tensor:
+    """Σ over prepared blocks of (α − 1)² (mean over channels when per-channel); add λ times it to the loss."""
+    terms = [((m.weight - 1.0) ** 2).mean() for m in blocks(model).values()]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+def slope_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [m.weight for m in blocks(model).values()]
+
+
+def param_groups(model: nn.Module, lr: float, slope_lr: float = 1e-2, weight_decay: float = 0.01) -> list[dict]:
+    """Optimizer groups with the slopes apart: their own step size (with Adam a slope moves about `lr` a
+    step whatever the gradient, so 1e-3 cannot carry it from 0.01 to 1 in a short run) and no weight decay
+    (which would pull them toward 0)."""
+    slopes_ = {id(p) for p in slope_parameters(model)}
+    rest = [p for p in model.parameters() if id(p) not in slopes_ and p.requires_grad]
+    return [
+        {"params": rest, "lr": lr, "weight_decay": weight_decay},
+        {"params": slope_parameters(model), "lr": slope_lr, "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def decoupled_step(model: nn.Module, lr: float, lam: float) -> None:
+    """The paper's decoupled update, after each optimizer step: α ← α − lr·λ·2(α − 1)."""
+    for p in slope_parameters(model):
+        p.sub_(lr * lam * 2.0 * (p - 1.0))
+
+
+def slopes(model: nn.Module) -> dict[str, float]:
+    """Each prepared block's slope (the one farthest from 1 when per-channel)."""
+    out = {}
+    for name, m in blocks(model).items():
+        w = m.weight.detach().double()
+        out[name] = float(w[(w - 1).abs().argmax()])
+    return out

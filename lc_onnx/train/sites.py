@@ -1,0 +1,202 @@
+"""LayerCollapse sites from a recorded forward pass: an activation module whose input is exactly the output
+of one linear layer and whose output goes only into exactly one linear layer (through eval-mode Dropout and
+Identity, which pass the same tensor on, and 2-D BatchNorm1d, which folds). Any other use of a tensor in
+between — a residual, a norm, a second consumer, a gate multiply, a model output — means no site.
+
+As torch's own Conv+BN fusion skips a pair whose intermediate has other users, this trusts the data flow,
+never module names: a module called `fc1` next to one called `act` is no evidence that one feeds the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lc_onnx.train.trace import Call, Record
+
+
+@dataclass(frozen=True)
+class Site:
+    """One block `first → [batchnorms] → act → [batchnorms] → second`, as qualified module paths."""
+
+    act: str
+    first: str
+    second: str
+    batchnorms: tuple[str, ...] = ()
+    feeder: str = ""  # the module whose output the activation reads (first, or a BatchNorm1d after it)
+    width: int = 0  # hidden features, the first layer's outputs
+    shared: bool = False  # the activation module is also called elsewhere: it needs a per-site switch
+    key: str = "0"  # this site's index among those of a shared activation
+
+    @property
+    def name(self) -> str:
+        return f"{self.act}.sites.{self.key}" if self.shared else self.act
+
+
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear or HF Conv1D (`y = x·W + b`, weight stored transposed)."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def out_features(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.nf
+
+
+def in_features(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
+
+
+def _is_batchnorm(call: Call) -> bool:
+    # BatchNorm1d normalizes dim 1, which is a linear layer's feature dim only for 2-D inputs
+    return (isinstance(call.module, nn.BatchNorm1d) and len(call.inputs) == 1 and call.inputs[0].dim() == 2
+            and len(call.outputs) == 1)
+
+
+def _has(items: list[torch.Tensor], t: torch.Tensor) -> bool:
+    return any(i is t for i in items)
+
+
+@dataclass
+class _Occurrence:
+    first: Call
+    before: list[Call]  # BatchNorm1d calls between the first layer and the activation
+    act: Call
+    after: list[Call]  # between the activation and the second layer
+    second: Call
+
+
+def _back(rec: Record, consumer: Call, t: torch.Tensor) -> tuple[Call, list[Call]] | None:
+    """The linear call whose output reaches `consumer` (through 2-D BatchNorm1d), if `t` is used nowhere else."""
+    norms: list[Call] = []
+    while True:
+        producer = rec.creator(t)
+        if producer is None or not _has(producer.outputs, t) or _has(rec.model_outputs, t):
+            return None
+        in_place = _has(consumer.outputs, t)  # ReLU(inplace=True): the uses after it are the next layer's
+        for use in rec.uses_of(t):
+            if not (producer.spans(use) or consumer.spans(use) or in_place and use >= consumer.end):
+                return None
+        if is_linear(producer.module) and producer.children == 0:
+            return producer, norms[::-1]
+        if not _is_batchnorm(producer):
+            return None
+        norms.append(producer)
+        consumer, t = producer, producer.inputs[0]
+
+
+def _forward(rec: Record, producer: Call, t: torch.Tensor) -> tuple[Call, list[Call]] | None:
+    """The linear call that alone reads `t` (through 2-D BatchNorm1d), if `t` is used nowhere else."""
+    norms: list[Call] = []
+    while True:
+        if _has(rec.model_outputs, t):
+            return None
+        later = [u for u in rec.uses_of(t) if u >= producer.end]
+        if not later or rec.ops[later[0]].call is None:
+            return None
+        consumer = rec.calls[rec.ops[later[0]].call]
+        if not consumer.inputs or consumer.inputs[0] is not t or not all(consumer.spans(u) for u in later):
+            return None
+        if is_linear(consumer.module) and consumer.children == 0:
+            return consumer, norms
+        if not _is_batchnorm(consumer):
+            return None
+        norms.append(consumer)
+        producer, t = consumer, consumer.outputs[0]
+
+
+def _activation_call(call: Call) -> bool:
+    """A leaf module call that maps one floating tensor to one of the same shape, doing some work."""
+    if call.children or call.start == call.end or len(call.inputs) != 1 or len(call.outputs) != 1:
+        return False
+    x, y = call.inputs[0], call.outputs[0]
+    return x.is_floating_point() and x.shape == y.shape and x.numel() > 1 and not is_linear(call.module)
+
+
+@torch.no_grad()
+def elementwise(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` applies one function to each element alone: permuting the input's elements permutes
+    the output's the same way (true of GELU, SiLU, BLOOM's own gelu; false of LayerNorm, Softmax,
+    per-channel scales)."""
+    perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0)).to(x.device)
+    try:
+        base = module(x.clone()).reshape(-1)
+        moved = module(x.clone().reshape(-1)[perm].reshape(x.shape)).reshape(-1)
+    except Exception:  # noqa: BLE001 - a module that cannot run alone is no activation we can swap
+        return False
+    return moved.shape == base.shape and torch.allclose(moved, base[perm], rtol=1e-4, atol=1e-6)
+
+
+def find(rec: Record) -> tuple[list[Site], list[str]]:
+    """Sites in the record, and one line for each activation called as a function between two linear
+    layers (it cannot be swapped for a module)."""
+    occurrences = []
+    for call in rec.calls:
+        if not _activation_call(call):
+            continue
+        back = _back(rec, call, call.inputs[0])
+        ahead = _forward(rec, call, call.outputs[0]) if back else None
+        if back and ahead:
+            occurrences.append(_Occurrence(back[0], back[1], call, ahead[1], ahead[0]))
+    return _group(rec, occurrences), _functional(rec)
+
+
+def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
+    """One site per (first, norms, act, second) modules, kept only when every call of its linear layers
+    and norms is one of its occurrences (a layer also used elsewhere cannot be fused away)."""
+    groups: dict[tuple, list[_Occurrence]] = {}
+    for occ in occurrences:
+        mods = (occ.first, *occ.before, occ.act, *occ.after, occ.second)
+        groups.setdefault(tuple(id(c.module) for c in mods), []).append(occ)
+    probed: dict[int, bool] = {}
+    sites_of_act: dict[int, list[_Occurrence]] = {}
+    for occs in groups.values():
+        occ = occs[0]
+        fused = [occ.first, *occ.before, *occ.after, occ.second]
+        if any(len(rec.calls_of[id(c.module)]) != len(occs) for c in fused):
+            continue
+        if len({id(c.module) for c in fused}) != len(fused):
+            continue
+        act = occ.act.module
+        if id(act) not in probed:
+            probed[id(act)] = elementwise(act, occ.act.inputs[0])
+        if probed[id(act)]:
+            sites_of_act.setdefault(id(act), []).append(occ)
+    sites = []
+    for occs in sites_of_act.values():
+        calls_of_act = len(rec.calls_of[id(occs[0].act.module)])
+        firsts = list(dict.fromkeys(id(o.first.module) for o in occs))
+        shared = calls_of_act != len(occs) or len(firsts) > 1
+        for key, first in enumerate(firsts):
+            occ = next(o for o in occs if id(o.first.module) == first)
+            feeder = (occ.before[-1] if occ.before else occ.first).name
+            site = Site(occ.act.name, occ.first.name, occ.second.name,
+                        tuple(c.name for c in (*occ.before, *occ.after)), feeder,
+                        out_features(occ.first.module), shared, str(key))
+            sites.append((occ.act.index, site))
+    return [site for _, site in sorted(sites, key=lambda pair: pair[0])]
+
+
+def _functional(rec: Record) -> list[str]:
+    """Single pointwise ops (F.gelu, torch.relu, …) run directly in a module's forward between two linear
+    layers: the site is real, but there is no module to swap."""
+    found = []
+    for op in rec.ops:
+        if torch.Tag.pointwise not in getattr(op.func, "tags", ()) or len(op.inputs) != 1 or len(op.outputs) != 1:
+            continue
+        if op.call is None or rec.calls[op.call].children == 0:  # inside a leaf: an activation module's own op
+            continue
+        x, y = op.inputs[0], op.outputs[0]
+        if not x.is_floating_point() or x.shape != y.shape or x is y:
+            continue
+        stand_in = Call(-1, rec.calls[op.call].module, rec.calls[op.call].name, None, op.index, op.index + 1,
+                        [x], [y])
+        back = _back(rec, stand_in, x)
+        ahead = _forward(rec, stand_in, y) if back else None
+        if back and ahead:
+            name = str(op.func).split(".")[1] if "." in str(op.func) else str(op.func)
+            found.append(f"{back[0].name} -> {name} -> {ahead[0].name}: the activation is a function call in "
+                         f"the forward of {rec.calls[op.call].name or 'the model'}, not a module, so it cannot be "
+                         "swapped for a PReLU (make it an nn.Module attribute)")
+    return list(dict.fromkeys(found))

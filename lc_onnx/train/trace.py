@@ -1,0 +1,132 @@
+"""Record one forward pass: every module call (its span, inputs and outputs) and every ATen op run inside
+it (which tensors it read and wrote). HF models often cannot be traced symbolically, so the record comes
+from forward hooks on all modules plus a TorchDispatchMode; tensors are told apart by identity and kept
+alive for the record's lifetime, so no id is reused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def tensors(value) -> list[torch.Tensor]:
+    """The tensors in nested args, kwargs, tuples, dicts and HF ModelOutputs."""
+    if hasattr(value, "to_tuple") and callable(value.to_tuple):  # transformers.utils.ModelOutput
+        value = value.to_tuple()
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class Call:
+    index: int
+    module: nn.Module
+    name: str
+    parent: int | None
+    start: int  # first op index inside the call
+    end: int = -1  # one past the last op index
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    children: int = 0  # module calls made directly inside this one
+
+    def spans(self, op: int) -> bool:
+        return self.start <= op < self.end
+
+
+@dataclass
+class Op:
+    index: int
+    func: object  # an OpOverload
+    call: int | None  # innermost module call running when it ran
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+@dataclass
+class Record:
+    calls: list[Call]
+    ops: list[Op]
+    model_outputs: list[torch.Tensor]
+    created: dict[int, int]  # id(tensor) -> index of the op that first wrote it
+    uses: dict[int, list[int]]  # id(tensor) -> indices of the ops that read it
+    calls_of: dict[int, list[int]]  # id(module) -> its call indices
+
+    def creator(self, t: torch.Tensor) -> Call | None:
+        """The innermost module call during which the op that made `t` ran."""
+        op = self.created.get(id(t))
+        if op is None or self.ops[op].call is None:
+            return None
+        return self.calls[self.ops[op].call]
+
+    def uses_of(self, t: torch.Tensor) -> list[int]:
+        return self.uses.get(id(t), [])
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self, stack: list[int], ops: list[Op]):
+        super().__init__()
+        self.stack, self.ops = stack, ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(Op(len(self.ops), func, self.stack[-1] if self.stack else None,
+                           tensors((args, kwargs)), tensors(out)))
+        return out
+
+
+@torch.no_grad()
+def record(model: nn.Module, example_inputs) -> Record:
+    """Run `model` once in eval mode on `example_inputs` (a tuple of positional inputs, a dict of keyword
+    inputs, or one tensor) and return what ran. The model's train/eval modes are restored."""
+    names = {id(m): n for n, m in model.named_modules()}
+    calls: list[Call] = []
+    ops: list[Op] = []
+    stack: list[int] = []
+
+    def before(module, args, kwargs):
+        if id(module) not in names:  # a module outside the model (a hook's own)
+            return
+        call = Call(len(calls), module, names[id(module)], stack[-1] if stack else None, len(ops),
+                    inputs=tensors((args, kwargs)))
+        if stack:
+            calls[stack[-1]].children += 1
+        calls.append(call)
+        stack.append(call.index)
+
+    def after(module, args, kwargs, output):
+        if id(module) not in names or not stack:
+            return
+        call = calls[stack.pop()]
+        call.end, call.outputs = len(ops), tensors(output)
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(after, with_kwargs=True, always_call=True) for m in model.modules()]
+    try:
+        with _OpRecorder(stack, ops):
+            if isinstance(example_inputs, dict):
+                out = model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                out = model(*example_inputs)
+            else:
+                out = model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.train(training)
+    created: dict[int, int] = {}
+    uses: dict[int, list[int]] = {}
+    for op in ops:
+        for t in op.inputs:
+            uses.setdefault(id(t), []).append(op.index)
+        for t in op.outputs:
+            created.setdefault(id(t), op.index)
+    calls_of: dict[int, list[int]] = {}
+    for call in calls:
+        calls_of.setdefault(id(call.module), []).append(call.index)
+    return Record(calls, ops, tensors(out), created, uses, calls_of)
