@@ -162,7 +162,7 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
         if id(act) not in probed:
             probed[id(act)] = elementwise(act, occ.act.inputs[0])
         if probed[id(act)]:
-            sites_of_act.setdefault(id(act), []).append(occ)
+            sites_of_act.setdefault(id(act), []).extend(occs)
     sites = []
     for occs in sites_of_act.values():
         calls_of_act = len(rec.calls_of[id(occs[0].act.module)])
