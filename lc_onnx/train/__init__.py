@@ -9,6 +9,7 @@
 The only package of lc_onnx that imports torch (`pip install lc-onnx[train]`).
 """
 
+from lc_onnx.train.callbacks import LayerCollapseCallback
 from lc_onnx.train.collapse import collapse
 from lc_onnx.train.export import export
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
@@ -16,5 +17,5 @@ from lc_onnx.train.prepare import Prepared, prepare
 from lc_onnx.train.regularize import blocks, decoupled_step, param_groups, regularizer, slope_parameters, slopes
 from lc_onnx.train.sites import Site
 
-__all__ = ["LayerCollapsePReLU", "Prepared", "SharedActivation", "Site", "blocks", "collapse", "decoupled_step",
-           "export", "param_groups", "prepare", "regularizer", "slope_parameters", "slopes"]
+__all__ = ["LayerCollapseCallback", "LayerCollapsePReLU", "Prepared", "SharedActivation", "Site", "blocks", "collapse",
+           "decoupled_step", "export", "param_groups", "prepare", "regularizer", "slope_parameters", "slopes"]

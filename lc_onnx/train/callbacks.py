@@ -1,0 +1,147 @@
+"""`LayerCollapseCallback`: the LayerCollapse regularization inside a normal `transformers.Trainer` run.
+
+    names = prepare(model, example_inputs={"input_ids": ids})
+    callback = LayerCollapseCallback(lam=1.0, collapse_threshold=0.05)
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])
+    trainer.train()          # slopes pulled to 1 alongside the task; blocks within 0.05 collapsed at the end
+
+The user's loss is not touched: the callback adds λ·∂Σ(α−1)²/∂α to the slopes' gradients before each optimizer
+step and steps the slopes with its own Adam at `slope_lr` (no weight decay), taking them out of the Trainer's
+step (a torch optimizer skips a parameter whose `.grad` is None). With Adam a parameter moves about its lr a
+step whatever the gradient, so at the Trainer's lr (5e-5 by default) a slope could not travel from 0.01 to 1;
+at the default `slope_lr=2e-2` (λ=1) it gets within 0.05 of 1 in about 70 steps and stays there (Adam's
+second moment remembers the early, large pulls, so the step shrinks as the slope nears 1).
+transformers is imported only when the callback is built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lc_onnx.train.collapse import collapse
+from lc_onnx.train.regularize import blocks, decoupled_step, regularizer, slope_parameters
+
+logger = logging.getLogger(__name__)
+
+_BOUND: dict[str, type] = {}
+
+
+def _with_transformers() -> type:
+    """LayerCollapseCallback with transformers.TrainerCallback as a base (built once, on first use)."""
+    if "cls" not in _BOUND:
+        try:
+            from transformers import TrainerCallback
+        except ImportError:
+            raise ImportError("LayerCollapseCallback needs transformers: pip install transformers accelerate") \
+                from None
+        _BOUND["cls"] = type("LayerCollapseCallback", (LayerCollapseCallback, TrainerCallback),
+                             {"__module__": __name__, "__doc__": LayerCollapseCallback.__doc__})
+    return _BOUND["cls"]
+
+
+class LayerCollapseCallback:
+    """A `transformers.TrainerCallback` that pulls every prepared slope toward 1 during `trainer.train()`.
+
+    `lam`: λ of the regularizer λ·Σ(α−1)² (per block; the mean over channels when per-channel).
+    `mode="adam"` (default): the slopes get the task's gradient plus λ·2(α−1) and their own Adam at `slope_lr`,
+    without weight decay; the Trainer's optimizer leaves them alone. `mode="decoupled"`: the paper's update
+    α ← α − slope_lr·λ·2(α−1) after each step, the Trainer's optimizer stepping the task gradient as usual.
+    `collapse_threshold`: at the end of training, collapse the blocks whose slopes are within it of 1
+    (names in `.collapsed`). Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
+    `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is LayerCollapseCallback:
+            cls = _with_transformers()
+        return super().__new__(cls)
+
+    def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
+                 mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05):
+        if mode not in ("adam", "decoupled"):
+            raise ValueError(f"LayerCollapseCallback: mode must be 'adam' or 'decoupled', not {mode!r}")
+        if lam < 0 or slope_lr <= 0:
+            raise ValueError(f"LayerCollapseCallback: needs lam >= 0 and slope_lr > 0 (got lam={lam}, "
+                             f"slope_lr={slope_lr})")
+        if mode == "decoupled" and 2 * slope_lr * lam >= 1:
+            raise ValueError(f"LayerCollapseCallback: the decoupled step overshoots 1 when 2·slope_lr·lam >= 1 "
+                             f"(got {2 * slope_lr * lam:g}); lower lam or slope_lr")
+        self.lam, self.collapse_threshold, self.slope_lr, self.mode = lam, collapse_threshold, slope_lr, mode
+        self.betas, self.report_threshold = betas, report_threshold
+        self.collapsed: list[str] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._params: list[nn.Parameter] = []
+
+    # ---- the regularization ------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._params = slope_parameters(model)
+        if not self._params:
+            raise ValueError("LayerCollapseCallback: the model has no prepared blocks; call "
+                             "lc_onnx.train.prepare(model, example_inputs) before building the Trainer")
+        if self.mode == "adam" and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+            raise ValueError("LayerCollapseCallback: mode='adam' needs the slopes' gradients in .grad, which "
+                             "DeepSpeed/FSDP shard; pass mode='decoupled'")
+        if self.mode == "adam":
+            self._optimizer = torch.optim.Adam(self._params, lr=self.slope_lr, betas=self.betas, weight_decay=0.0)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """After clipping, before the Trainer's step: step the slopes here and hide them from that step."""
+        if self.mode != "adam" or self._optimizer is None:
+            return
+        with torch.enable_grad():
+            reg = self.lam * regularizer(model)
+            pulls = torch.autograd.grad(reg, self._params, allow_unused=True) if reg.requires_grad else \
+                [None] * len(self._params)
+        grads = []
+        for p, pull in zip(self._params, pulls, strict=True):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads.append(g + pull if pull is not None else g)
+        if all(bool(torch.isfinite(g).all()) for g in grads):  # an fp16 overflow step is skipped, as the Trainer does
+            for p, g in zip(self._params, grads, strict=True):
+                p.grad = g
+            self._optimizer.step()
+        for p in self._params:
+            p.grad = None  # torch optimizers skip a parameter without a gradient: no second step, no weight decay
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.mode == "decoupled":
+            decoupled_step(model, self.slope_lr, self.lam)
+
+    # ---- logging and the collapse ------------------------------------------------------------------------
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        """Slope min/max/mean over every slope, and how many blocks lie within the threshold of 1."""
+        found = blocks(model)
+        if not found:
+            return {}
+        values = torch.cat([m.weight.detach().double().flatten() for m in found.values()])
+        threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
+        within = sum(float((m.weight.detach() - 1).abs().max()) <= threshold for m in found.values())
+        return {"lc_slope_min": float(values.min()), "lc_slope_max": float(values.max()),
+                "lc_slope_mean": float(values.mean()), "lc_blocks_within": int(within)}
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        """Add the slope stats to this log: to `logs` (callbacks after this one: progress bar, printer) and to
+        the entry the Trainer just put in `state.log_history` (it copies `logs` before the callbacks run)."""
+        if logs is None or model is None:
+            return
+        extra = self.stats(model)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.collapse_threshold is None or model is None:
+            return
+        training = model.training
+        model.eval()  # a BatchNorm between the layers folds with its running stats
+        try:
+            self.collapsed = collapse(model, threshold=self.collapse_threshold)
+        finally:
+            model.train(training)
+        left = len(blocks(model))
+        logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
+                    len(self.collapsed), self.collapse_threshold, left)
