@@ -154,7 +154,7 @@ def build_variants(spec: Spec, folder: Path, partial: bool) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = spec.build().eval()
-    names = train.prepare(model, init=1.0)
+    names = train.prepare(model, spec.args(1), init=1.0)
     keep = names[:-4] if partial else []
     with torch.no_grad():
         for n in keep:

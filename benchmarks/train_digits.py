@@ -108,7 +108,7 @@ def accuracy(model: nn.Module, x, y) -> float:
 def fit(model: nn.Module, lam: float | None, xtr, ytr, epochs: int, seed: int) -> nn.Module:
     """lam None: the GELU baseline. Otherwise PReLU(0.01) blocks and loss CE + lam·Σ(α−1)²."""
     if lam is not None:
-        train.prepare(model, init=0.01)
+        train.prepare(model, (xtr[:2],), init=0.01)
     groups = train.param_groups(model, lr=1e-3, slope_lr=1e-2) if lam is not None else model.parameters()
     opt = torch.optim.AdamW(groups, lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
