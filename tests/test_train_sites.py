@@ -284,3 +284,10 @@ def test_hf_conv1d_sites_collapse():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         collapses_exactly(Gpt2Mlp(), (torch.randn(2, 3, 16),))
+
+
+def test_inputs_the_model_cannot_take_are_one_clear_error():
+    model = Block()
+    with pytest.raises(ValueError, match="did not run on example_inputs"):
+        train.prepare(model, (torch.randn(4, 3),))
+    assert isinstance(model.act, nn.GELU) and model.training

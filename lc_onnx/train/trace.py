@@ -114,6 +114,10 @@ def record(model: nn.Module, example_inputs) -> Record:
                 out = model(*example_inputs)
             else:
                 out = model(example_inputs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first}); pass a tuple "
+                         "of positional inputs or a dict of keyword inputs that model(...) accepts") from e
     finally:
         for h in handles:
             h.remove()
