@@ -291,3 +291,60 @@ def test_inputs_the_model_cannot_take_are_one_clear_error():
     with pytest.raises(ValueError, match="did not run on example_inputs"):
         train.prepare(model, (torch.randn(4, 3),))
     assert isinstance(model.act, nn.GELU) and model.training
+
+
+def pointwise_block(conv=lambda cin, cout: nn.Conv2d(cin, cout, 1), norm=True) -> nn.Module:
+    layers = [conv(8, 32)] + ([nn.BatchNorm2d(32)] if norm else []) + [nn.SiLU(), conv(32, 8)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return model
+
+
+IMAGE = (torch.randn(2, 8, 5, 6, generator=torch.Generator().manual_seed(8)),)
+
+
+def test_pointwise_convolutions_with_batchnorm2d_collapse_into_one_conv():
+    model = pointwise_block()
+    collapses_exactly(model, IMAGE)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (1, 1) and not any(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_per_channel_slopes_of_a_pointwise_conv_site_act_on_the_channels():
+    model = pointwise_block(norm=False).eval()
+    train.prepare(model, IMAGE, per_channel=True)
+    act = model[1]
+    assert act.num_parameters == 32
+    with torch.no_grad():
+        act.weight.copy_(torch.linspace(0, 1, 32))
+        h = torch.randn(2, 32, 3, 3)
+        torch.testing.assert_close(act(h), torch.where(h >= 0, h, h * torch.linspace(0, 1, 32)[:, None, None]))
+
+
+@pytest.mark.parametrize("conv", [
+    lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1),
+    lambda cin, cout: nn.Conv2d(cin, cout, 1, stride=2),
+    lambda cin, cout: nn.Conv2d(cin, cout, 1, padding=1),
+    lambda cin, cout: nn.Conv2d(cin, cout, 1, groups=2),
+], ids=["3x3", "stride2", "padded", "grouped"])
+def test_convolutions_that_are_not_pointwise_are_no_sites(conv):
+    no_site(pointwise_block(conv), IMAGE)
+
+
+def test_a_linear_and_a_conv_do_not_pair():
+    class Mixed(nn.Module):  # the Linear maps the last dim, the conv the channels: no single linear map
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.conv = nn.Linear(6, 6), nn.GELU(), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.conv(self.act(self.fc(x)))
+
+    no_site(Mixed(), IMAGE)

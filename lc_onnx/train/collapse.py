@@ -1,4 +1,4 @@
-"""`collapse`: fuse each prepared block whose slope is within a threshold of 1 into one nn.Linear. It fuses
+"""`collapse`: fuse each prepared block whose slope is within a threshold of 1 into one layer. It fuses
 exactly the modules `prepare` recorded, and refuses a site whose modules changed since."""
 
 from __future__ import annotations
@@ -6,26 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, tag_feeder
 from lc_onnx.train.prepare import fingerprint
 from lc_onnx.train.regularize import blocks
-from lc_onnx.train.sites import is_linear
-
-
-def _affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) in float64 with y = x·Wᵀ + b, for nn.Linear, HF Conv1D and eval-mode BatchNorm1d."""
-    if isinstance(m, nn.Linear):
-        b = m.bias if m.bias is not None else torch.zeros(m.out_features)
-        return m.weight.double(), b.double()
-    if isinstance(m, nn.BatchNorm1d):
-        mean = m.running_mean if m.running_mean is not None else torch.zeros(m.num_features)
-        var = m.running_var if m.running_var is not None else torch.ones(m.num_features)
-        scale = 1.0 / torch.sqrt(var.double() + m.eps)
-        if m.affine:
-            scale = scale * m.weight.double()
-        shift = -mean.double() * scale + (m.bias.double() if m.affine else 0.0)
-        return torch.diag(scale), shift
-    return m.weight.double().T, m.bias.double()  # Conv1D: y = x·W + b
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -52,9 +36,9 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
 
 @torch.no_grad()
 def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None = None) -> list[str]:
-    """Replace each block whose slope is within `threshold` of 1 by one nn.Linear
-    (W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in); returns the names collapsed. The others
-    stay; `slopes(model)` says where they are. `only` limits it to those block names."""
+    """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
+    or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
+    collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names."""
     done = []
     for name, act in blocks(model).items():
         if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
@@ -67,16 +51,13 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None =
         norms = [base.get_submodule(p) for p in lay.batchnorms]
         if any(m.training for m in norms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
-        w, b = _affine(first)
+        w, b = affine(first)
         for m in (*norms, second):
-            wm, bm = _affine(m)
+            wm, bm = affine(m)
             w, b = wm @ w, wm @ b + bm
-        ref = second.weight
-        fused = nn.Linear(w.shape[1], w.shape[0], device=ref.device, dtype=ref.dtype)
-        fused.weight.copy_(w.to(ref.dtype))
-        fused.bias.copy_(b.to(ref.dtype))
+        layer = fused(w, b, like=second)
         # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
-        _set(base, lay.second, fused)
+        _set(base, lay.second, layer)
         for path in (lay.first, *lay.batchnorms, lay.slot):
             _set(base, path, nn.Identity())
         shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None

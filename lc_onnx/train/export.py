@@ -1,19 +1,143 @@
-"""`export`: torch.onnx.export with settings that keep the PRelu chains visible to `lc-onnx optimize`."""
+"""`export`: torch.onnx.export with settings that keep the PRelu chains visible to `lc-onnx optimize`, and
+that get Hugging Face models through both torch exporters."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
-def export(model: nn.Module, example_args: tuple, path: str | os.PathLike, *, dynamo: bool = False, **kw) -> None:
-    """torch.onnx.export in eval mode with settings that keep PRelu chains visible to `lc-onnx optimize`:
-    opset 17 for the legacy exporter, one file (no external data) for the new one unless asked."""
+def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *, dynamo: bool = False,
+           attn_implementation: str | None = "eager", **kw) -> None:
+    """torch.onnx.export in eval mode: opset 17 for the legacy exporter, one file (no external data) for the
+    new one unless asked. `example_inputs` is a tuple of positional inputs or a dict of keyword inputs (HF style).
+
+    For transformers models, during the export only (the model is restored after): `use_cache` is off (a cache
+    object is not an ONNX output); the attention is `attn_implementation` ("eager": sdpa exports to the same
+    MatMul/Softmax ops but fails in torch.export's decompositions for T5 and Swin and, with grouped KV heads as in
+    Llama, in the legacy exporter; None keeps the model's); with `dynamo=False` transformers' packed-sequence
+    check (torch.diff on position ids, which opset 17 cannot export, reached when no attention_mask is given) is
+    off, so each row is one sequence."""
+    if isinstance(example_inputs, dict) and "kwargs" in kw:
+        raise TypeError("export: pass keyword inputs either as the example_inputs dict or as kwargs=, not both")
+    training = model.training
     model.eval()
     if dynamo:
         kw.setdefault("external_data", False)
     else:
         kw.setdefault("opset_version", 17)
-    torch.onnx.export(model, example_args, str(path), dynamo=dynamo, **kw)
+    try:
+        with _hf_settings(model, dynamo, attn_implementation):
+            target, args = model, tuple(example_inputs) if not isinstance(example_inputs, dict) else ()
+            if isinstance(example_inputs, dict):
+                names = _output_names(model, example_inputs)
+                if names is not None:
+                    kw.setdefault("output_names", names)
+                kw.setdefault("input_names", list(example_inputs))
+                if dynamo:
+                    kw["kwargs"] = dict(example_inputs)
+                else:
+                    # the legacy exporter fills a keyword call up to the whole signature, so defaults such as
+                    # HF's `logits_to_keep` would become graph inputs: call with exactly these keywords
+                    target, args = _KeywordCall(model, list(example_inputs)), tuple(example_inputs.values())
+            try:
+                torch.onnx.export(target, args, str(path), dynamo=dynamo, **kw)
+            except Exception as e:
+                impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+                if impl in (None, "eager"):
+                    raise
+                first = _summary(e)
+                raise RuntimeError(f"export: torch.onnx.export (dynamo={dynamo}) failed on {type(model).__name__} "
+                                   f"with {impl} attention ({first}); pass attn_implementation='eager'") from e
+    finally:
+        model.train(training)
+
+
+def _summary(e: Exception) -> str:
+    """One line of an exporter error: the underlying exception's line where torch.onnx gives a long report."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines()]
+    lines = [x for x in lines if x]
+    if "## Exception summary" in lines and lines.index("## Exception summary") + 1 < len(lines):
+        return lines[lines.index("## Exception summary") + 1][:200]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+class _KeywordCall(nn.Module):
+    """`model(**dict(zip(keys, args)))`, for the legacy exporter, which takes positional inputs."""
+
+    def __init__(self, model: nn.Module, keys: list[str]):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.keys, args, strict=True)))
+        return tuple(out.values()) if isinstance(out, dict) else out
+
+
+def _output_names(model: nn.Module, inputs: dict) -> list[str] | None:
+    """The keys of an HF ModelOutput (`logits`, `last_hidden_state`, ...) when every value is one tensor."""
+    with torch.no_grad():
+        out = model(**inputs)
+    if isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return list(out.keys())
+    return None
+
+
+def _configs(model: nn.Module) -> list:
+    """The transformers configs of the model and its submodels (each once)."""
+    seen, out = set(), []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+@contextlib.contextmanager
+def _hf_settings(model: nn.Module, dynamo: bool, attn_implementation: str | None) -> Iterator[None]:
+    configs = _configs(model)
+    if not configs:
+        yield
+        return
+    attn = [(c, c._attn_implementation_internal) for c in configs]
+    cached = [c for c in configs if getattr(c, "use_cache", None) is True]
+    patched = None
+    try:
+        for c in cached:
+            c.use_cache = False
+        if attn_implementation is not None and hasattr(model, "set_attn_implementation") \
+                and getattr(model.config, "_attn_implementation", None) != attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        if not dynamo:
+            patched = _no_packed_sequence_check()
+        yield
+    finally:
+        if patched is not None:
+            patched()
+        for c in cached:
+            c.use_cache = True
+        for c, impl in attn:
+            c._attn_implementation_internal = impl
+
+
+def _no_packed_sequence_check():
+    """Make transformers' packed-sequence detection say "not packed" (what it says in eager mode for a batch of
+    ordinary rows); it returns the undo. Under jit tracing it always builds the check from torch.diff."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return None
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        return None
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+
+    def undo():
+        masking_utils.find_packed_sequence_indices = original
+    return undo

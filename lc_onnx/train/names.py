@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lc_onnx.train.layers import is_linear, out_features
 from lc_onnx.train.prelu import LayerCollapsePReLU
-from lc_onnx.train.sites import Site, is_linear, out_features
+from lc_onnx.train.sites import Site
 
 # (first linear, activation, second linear), as attribute paths inside one module: timm/HF naming
 ATTRIBUTE_PATTERNS = [

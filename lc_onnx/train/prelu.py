@@ -14,7 +14,7 @@ class SiteLayout:
     """Where a site's modules are, as paths relative to the lowest module holding them all, which lies
     `up` levels above the PReLU itself (so the model may be wrapped or re-rooted after `prepare`).
     `slot` is the module the collapse replaces by the identity; `feeder` the one whose output the
-    activation reads (a shared activation learns its site from it); `batchnorms` the BatchNorm1d
+    activation reads (a shared activation learns its site from it); `batchnorms` the BatchNorm
     layers between the two linear layers, in order; `fingerprint` the (path, type, weight shape) of
     every module the collapse touches, so it can refuse a site that changed since `prepare`."""
 
@@ -29,14 +29,15 @@ class SiteLayout:
 
 class LayerCollapsePReLU(nn.PReLU):
     """nn.PReLU that remembers the linear layers around it, so `collapse` can fuse them. Scalar slope as in
-    the paper; per-channel slopes act on the last dim (the features of a linear layer's output)."""
+    the paper; per-channel slopes act on the layers' feature dim: the last (Linear), or 1 (pointwise Conv2d)."""
 
-    def __init__(self, num_parameters: int, init: float, layout: SiteLayout, verified: bool = True):
+    def __init__(self, num_parameters: int, init: float, layout: SiteLayout, verified: bool = True,
+                 channel_dim: int = -1):
         super().__init__(num_parameters=num_parameters, init=init)
-        self.layout, self.verified = layout, verified
+        self.layout, self.verified, self.channel_dim = layout, verified, channel_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.num_parameters == 1 or x.dim() <= 2:
+        if self.num_parameters == 1 or x.dim() <= 2 or self.channel_dim == 1:
             return super().forward(x)
         return torch.where(x >= 0, x, x * self.weight)  # nn.PReLU's channels are dim 1; ours are the last dim
 

@@ -7,7 +7,7 @@ import warnings
 
 from torch import nn
 
-from lc_onnx.train import names, sites, trace
+from lc_onnx.train import layers, names, sites, trace
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.sites import Site
 
@@ -41,9 +41,9 @@ def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[
     """What `collapse` needs unchanged at `path`: the module's type and the width it has on the hidden side."""
     m = root.get_submodule(path) if path else root
     if role == "first":
-        width = (sites.out_features(m),)
+        width = (layers.out_features(m),)
     elif role == "second":
-        width = (sites.in_features(m),)
+        width = (layers.in_features(m),)
     else:
         width = (m.num_features,)
     return path, type(m).__name__, width
@@ -102,7 +102,7 @@ def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verif
         return
     first = model.get_submodule(site.first)
     ref = first.weight
-    act = LayerCollapsePReLU(site.width if per_channel else 1, init, layout(site, model), verified)
+    act = LayerCollapsePReLU(site.width if per_channel else 1, init, layout(site, model), verified, site.channel_dim)
     act.to(device=ref.device, dtype=ref.dtype)
     if not site.shared:
         _set(model, site.act, act)

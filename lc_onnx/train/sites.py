@@ -1,6 +1,7 @@
 """LayerCollapse sites from a recorded forward pass: an activation module whose input is exactly the output
-of one linear layer and whose output goes only into exactly one linear layer (through eval-mode Dropout and
-Identity, which pass the same tensor on, and 2-D BatchNorm1d, which folds). Any other use of a tensor in
+of one linear layer (nn.Linear, HF Conv1D, pointwise Conv2d) and whose output goes only into exactly one linear
+layer (through eval-mode Dropout and Identity, which pass the same tensor on, and a BatchNorm over the layers'
+feature dim, which folds). Any other use of a tensor in
 between — a residual, a norm, a second consumer, a gate multiply, a model output — means no site.
 
 As torch's own Conv+BN fusion skips a pair whose intermediate has other users, this trusts the data flow,
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lc_onnx.train import layers
 from lc_onnx.train.trace import Call, Record
 
 
@@ -25,8 +27,9 @@ class Site:
     first: str
     second: str
     batchnorms: tuple[str, ...] = ()
-    feeder: str = ""  # the module whose output the activation reads (first, or a BatchNorm1d after it)
+    feeder: str = ""  # the module whose output the activation reads (first, or a BatchNorm after it)
     width: int = 0  # hidden features, the first layer's outputs
+    channel_dim: int = -1  # the dim they lie on: -1, or 1 for pointwise convolutions
     shared: bool = False  # the activation module is also called elsewhere: it needs a per-site switch
     key: str = "0"  # this site's index among those of a shared activation
 
@@ -35,23 +38,17 @@ class Site:
         return f"{self.act}.sites.{self.key}" if self.shared else self.act
 
 
-def is_linear(m: nn.Module) -> bool:
-    """nn.Linear or HF Conv1D (`y = x·W + b`, weight stored transposed)."""
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
-def out_features(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.nf
-
-
-def in_features(m: nn.Module) -> int:
-    return m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
-
-
 def _is_batchnorm(call: Call) -> bool:
-    # BatchNorm1d normalizes dim 1, which is a linear layer's feature dim only for 2-D inputs
-    return (isinstance(call.module, nn.BatchNorm1d) and len(call.inputs) == 1 and call.inputs[0].dim() == 2
+    return (isinstance(call.module, (nn.BatchNorm1d, nn.BatchNorm2d)) and len(call.inputs) == 1
             and len(call.outputs) == 1)
+
+
+def _fits(first: Call, second: Call, norms: list[Call]) -> bool:
+    """Both layers map the same dim (Linear/Conv1D the last, pointwise Conv2d the channels), and each norm
+    between normalizes that dim."""
+    dim = layers.feature_dim(first.module)
+    return layers.feature_dim(second.module) == dim and all(
+        layers.norm_fits(n.module, n.inputs[0].dim(), dim) for n in norms)
 
 
 def _has(items: list[torch.Tensor], t: torch.Tensor) -> bool:
@@ -61,14 +58,14 @@ def _has(items: list[torch.Tensor], t: torch.Tensor) -> bool:
 @dataclass
 class _Occurrence:
     first: Call
-    before: list[Call]  # BatchNorm1d calls between the first layer and the activation
+    before: list[Call]  # BatchNorm calls between the first layer and the activation
     act: Call
     after: list[Call]  # between the activation and the second layer
     second: Call
 
 
 def _back(rec: Record, consumer: Call, t: torch.Tensor) -> tuple[Call, list[Call]] | None:
-    """The linear call whose output reaches `consumer` (through 2-D BatchNorm1d), if `t` is used nowhere else."""
+    """The linear call whose output reaches `consumer` (through BatchNorms), if `t` is used nowhere else."""
     norms: list[Call] = []
     while True:
         producer = rec.creator(t)
@@ -78,7 +75,7 @@ def _back(rec: Record, consumer: Call, t: torch.Tensor) -> tuple[Call, list[Call
         for use in rec.uses_of(t):
             if not (producer.spans(use) or consumer.spans(use) or in_place and use >= consumer.end):
                 return None
-        if is_linear(producer.module) and producer.children == 0:
+        if layers.is_linear(producer.module) and producer.children == 0:
             return producer, norms[::-1]
         if not _is_batchnorm(producer):
             return None
@@ -87,7 +84,7 @@ def _back(rec: Record, consumer: Call, t: torch.Tensor) -> tuple[Call, list[Call
 
 
 def _forward(rec: Record, producer: Call, t: torch.Tensor) -> tuple[Call, list[Call]] | None:
-    """The linear call that alone reads `t` (through 2-D BatchNorm1d), if `t` is used nowhere else."""
+    """The linear call that alone reads `t` (through BatchNorms), if `t` is used nowhere else."""
     norms: list[Call] = []
     while True:
         if _has(rec.model_outputs, t):
@@ -98,7 +95,7 @@ def _forward(rec: Record, producer: Call, t: torch.Tensor) -> tuple[Call, list[C
         consumer = rec.calls[rec.ops[later[0]].call]
         if not consumer.inputs or consumer.inputs[0] is not t or not all(consumer.spans(u) for u in later):
             return None
-        if is_linear(consumer.module) and consumer.children == 0:
+        if layers.is_linear(consumer.module) and consumer.children == 0:
             return consumer, norms
         if not _is_batchnorm(consumer):
             return None
@@ -111,7 +108,7 @@ def _activation_call(call: Call) -> bool:
     if call.children or call.start == call.end or len(call.inputs) != 1 or len(call.outputs) != 1:
         return False
     x, y = call.inputs[0], call.outputs[0]
-    return x.is_floating_point() and x.shape == y.shape and x.numel() > 1 and not is_linear(call.module)
+    return x.is_floating_point() and x.shape == y.shape and x.numel() > 1 and not layers.is_linear(call.module)
 
 
 @torch.no_grad()
@@ -137,7 +134,7 @@ def find(rec: Record) -> tuple[list[Site], list[str]]:
             continue
         back = _back(rec, call, call.inputs[0])
         ahead = _forward(rec, call, call.outputs[0]) if back else None
-        if back and ahead:
+        if back and ahead and _fits(back[0], ahead[0], back[1] + ahead[1]):
             occurrences.append(_Occurrence(back[0], back[1], call, ahead[1], ahead[0]))
     return _group(rec, occurrences), _functional(rec)
 
@@ -173,7 +170,8 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
             feeder = (occ.before[-1] if occ.before else occ.first).name
             site = Site(occ.act.name, occ.first.name, occ.second.name,
                         tuple(c.name for c in (*occ.before, *occ.after)), feeder,
-                        out_features(occ.first.module), shared, str(key))
+                        layers.out_features(occ.first.module), layers.feature_dim(occ.first.module), shared,
+                        str(key))
             sites.append((occ.act.index, site))
     return [site for _, site in sorted(sites, key=lambda pair: pair[0])]
 
@@ -194,7 +192,7 @@ def _functional(rec: Record) -> list[str]:
                         [x], [y])
         back = _back(rec, stand_in, x)
         ahead = _forward(rec, stand_in, y) if back else None
-        if back and ahead:
+        if back and ahead and _fits(back[0], ahead[0], back[1] + ahead[1]):
             name = str(op.func).split(".")[1] if "." in str(op.func) else str(op.func)
             found.append(f"{back[0].name} -> {name} -> {ahead[0].name}: the activation is a function call in "
                          f"the forward of {rec.calls[op.call].name or 'the model'}, not a module, so it cannot be "

@@ -1,0 +1,74 @@
+"""The layers a site is made of, as affine maps: nn.Linear, HF Conv1D and pointwise nn.Conv2d (1x1 kernel,
+stride 1, no padding, one group: a linear layer over the channel dim), and the eval-mode BatchNorm between
+them. Matching lives in `sites`; this is only the arithmetic (as torch keeps `fuse_conv_bn_weights` apart)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_pointwise_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+            and (m.padding in ("valid", "same") or all(p == 0 for p in m.padding)))
+
+
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear, HF Conv1D (`y = x·W + b`, weight stored transposed) or a pointwise Conv2d."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf") or is_pointwise_conv(m)
+
+
+def feature_dim(m: nn.Module) -> int:
+    """The dim a linear layer maps: the last for Linear and Conv1D, the channels for a convolution."""
+    return 1 if isinstance(m, nn.Conv2d) else -1
+
+
+def out_features(m: nn.Module) -> int:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    return m.out_features if isinstance(m, nn.Linear) else m.nf
+
+
+def in_features(m: nn.Module) -> int:
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels
+    return m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
+
+
+def norm_fits(norm: nn.Module, rank: int, dim: int) -> bool:
+    """Whether a BatchNorm seen on a rank-`rank` input normalizes the layers' feature dim `dim` (its channels
+    are dim 1: BatchNorm1d on (N, C) after a Linear, BatchNorm2d on (N, C, H, W) after a pointwise Conv2d)."""
+    if isinstance(norm, nn.BatchNorm1d):
+        return rank == 2 and dim == -1
+    return isinstance(norm, nn.BatchNorm2d) and rank == 4 and dim == 1
+
+
+def affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) in float64 with y = W·x + b over the feature dim."""
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        mean = m.running_mean if m.running_mean is not None else torch.zeros(m.num_features)
+        var = m.running_var if m.running_var is not None else torch.ones(m.num_features)
+        scale = 1.0 / torch.sqrt(var.double() + m.eps)
+        if m.affine:
+            scale = scale * m.weight.double()
+        shift = -mean.double() * scale + (m.bias.double() if m.affine else 0.0)
+        return torch.diag(scale), shift
+    if type(m).__name__ == "Conv1D":
+        return m.weight.double().T, m.bias.double()
+    w = m.weight.double().reshape(m.weight.shape[0], -1)  # Linear (out, in); Conv2d (out, in, 1, 1)
+    b = m.bias.double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return w, b
+
+
+def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
+    """One layer computing W·x + b, of the second layer's kind, device and dtype."""
+    ref = like.weight
+    if isinstance(like, nn.Conv2d):
+        layer = nn.Conv2d(w.shape[1], w.shape[0], 1, device=ref.device, dtype=ref.dtype)
+        w = w[:, :, None, None]
+    else:
+        layer = nn.Linear(w.shape[1], w.shape[0], device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w.to(ref.dtype))
+        layer.bias.copy_(b.to(ref.dtype))
+    return layer
