@@ -32,11 +32,17 @@ class OptimizeResult:
     model: onnx.ModelProto
     report: Report
     source: Path | None = None  # the input's folder, when the input kept its weights as external data
+    input_path: Path | None = None  # the file the input came from
+    reads: frozenset[Path] = frozenset()  # the input's file and its external data files
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None,
              progress: Callable[[int, int], None] | None = None) -> Path:
         """Write the model; by default in the input's layout (external data in, external data out).
-        `progress(done, total)` follows the tensors streamed to the data file."""
+        `progress(done, total)` follows the tensors streamed to the data file. Refuses (InputError) to write
+        over a file the input reads, but for replacing the input model itself (and its own data file)."""
+        in_place = self.input_path is not None and io.same_file(Path(path), self.input_path)
+        if not in_place:
+            io.refuse_overlap(set(self.reads), [Path(path), io.data_path(Path(path))])
         if external_data is None and self.source is not None:
             external_data = True
         return io.save(self.model, path, external_data=external_data, source=self.source, progress=progress)
@@ -48,20 +54,25 @@ class _Input:
     path: Path | None  # the file it came from, so ONNX Runtime can open it where it is
     source: Path | None  # its folder, when weights were left on disk as external data
     owned: bool  # loaded here, so its weights may be released once they have been copied
+    reads: frozenset[Path] = frozenset()  # every file the input reads: no output may land on one
 
 
 def _open(model_or_path: onnx.ModelProto | str | os.PathLike) -> _Input:
     if isinstance(model_or_path, onnx.ModelProto):
+        if io.has_external(model_or_path):  # its data would be looked for in the cwd
+            raise InputError("the model points at external data; pass its path, so that the data is read "
+                             "from the model's folder")
         return _Input(model_or_path, None, None, owned=False)
     path = Path(model_or_path)
     model, external = io.read(path, load_weights=False)
-    return _Input(model, path, path.parent.resolve() if external else None, owned=True)
+    reads = frozenset(io.files_read(path, model))
+    return _Input(model, path, path.parent.resolve() if external else None, owned=True, reads=reads)
 
 
 def _import(src: _Input) -> tuple[gs.Graph, list]:
     """The checked graph, with the shapes that inference adds where the model leaves them open (and the
     list of those, to take off before export)."""
-    light = check.check_model(src.model)
+    light = check.check_model(src.model, src.source)
     try:
         graph = gs.import_onnx(src.model)
     except Exception as e:  # graphsurgeon raises bare exceptions for malformed graphs
@@ -72,10 +83,19 @@ def _import(src: _Input) -> tuple[gs.Graph, list]:
 
 
 def totals(model: onnx.ModelProto) -> Totals:
+    """Nodes, and every constant value: initializers and the values of Constant nodes (Paddle and some
+    hand-written exports keep their weights there)."""
     nodes = params = 0
     for g in shapes.graphs(model.graph):
         nodes += len(g.node)
         params += sum(math.prod(t.dims) for t in g.initializer)
+        params += sum(math.prod(t.values.dims) for t in g.sparse_initializer)
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                for a in n.attribute:  # exactly one, by the spec
+                    params += (math.prod(a.t.dims) if a.name == "value" else
+                               math.prod(a.sparse_tensor.values.dims) if a.name == "sparse_value" else
+                               len(a.floats) + len(a.ints) + len(a.strings) if a.name.endswith("s") else 1)
     return Totals(nodes, params, io.serialized_size(model) + io.external_size(model))
 
 
@@ -146,17 +166,21 @@ def optimize(
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
     progress: Callable[..., None] | None = None,
+    writes: tuple[str | os.PathLike, ...] = (),
 ) -> OptimizeResult:
     """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
 
     The input model is never changed. With `validate`, both models run in ONNX Runtime on
     seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
-    error exceeds `rtol` (default max(1e-4, tol); 1e-2 for float16 outputs) and its largest absolute error
-    exceeds `atol` (default 1e-5; 1e-3 for float16). `progress(stage)` is called as each
+    error exceeds `rtol` and its largest absolute error exceeds `atol` (defaults: `validate.default_rtol`,
+    from the slopes actually taken as 1, and `validate.default_atol`). `writes` are paths the caller will
+    write: InputError before any work if one is a file the input reads. `progress(stage)` is called as each
     stage starts, and `progress(stage, done, None)` as rewrites are made."""
     step = progress or (lambda stage, done=None, total=None: None)
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise InputError(f"tol must be a finite number >= 0, got {tol}")
+    for name, value in (("tol", tol), ("rtol", rtol), ("atol", atol)):
+        _check_limit(name, value)
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
     try:
         skip_set = frozenset(skip)
         passes.registry.active_rules(skip_set)
@@ -164,6 +188,7 @@ def optimize(
         raise InputError(str(e)) from None
     step("loading")
     src = _open(model_or_path)
+    io.refuse_overlap(set(src.reads), [Path(w) for w in writes])
     original = src.model
     step("checking")
     graph, annotated = _import(src)
@@ -175,20 +200,20 @@ def optimize(
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
-        return OptimizeResult(original, report, src.source)
+        return OptimizeResult(original, report, src.source, src.path, src.reads)
 
     step("exporting")
     model = _export(graph, original, report)
     del graph
     try:
-        check.check_model(model)
+        check.check_model(model, src.source)
     except InputError as e:
         raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
     report.after = totals(model)
     if validate:
         step("validating in ONNX Runtime")
-        feeds = validation.make_inputs(original, input_shapes, inputs, seed)
-        limit = validation.default_rtol(original, tol) if rtol is None else rtol
+        feeds, drawn = validation.draw_inputs(original, input_shapes, inputs, seed)
+        limit = validation.default_rtol(original, report.rewrites) if rtol is None else rtol
         abs_limit = validation.default_atol(original) if atol is None else atol
     big = report.before.bytes > RELEASE_ABOVE
     if src.owned:  # loaded here and now done with: ONNX Runtime reads the original from its file
@@ -197,6 +222,7 @@ def optimize(
             validation.return_freed_memory()
     if validate:
         report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source, release=big)
+        report.validation.drawn = drawn
         if not report.validation.passed:
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
             raise ValidationError(
@@ -205,12 +231,18 @@ def optimize(
                 f"lower --tol or raise --rtol",
                 report,
             )
-    return OptimizeResult(model, report, src.source)
+    return OptimizeResult(model, report, src.source, src.path, src.reads)
+
+
+def _check_limit(name: str, value: float | None) -> None:
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise InputError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = DEFAULT_TOL,
             skip: tuple[str, ...] = ()) -> list[passes.Candidate]:
     """Every candidate chain with the rule that would fire on it, or why none would."""
+    _check_limit("tol", tol)
     try:
         return passes.inspect(_import(_open(model_or_path))[0], tol, frozenset(skip))
     except ValueError as e:

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from lc_onnx import io
-from lc_onnx.errors import InputError
+from lc_onnx.errors import InputError, one_line
 from lc_onnx.validate import make_inputs, session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -38,32 +38,44 @@ def interleaved(
 ) -> list[Latency]:
     """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
     worker threads, which would take the cores from the model that runs next) for all."""
-    sessions = [
-        session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False) for m in models
-    ]
+    sessions = []
+    for m in models:
+        try:
+            sessions.append(session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False))
+        except Exception as e:  # ORT's errors are of many kinds; all mean it cannot load this model
+            raise InputError(f"ONNX Runtime cannot load {_name(m)} ({one_line(e)})") from None
     if providers:
         for s in sessions:
             if s.get_providers()[0] != providers[0]:  # ORT falls back to the CPU when a provider fails to load
                 raise InputError(f"ONNX Runtime could not start {providers[0]} (it fell back to "
                                  f"{s.get_providers()[0]}); no CPU numbers are given in its place")
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feeds)
     times: list[list[float]] = [[] for _ in sessions]
-    for i in range(runs):
-        # the order turns each round (A B C, B C A, C A B, ...): the model that runs right after a large
-        # one finds the caches cold, and no model should always be that one
-        for k in range(len(sessions)):
-            j = (i + k) % len(sessions)
-            start = time.perf_counter()
-            sessions[j].run(None, feeds)
-            times[j].append((time.perf_counter() - start) * 1e3)
-        if progress:
-            progress(i + 1)
+    j = 0
+    try:
+        for _ in range(warmup):
+            for j in range(len(sessions)):
+                sessions[j].run(None, feeds)
+        for i in range(runs):
+            # the order turns each round (A B C, B C A, C A B, ...): the model that runs right after a large
+            # one finds the caches cold, and no model should always be that one
+            for k in range(len(sessions)):
+                j = (i + k) % len(sessions)
+                start = time.perf_counter()
+                sessions[j].run(None, feeds)
+                times[j].append((time.perf_counter() - start) * 1e3)
+            if progress:
+                progress(i + 1)
+    except Exception as e:  # random inputs can send a model down a branch it cannot take (a sample rate)
+        raise InputError(f"ONNX Runtime failed running {_name(models[j])} on the random inputs ({one_line(e)}); "
+                         f"pass real data with --inputs") from None
     return [
         Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs)
         for t in times
     ]
+
+
+def _name(model: onnx.ModelProto | Path) -> str:
+    return str(model) if isinstance(model, Path) else "the model"
 
 
 def provider(name: str) -> str:
@@ -134,6 +146,8 @@ def bench_files(
     """Latency of model files on the same inputs, interleaved; the first model is the reference."""
     if runs < 1 or warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup at least 0")
+    if (batch is not None and batch < 1) or threads < 0:
+        raise InputError("--batch must be at least 1 and --threads at least 0")
     full = provider(provider_name)
     heads = [io.read(p, load_weights=False)[0] for p in paths]
     names = [sorted(i.name for i in h.graph.input if i.name not in {t.name for t in h.graph.initializer})

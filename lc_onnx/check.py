@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -11,22 +12,46 @@ from lc_onnx import io, shapes
 from lc_onnx.errors import InputError, one_line
 
 
-def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Raise InputError naming the first problem; return the weightless copy the checker passed."""
+def check_model(model: onnx.ModelProto, base: Path | None = None) -> onnx.ModelProto:
+    """Raise InputError naming the first problem; return the weightless copy the checker passed. `base` is
+    the folder external data lives in (the checker itself would look in the cwd)."""
     bad = _bad_text(model)
     if bad:
         raise InputError(f"the model is not valid ONNX: its {bad} is not valid UTF-8")
     for g in shapes.graphs(model.graph):
-        for t in g.initializer:
+        named = [(f"initializer {t.name!r}", t) for t in g.initializer]
+        named += [(f"the {a.name} of node {n.name or n.output[0]!r}", t) for n in g.node for a in n.attribute
+                  for t in ([a.t] if a.type == onnx.AttributeProto.TENSOR else list(a.tensors))]
+        for what, t in named:
             problem = _size_problem(t)
             if problem:
-                raise InputError(f"the model is not valid ONNX: initializer {t.name!r} {problem}")
+                raise InputError(f"the model is not valid ONNX: {what} {problem}")
     light = shapes.weightless(model)
+    _stand_in_external(light, base)
     try:
         onnx.checker.check_model(light, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         raise InputError(f"the model is not valid ONNX: {one_line(e)}") from None
     return light
+
+
+def _stand_in_external(light: onnx.ModelProto, base: Path | None) -> None:
+    """External tensors the weightless copy still holds (Constant-node values, subgraph initializers) become
+    inline: small ones read through io's resolver (shape inference may use their values), large ones zeros
+    of the right size (the checker needs only dtype and dims)."""
+    for t in io.all_tensors(light):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if base is None:
+            raise InputError(f"tensor {t.name!r} is external data, and the folder it lives in is unknown")
+        small = math.prod(t.dims) <= shapes.SMALL
+        try:
+            raw = io.external_bytes(t, base) if small else bytes(io.stored_bytes(t) or 0)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read external data ({one_line(e)})") from None
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
 
 
 def _bad_text(message, path: str = "model") -> str | None:

@@ -4,29 +4,54 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import click
 
 from lc_onnx import api, io
 from lc_onnx import bench as bench_mod
-from lc_onnx.errors import LcOnnxError, one_line
+from lc_onnx.errors import InputError, LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
 from passes import NODE_RULES, RULES, rule_names
 
 TOL_HELP = f"Largest |slope - 1| that still counts as the identity (default {api.DEFAULT_TOL:g})."
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp files) runs; a KeyboardInterrupt, so that
+    no `except Exception` on the way swallows it."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def _handle_errors(fn):
-    """A user-facing error is one line on stderr and an exit code; --debug shows the traceback."""
+    """A user-facing error is one line on stderr and an exit code; --debug shows the traceback. Ctrl-C exits
+    130 and SIGTERM 143, both after the temp files are gone; numpy's RuntimeWarnings are not printed."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            before = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            before = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            if debug:
+                traceback.print_exc()
+            terminated = isinstance(e, _Terminated)
+            click.echo(f"error: {'terminated' if terminated else 'interrupted'}", err=True)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except LcOnnxError as e:
             if debug:
                 traceback.print_exc()
@@ -38,6 +63,9 @@ def _handle_errors(fn):
             click.echo(f"internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
                        err=True)
             sys.exit(3)
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGTERM, before)
 
     wrapper = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
     return wrapper
@@ -82,6 +110,11 @@ class _Progress:
             click.echo(f"{self._when()} done", err=True)
 
 
+def _limit(option: str, value: float | None) -> None:
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise InputError(f"{option} {value}: must be a finite number >= 0")
+
+
 def _skip_option(fn):
     return click.option(
         "--skip", "skip", multiple=True, metavar="RULE", type=click.Choice(rule_names()),
@@ -100,8 +133,8 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write (default MODEL.lc.onnx).")
 @click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True, help=TOL_HELP)
 @click.option("--rtol", type=float, default=None,
-              help="Largest relative L2 error allowed per output "
-                   "(default: the larger of --tol and 1e-4; 1e-2 for float16).")
+              help="Largest relative L2 error allowed per output (default: the largest |slope - 1| taken "
+                   "as 1, at least 1e-4 (1e-2 for float16) and at most 1e-2).")
 @click.option("--atol", type=float, default=None,
               help="An output also passes when no element moves more than this (default 1e-5; 1e-3 for float16).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime comparison.")
@@ -120,15 +153,30 @@ def main() -> None:
 def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
              external_data, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
+    for option, value in (("--tol", tol), ("--rtol", rtol), ("--atol", atol)):
+        _limit(option, value)
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be >= 0")
     output = output or io.default_output(model)
-    if output.resolve() == Path(model).resolve() and not overwrite:
-        raise io.InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
+    in_place = io.same_file(output, Path(model))
+    if in_place and not overwrite:
+        raise InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
+    # every path to be written is checked before any work; none may be a file the input reads
+    io.check_target(output, "-o")
+    writes = [] if in_place else [output, io.data_path(output)]
+    if report_path:
+        io.check_target(report_path, "--report")
+        if any(io.same_file(report_path, w) for w in [output, io.data_path(output)]):
+            raise InputError(f"--report {report_path}: is the output model or its data file")
+        if inputs_path and io.same_file(report_path, inputs_path):
+            raise InputError(f"--report {report_path}: is the --inputs file")
+        writes.append(report_path)
     given = load_inputs(inputs_path) if inputs_path else None
     shapes = parse_shapes(input_shape)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     result = api.optimize(
         model, tol=tol, rtol=rtol, atol=atol, validate=not no_validate, skip=tuple(skip),
-        input_shapes=shapes, inputs=given, seed=seed, progress=progress,
+        input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
     )
     progress("writing")
     # the input's layout is kept: external data in, external data out (and always past 2 GB)
@@ -151,6 +199,7 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
 def inspect(model, tol, as_json, skip) -> None:
     """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not;
     then the single nodes a node rule would change."""
+    _limit("--tol", tol)
     found = api.inspect(model, tol=tol, skip=tuple(skip))
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in found], indent=2))
@@ -191,6 +240,12 @@ def inspect(model, tol, as_json, skip) -> None:
 def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, json_path, quiet) -> None:
     """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
     median, p10, p90 and the speedup against the first model."""
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch {batch}: must be at least 1")
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be >= 0")
+    if json_path:
+        io.check_target(json_path, "--json")
     given = load_inputs(inputs_path) if inputs_path else None
     show = not quiet and sys.stderr.isatty()
     with click.progressbar(length=runs, label="timing", file=sys.stderr if show else None,

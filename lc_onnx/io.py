@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from lc_onnx.errors import InputError, one_line
 
@@ -37,20 +37,23 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
         raise InputError(f"{p}: not a readable ONNX model ({one_line(e)})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputError(f"{p}: the file holds no ONNX graph")
-    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    external = [t for t in all_tensors(model) if uses_external_data(t)]
     base = p.parent.resolve()
     try:
-        if external and load_weights:
-            load_external_data_for_model(model, str(base))
-        for t in [] if load_weights else external:
-            _external_span(t, base)
-    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        for t in external:  # every external tensor, Constant nodes and subgraphs too, through one resolver
+            if load_weights:
+                _inline(t, base)
+            else:
+                _external_span(t, base)
+    except (OSError, ValueError) as e:
         raise InputError(f"{p}: cannot read its external data ({one_line(e)})") from None
     return model, bool(external)
 
 
-def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int | None]:
-    """(file, offset, length) of an external tensor, refusing files outside `base` (path traversal)."""
+def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor: the one place external data is resolved, always
+    against the model's folder `base` (never the cwd), refusing files outside it (`..`, absolute paths,
+    symlinks out) and spans that do not fit the tensor's dims or the file."""
     info = {kv.key: kv.value for kv in t.external_data}
     location = info.get("location", "")
     target = (base / location).resolve()
@@ -58,11 +61,79 @@ def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int | No
         raise ValueError(f"tensor {t.name}: external data location {location!r} points outside {base}")
     if not target.is_file():
         raise ValueError(f"tensor {t.name}: external data file {location!r} is missing")
-    offset, length = int(info.get("offset", 0)), info.get("length")
-    length = int(length) if length is not None else None
-    if offset + (length or 0) > target.stat().st_size:
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ValueError(f"tensor {t.name}: external data offset or length is not a number") from None
+    expected = stored_bytes(t)
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"tensor {t.name}: negative external data offset or length")
+    if length is None:  # optional in the spec: the dims say how much to read
+        length = expected if expected is not None else target.stat().st_size - offset
+    elif expected is not None and length != expected:
+        raise ValueError(f"tensor {t.name}: external data length {length} does not fit dims {list(t.dims)} "
+                         f"({expected} bytes)")
+    if offset + length > target.stat().st_size:
         raise ValueError(f"tensor {t.name}: external data runs past the end of {location!r}")
     return target, offset, length
+
+
+def stored_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's dims and dtype call for in raw form; None for strings and unknown types."""
+    count = math.prod(t.dims)
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    itemsize = stored_itemsize(t.data_type)
+    return None if itemsize is None else count * itemsize
+
+
+def _inline(t: onnx.TensorProto, base: Path) -> None:
+    """Read an external tensor's bytes into it."""
+    t.raw_data = external_bytes(t, base)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+
+
+def files_read(path: Path, model: onnx.ModelProto) -> set[Path]:
+    """The model file and every external data file it points at, resolved: what no write may land on."""
+    base = path.parent.resolve()
+    return {path.resolve()} | {_external_span(t, base)[0] for t in all_tensors(model) if uses_external_data(t)}
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (symlinks and hard links included)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def refuse_overlap(reads: set[Path], writes) -> None:
+    """InputError when a path to be written is a file the input reads: writing it would destroy the input."""
+    for w in writes:
+        for r in reads:
+            if same_file(w, r):
+                raise InputError(f"{w}: the input reads this file ({r.name}); writing it would destroy the "
+                                 f"input: choose another path")
+
+
+def check_target(path: Path, what: str) -> None:
+    """Refuse, before any work, a path that cannot be written: a directory, a missing or read-only folder."""
+    if path.is_dir():
+        raise InputError(f"{what} {path}: is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{what} {path}: folder {folder} is not writable")
+
+
+def data_path(path: Path) -> Path:
+    """Where `save` puts the weights of a model written with external data."""
+    return path.with_name(f"{path.name}.data")
 
 
 def external_bytes(t: onnx.TensorProto, base: Path) -> bytes:
@@ -91,25 +162,27 @@ class ExternalValues(gs.ir.tensor.LazyValues):
 
 
 def attach_external(graph: gs.Graph, base: Path) -> None:
-    """Point every constant of `graph` whose data is external at the files in `base`."""
+    """Point every constant of `graph` whose data is external at the files in `base`: initializers and
+    Constant-node values, in subgraphs too (graphsurgeon's own loader would read them from the cwd)."""
     for g in [graph, *graph.subgraphs(recursive=True)]:
-        for t in g.tensors().values():
+        values = [v for n in g.nodes for v in n.attrs.values() if isinstance(v, gs.Constant)]
+        for t in list(g.tensors().values()) + values:
             lazy = getattr(t, "_values", None)
             if isinstance(lazy, gs.ir.tensor.LazyValues) and uses_external_data(lazy.tensor):
                 t._values = ExternalValues(lazy.tensor, base)
 
 
 def has_external(model: onnx.ModelProto) -> bool:
-    return any(uses_external_data(t) for t in _all_tensors(model))
+    return any(uses_external_data(t) for t in all_tensors(model))
 
 
 def external_size(model: onnx.ModelProto) -> int:
     """Bytes of weights that live outside the protobuf."""
     total = 0
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if uses_external_data(t):
             info = {kv.key: kv.value for kv in t.external_data}
-            total += int(info.get("length", 0))
+            total += int(info["length"]) if "length" in info else stored_bytes(t) or 0
     return total
 
 
@@ -219,11 +292,16 @@ def _temp(folder: Path, name: str, temps: list[str]) -> str:
 def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_name: str,
                  source: Path | None, progress: Callable[[int, int], None] | None = None) -> int:
     """The main graph's large initializers to `data_path` one at a time, and a model that points at them
-    under `data_name`; no second copy of the weights is made. Returns the bytes of external data."""
+    under `data_name`; no second copy of the weights is made. External tensors elsewhere (Constant nodes,
+    subgraphs) move into the same file, so the output never points back at the input's files. Returns the
+    bytes of external data."""
     shell = onnx.ModelProto()
     shell.CopyFrom(_without_initializers(model))
     total = len(model.graph.initializer)
     with open(data_path, "wb") as data:
+        for t in all_tensors(shell):  # main-graph initializers are not in the shell yet
+            if uses_external_data(t):
+                _store(t, _raw_bytes(t, source), data, data_name)
         for i, t in enumerate(model.graph.initializer):
             if progress:
                 progress(i, total)
@@ -234,17 +312,28 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
                 continue
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            offset = data.tell()
-            data.write(raw)
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                stub.external_data.add(key=key, value=value)
+            _store(stub, raw, data, data_name)
         written = data.tell()
     if progress:
         progress(total, total)
     with open(model_path, "wb") as f:
         f.write(shell.SerializeToString())
     return written
+
+
+def _store(t: onnx.TensorProto, raw: bytes, data, data_name: str) -> None:
+    """Make `t` hold `raw`: inline when small, else appended to the open data file and pointed at."""
+    del t.external_data[:]
+    t.ClearField("raw_data")
+    if len(raw) < EXTERNAL_THRESHOLD:
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
+        return
+    t.data_location = onnx.TensorProto.EXTERNAL
+    offset = data.tell()
+    data.write(raw)
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+        t.external_data.add(key=key, value=value)
 
 
 def _raw_bytes(t: onnx.TensorProto, source: Path | None) -> bytes | None:
@@ -283,7 +372,8 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, fd.name, getattr(src, fd.name))
 
 
-def _all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and tensor attributes, in every subgraph."""
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)

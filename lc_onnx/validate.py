@@ -6,6 +6,8 @@ import ctypes
 import gc
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,12 @@ from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.io import PROTOBUF_LIMIT
 
 DYNAMIC_DIM = 2  # size given to a dimension the model leaves open
+INT_HIGH = 8  # random integers are drawn in [0, INT_HIGH) unless they index a table
+RTOL_CAP = 1e-2  # the default rtol never allows more than this
+
+# ONNX Runtime prints its own coloured error lines on stderr beside ours (a failing kernel, a model it cannot
+# load): only fatal ones, before any session exists
+ort.set_default_logger_severity(4)
 
 
 def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -30,8 +38,10 @@ def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
             if not sep or not name:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.split(",")]
+            if any(d < 1 for d in shapes[name]):
+                raise ValueError
         except ValueError:
-            raise InputError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with integer dims") from None
+            raise InputError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with positive integer dims") from None
     return shapes
 
 
@@ -46,17 +56,33 @@ def make_inputs(
     given: dict[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input: floats ~ N(0,1), integers in [0, 8), open dims of size 2."""
+    """Seeded inputs for every graph input (see `draw_inputs`)."""
+    return draw_inputs(model, shapes, given, seed)[0]
+
+
+def draw_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, list[int]] | None = None,
+    given: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Seeded inputs for every graph input, and what was drawn for each: floats ~ N(0,1), masks (a name
+    ending in `mask`) all ones, integers that index a constant table (a Gather's indices) below its size,
+    other integers in [0, 8); open dims of size 2. Values real models accept: OPT's position ids come from
+    the cumulative attention mask and overrun their table on random masks."""
     shapes, given = shapes or {}, given or {}
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds, drawn = {}, {}
     names = [i.name for i in _graph_inputs(model)]
     for name in list(shapes) + list(given):
         if name not in names:
             raise InputError(f"the model has no input {name!r}; its inputs are {', '.join(names)}")
+    tables = _index_tables(model)
     for vi in _graph_inputs(model):
         if vi.name in given:
-            feeds[vi.name] = given[vi.name]
+            feeds[vi.name], drawn[vi.name] = given[vi.name], "given"
             continue
         ttype = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
@@ -66,23 +92,55 @@ def make_inputs(
             shape = shapes[vi.name]
         else:
             shape = [d.dim_value if d.HasField("dim_value") else DYNAMIC_DIM for d in ttype.shape.dim]
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        numeric = dtype == np.bool_ or np.issubdtype(dtype, np.number)
+        if numeric and vi.name.lower().endswith("mask"):
+            feeds[vi.name], drawn[vi.name] = np.ones(shape, dtype), "ones (a mask)"
+        elif np.issubdtype(dtype, np.floating):
+            feeds[vi.name], drawn[vi.name] = rng.standard_normal(shape).astype(dtype), "N(0, 1)"
         elif dtype == np.bool_:
-            feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
+            feeds[vi.name], drawn[vi.name] = rng.integers(0, 2, shape).astype(bool), "booleans"
         elif np.issubdtype(dtype, np.integer):
-            feeds[vi.name] = rng.integers(0, 8, shape).astype(dtype)
+            high, table = tables.get(vi.name, (INT_HIGH, None))
+            feeds[vi.name] = rng.integers(0, high, shape).astype(dtype)
+            drawn[vi.name] = f"integers in [0, {high})" + (f" (indices into {table!r})" if table else "")
         else:
             raise InputError(f"input {vi.name!r} has dtype {dtype}; give it with --inputs")
-    return feeds
+    return feeds, drawn
+
+
+def _index_tables(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
+    """Graph input -> (size, name) of the smallest constant table a Gather indexes with it (an embedding)."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            dims[n.output[0]] = list(n.attribute[0].t.dims)
+    inputs = {i.name for i in _graph_inputs(model)}
+    found: dict[str, tuple[int, str]] = {}
+    for n in model.graph.node:
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        data, indices = n.input[0], n.input[1]
+        if indices not in inputs or data not in dims or not dims[data]:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        shape = dims[data]
+        if not -len(shape) <= axis < len(shape) or shape[axis] < 1:
+            continue
+        size = shape[axis]
+        if indices not in found or size < found[indices][0]:
+            found[indices] = (size, data)
+    return found
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, by name; InputError for anything else (a .npy, an empty or cut file)."""
     try:
+        with zipfile.ZipFile(path) as z:  # np.load would take a .npy or a pickle as well
+            z.testzip()
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"--inputs {path}: not a readable .npz file ({one_line(e)})") from None
 
 
 def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, threads: int = 0,
@@ -94,7 +152,7 @@ def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, t
     so = ort.SessionOptions()
     so.graph_optimization_level = opt_level
     so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors come back as exceptions, said once by us
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
@@ -121,6 +179,7 @@ class Validation:
     atol: float
     outputs: list[OutputError] = field(default_factory=list)
     inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
+    drawn: dict[str, str] = field(default_factory=dict)  # name -> what its values are (see draw_inputs)
 
     @property
     def passed(self) -> bool:
@@ -128,7 +187,7 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"rtol": self.rtol, "atol": self.atol, "passed": self.passed, "inputs": self.inputs,
-                "outputs": [asdict(o) for o in self.outputs]}
+                "drawn": self.drawn, "outputs": [asdict(o) for o in self.outputs]}
 
 
 def _half(model: onnx.ModelProto) -> bool:
@@ -136,10 +195,14 @@ def _half(model: onnx.ModelProto) -> bool:
                for o in model.graph.output)
 
 
-def default_rtol(model: onnx.ModelProto, tol: float) -> float:
-    """1e-4 for float32/64 outputs (1e-2 for float16, which rounds differently once two layers are one),
-    or `tol` if larger: a slope up to `tol` from 1 taken as the identity moves outputs by about that much."""
-    return max(1e-2 if _half(model) else 1e-4, tol)
+def default_rtol(model: onnx.ModelProto, rewrites: list) -> float:
+    """1e-4 for float32/64 outputs (1e-2 for float16, which rounds differently once two layers are one), or
+    the largest |1 - slope| a rewrite took as the identity if larger (such a block's error is
+    W_B·(α−1)·min(0, h): about that fraction of its output), but never above 1e-2: what was rewritten sets
+    the bound, not --tol, which a user may set far too wide."""
+    off = max((max(abs(1 - lo), abs(1 - hi)) for r in rewrites
+               if r.error_coefficient > 0 and r.slope_range for lo, hi in [r.slope_range]), default=0.0)
+    return min(RTOL_CAP, max(1e-2 if _half(model) else 1e-4, off))
 
 
 def default_atol(model: onnx.ModelProto) -> float:
