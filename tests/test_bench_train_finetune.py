@@ -1,0 +1,58 @@
+"""Smoke test of benchmarks/train_finetune.py at its --quick sizes: pretrain with GELU, prepare from example
+inputs, fine-tune with λ=1, and every block collapses, in torch and through `lc_onnx.optimize` alike."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_finetune.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits(bench):
+    return bench.data(0)
+
+
+@pytest.mark.parametrize("model", ["deep MLP (3 blocks)", "HF ViT (1 layer)"])
+def test_quick_lc_finetune_collapses_every_block(bench, digits, model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q = bench.QUICK
+        gelu, lc = bench.run_model(bench.QUICK_MODELS[model], *digits, seed=0, pre_epochs=q["pre_epochs"],
+                                   ft_epochs=q["ft_epochs"], lambdas=[1.0], runs=2, slope_lr=q["slope_lr"],
+                                   log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    blocks = 3 if "MLP" in model else 1
+    assert gelu["variant"] == "GELU fine-tune" and "lam" not in gelu
+    # prepare found every MLP block from the recorded forward pass, and λ=1 carried each slope near 1
+    assert lc["sites"] == blocks and lc["collapsed"] == blocks
+    assert all(abs(s - 1) <= bench.THRESHOLD for s in lc["slopes"].values())
+    assert lc["params_after"] < lc["params"]
+    # the fine-tune learned something and the collapse cost at most a few test images (540 in all)
+    assert lc["acc"] > 50 and abs(lc["acc"] - lc["acc_after"]) < 2
+    o = lc["onnx"]
+    assert o["validation"] == "passed" and o["chains"] == blocks
+    assert o["rel_vs_torch"] < 1e-5 and abs(o["acc"] - lc["acc_after"]) < 0.2
+    assert len(o["ms"]) == 3 and all(t > 0 for t in o["ms"])
+    # the Figure-4 curve: one point per number of blocks collapsed, ending at the collapse of all of them
+    assert len(lc["curve"]) == blocks + 1 and lc["curve"][0] == pytest.approx(lc["acc"])
+    assert lc["curve"][-1] == pytest.approx(lc["acc_after"])
