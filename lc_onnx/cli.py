@@ -168,9 +168,9 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
         io.check_target(report_path, "--report")
         if any(io.same_file(report_path, w) for w in [output, io.data_path(output)]):
             raise InputError(f"--report {report_path}: is the output model or its data file")
-        if inputs_path and io.same_file(report_path, inputs_path):
-            raise InputError(f"--report {report_path}: is the --inputs file")
         writes.append(report_path)
+    if inputs_path:
+        io.refuse_overlap({inputs_path}, writes)
     given = load_inputs(inputs_path) if inputs_path else None
     shapes = parse_shapes(input_shape)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())

@@ -154,6 +154,8 @@ def test_item3_one_resolver_reads_every_external_tensor(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     model = io.load(src)  # weights loaded: through lc_onnx's resolver, relative to the model's folder
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in io.all_tensors(model))
+    with pytest.raises(lc_onnx.InputError, match="pass its path"):  # a bare ModelProto has no folder to read from
+        lc_onnx.optimize(onnx.load(src, load_external_data=False))
     edit_external(src, lambda t, info: info.update(location="../m.onnx.data"))
     with pytest.raises(lc_onnx.InputError, match="outside"):
         io.load(src)
