@@ -79,6 +79,10 @@ def _import(src: _Input) -> tuple[gs.Graph, list]:
         raise InputError(f"the graph cannot be read ({one_line(e)})") from None
     if src.source is not None:
         io.attach_external(graph, src.source)
+    # graphsurgeon leaves initializers that are also graph inputs out of the inputs: put them back, so the
+    # output keeps them and the passes see them as defaults a caller may override (IR >= 4), not constants
+    tensors = graph.tensors()
+    graph.inputs = [tensors[i.name] for i in src.model.graph.input if i.name in tensors]
     return graph, shapes.annotate(graph, shapes.infer(light))
 
 

@@ -11,14 +11,21 @@ from passes.cost import ChainCost, chain_cost
 from passes.linear import LinearLayer, read_linear_ending_at, read_linear_starting_at
 from passes.match import (
     const_value,
+    is_const,
+    is_default,
     is_explicit_shape,
     is_inference_dropout,
     is_op,
     only_feeds,
     producer,
+    slope_problem,
 )
 
 MAX_WALK = 16  # nodes between two layers; real exports have at most a handful
+# elementwise ops an exported activation is written with (Gelu's erf and tanh forms, x·Sigmoid(x) for Swish)
+ELEMENTWISE = ("Relu", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Swish", "Tanh", "Erf", "Softplus", "Mish",
+               "Elu", "Selu", "Celu", "Clip", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt")
+NOT_LINEAR = "activation {} is not linear; fine-tune with lc_onnx.train to make it collapsible"
 
 
 @dataclass
@@ -32,10 +39,19 @@ class Chain:
     slopes: np.ndarray | None  # float64 slope values of the activation
     # Shape nodes outside the chain that read a chain tensor, with a surviving tensor holding that shape
     shape_readers: list[tuple[gs.Node, gs.Tensor]] = field(default_factory=list)
+    folded: tuple[np.ndarray, np.ndarray | None] | None = None  # the fused weight and bias, once computed
 
     @property
     def names(self) -> list[str]:
         return self.first.names + [n.name for n in self.between] + self.second.names
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.first.nodes + self.between + self.second.nodes
+
+    def load(self) -> str | None:
+        """Read both weights (a rule is about to use them); why they cannot be used, or None."""
+        return self.first.load() or self.second.load()
 
     def rewire_shape_readers(self) -> None:
         """Point the Shape readers at their surviving tensors, so the chain's nodes can die."""
@@ -83,6 +99,8 @@ def _slopes(act: gs.Node) -> np.ndarray | str:
     """The slope values, flat, in float64."""
     if is_op(act, "LeakyRelu"):
         return np.array([float(act.attrs.get("alpha", 0.01))])
+    if is_default(act.inputs[1]):
+        return f"slope of {act.name} is a graph input with a default (the caller may override it)"
     value = const_value(act.inputs[1])
     if value is None:
         return f"slope of {act.name} is not a constant"
@@ -112,7 +130,9 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         return None
 
     first = read_linear_ending_at(tensor, graph_outputs)
-    if first is None or (isinstance(first, str) and activation is None):
+    if first is None:
+        return _nonlinear_block(tensor, between, node, graph_outputs)
+    if isinstance(first, str) and activation is None:
         return None
     if isinstance(first, str):
         return Reject([n.name for n in between] + [node.name], first)
@@ -127,6 +147,10 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         slopes = _slopes(activation)
         if isinstance(slopes, str):
             return Reject(names, slopes, None, shape)
+        if is_op(activation, "PRelu"):
+            bad_shape = slope_problem(activation, first.d_out)
+            if bad_shape:
+                return Reject(names, bad_shape, None, shape)
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
             return Reject(names, f"slope of {activation.name} holds NaN or inf", srange, shape)
@@ -208,3 +232,45 @@ def _stated_shape(tensor: gs.Tensor, between: list[gs.Node]) -> gs.Tensor | None
         if is_op(node, "Reshape"):
             return node.inputs[1] if is_explicit_shape(node.inputs[1]) else None
     return None
+
+
+def _nonlinear_block(tensor: gs.Tensor, between: list[gs.Node], node: gs.Node,
+                     graph_outputs: set[str]) -> Reject | None:
+    """`linear → activation → linear` where the activation (Gelu, Swish, Relu, ...) is not linear: not a chain
+    any rule takes, but listed with the reason, so a model of such blocks is not reported as having none.
+    The activation is the elementwise nodes computing `tensor` from one layer's output (and constants)."""
+    nodes, sources, todo = [], [], [tensor]
+    while todo:
+        t = todo.pop()
+        p = producer(t)
+        if is_const(t) or any(t is s for s in sources):
+            continue
+        if p is None or not is_op(p, *ELEMENTWISE) or read_linear_ending_at(t, graph_outputs) is not None:
+            sources.append(t)
+        elif not any(p is n for n in nodes):
+            nodes.append(p)
+            todo += list(p.inputs)
+        if len(sources) > 1 or len(nodes) > MAX_WALK:
+            return None
+    first = read_linear_ending_at(sources[0], graph_outputs) if nodes and sources else None
+    second = read_linear_starting_at(node, graph_outputs)
+    if not isinstance(first, LinearLayer) or not isinstance(second, LinearLayer):
+        return None
+    nodes.reverse()  # in graph order, roughly: the walk went back from the second layer
+    names = first.names + [n.name for n in nodes + between] + second.names
+    return Reject(names, NOT_LINEAR.format(_activation_name(nodes)), None, (first.d_in, first.d_out, second.d_out))
+
+
+def _activation_name(nodes: list[gs.Node]) -> str:
+    ops = {n.op for n in nodes}
+    if len(ops) == 1:
+        return nodes[0].op
+    if "Erf" in ops or {"Tanh", "Pow"} <= ops:
+        return "Gelu"  # x·0.5·(1 + erf(x/√2)), or its tanh approximation
+    if {"Softplus", "Tanh"} <= ops:
+        return "Mish"
+    if ops == {"Sigmoid", "Mul"}:
+        return "Swish"
+    if ops == {"HardSigmoid", "Mul"}:
+        return "HardSwish"
+    return "+".join(sorted(ops))

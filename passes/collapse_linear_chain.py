@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -31,17 +33,43 @@ def fold(a: LinearLayer, wb: np.ndarray) -> np.ndarray:
     return out
 
 
-def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
+def _fuse(chain: Chain) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fused weight (in the model's dtype) and bias (float64)."""
     a, b = chain.first, chain.second
     wb = b.weight  # float64
-    weight = fold(a, wb)
     bias = None
     if a.bias is not None or b.bias is not None:
         bias = np.zeros(b.d_out) if b.bias is None else b.bias.copy()
         if a.bias is not None:
             bias += a.bias @ wb
+    return fold(a, wb), bias
+
+
+def verify(chain: Chain) -> str | None:
+    """The fused weight and bias must be finite in the model's dtype (float16 ends at 65504). Where the
+    largest possible entry, h·max|W_A|·max|W_B| (and likewise for the bias), fits, no product is needed."""
+    a, b = chain.first, chain.second
+    top = float(np.finfo(a.dtype).max)
+    wb = float(np.abs(b.w).max(initial=0)) * abs(b.scale)
+    bound = a.d_out * float(np.abs(a.w).max(initial=0)) * abs(a.scale) * wb
+    if a.bias is not None:
+        bound = max(bound, a.d_out * float(np.abs(a.bias).max(initial=0)) * wb)
+    if b.bias is not None:
+        bound += float(np.abs(b.bias).max(initial=0))
+    if bound < top / 2:
+        return None
+    with np.errstate(over="ignore"):  # an overflow is the answer here, not a warning
+        chain.folded = weight, bias = _fuse(chain)
+        if np.isfinite(weight).all() and (bias is None or np.isfinite(bias.astype(a.dtype)).all()):
+            return None
+    return f"the fused weight or bias overflows {a.dtype} (beyond ±{top:g}, it would be inf)"
+
+
+def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
+    a, b = chain.first, chain.second
+    weight, bias = chain.folded or _fuse(chain)
     chain.rewire_shape_readers()
-    base = b.nodes[0].name.removesuffix("_collapsed") + "_collapsed"
+    base = re.sub(r"_collapsed(_\d+)?$", "", b.nodes[0].name) + "_collapsed"  # not _collapsed_1_collapsed..
     write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2, bias_first=b.bias_first)
     cost = chain.cost
     return Rewrite(
@@ -58,5 +86,6 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
 
 
 RULE = Rule(
-    NAME, "fuse two linear layers joined by a (nearly) linear activation into one", check, rewrite, folds_weights=True
+    NAME, "fuse two linear layers joined by a (nearly) linear activation into one", check, rewrite, folds_weights=True,
+    verify=verify,
 )

@@ -1,7 +1,8 @@
 """A linear layer `y = x·W + b` read from `Gemm` or `MatMul(+Add)`, and written back.
 
-The weight stays as stored (its own dtype, a transposed view for Gemm's transB): a float64 copy of every
-candidate's weight would cost 2x its size each time a sweep looks at it. `weight` makes one on demand."""
+The weight stays where it is stored until a rule that fires needs it (`load`): matching reads only its shape
+and dtype, so a chain that is left never reads its weights, and one that folds reads each once. It is kept
+in its own dtype (a transposed view for Gemm's transB); `weight` makes a float64 copy on demand."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.match import const_value, is_const, is_empty, is_op, producer, rank_of
+from passes.match import const_value, constant, is_const, is_default, is_empty, is_op, producer, rank_of, read
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -22,13 +23,31 @@ class LinearLayer:
     nodes: list[gs.Node]
     x: gs.Tensor
     y: gs.Tensor
-    w: np.ndarray  # as stored, (d_in, d_out); the layer's weight is scale·w
+    source: gs.Constant  # the stored weight, not read until `load`; the layer's weight is scale·w
+    transposed: bool  # stored as (d_out, d_in): Gemm's transB
     bias: np.ndarray | None  # float64, (d_out,)
     dtype: np.dtype
     x_rank: int | None
     internal: list[gs.Tensor] = field(default_factory=list)  # tensors between its nodes
     bias_first: bool = False  # Add(bias, x), as torch's legacy exporter writes it
     scale: float = 1.0  # Gemm's alpha
+    _w: np.ndarray | None = field(default=None, repr=False)
+
+    def load(self) -> str | None:
+        """Read the weight (once for this layer) and say why it cannot be used, or None."""
+        if self._w is None:
+            value = read(self.source)
+            self._w = value.T if self.transposed else value
+        if not np.isfinite(self._w).all():
+            return f"weight of {self.nodes[0].name} holds NaN or inf"
+        return None
+
+    @property
+    def w(self) -> np.ndarray:
+        """The weight as stored, (d_in, d_out); read on first use."""
+        if self._w is None:
+            self.load()
+        return self._w
 
     @property
     def weight(self) -> np.ndarray:
@@ -43,36 +62,47 @@ class LinearLayer:
 
     @property
     def d_in(self) -> int:
-        return self.w.shape[0]
+        return self.source.shape[1 if self.transposed else 0]
 
     @property
     def d_out(self) -> int:
-        return self.w.shape[1]
+        return self.source.shape[0 if self.transposed else 1]
 
     @property
     def params(self) -> int:
-        return self.w.size + (0 if self.bias is None else self.bias.size)
+        return self.d_in * self.d_out + (0 if self.bias is None else self.bias.size)
 
     @property
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
 
-def _weight(tensor: gs.Tensor, owner: gs.Node) -> np.ndarray | str:
-    value = const_value(tensor)
-    if value is None:
+def _weight(tensor: gs.Tensor, owner: gs.Node) -> gs.Constant | str:
+    """The weight's constant, checked by its shape and dtype only (its values are read when it is folded)."""
+    if is_default(tensor):
+        return f"weight of {owner.name} is a graph input with a default (the caller may override it)"
+    c = constant(tensor)
+    if c is None:
         return f"weight of {owner.name} is not a constant (graph input or computed)"
-    if value.ndim != 2:
-        return f"weight of {owner.name} has rank {value.ndim}, not 2"
-    if value.dtype not in FLOAT_DTYPES:
-        return f"weight of {owner.name} has dtype {value.dtype}, not float16/32/64"
-    if not np.isfinite(value).all():
-        return f"weight of {owner.name} holds NaN or inf"
-    return value
+    if len(c.shape) != 2:
+        return f"weight of {owner.name} has rank {len(c.shape)}, not 2"
+    if _dtype(c) not in FLOAT_DTYPES:
+        return f"weight of {owner.name} has dtype {c.dtype}, not float16/32/64"
+    return c
 
 
-def _bias(value: np.ndarray | None, d_out: int, out_rank: int | None, owner: gs.Node) -> np.ndarray | str:
+def _dtype(c: gs.Constant) -> np.dtype | None:
+    try:
+        return np.dtype(c.dtype)
+    except TypeError:  # an ONNX type numpy has no name for (bfloat16, float8)
+        return None
+
+
+def _bias(tensor: gs.Tensor, d_out: int, out_rank: int | None, owner: gs.Node) -> np.ndarray | str:
     """A bias that adds the same vector to every row and does not raise the output's rank."""
+    if is_default(tensor):
+        return f"bias of {owner.name} is a graph input with a default (the caller may override it)"
+    value = const_value(tensor)
     if value is None:
         return f"bias of {owner.name} is not a constant"
     if not np.isfinite(value).all():
@@ -93,14 +123,14 @@ def read_gemm(node: gs.Node) -> LinearLayer | str:
         return w
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
-    weight = w.T if node.attrs.get("transB", 0) else w
+    trans = bool(node.attrs.get("transB", 0))
     bias = None
     if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
-        bias = _bias(const_value(node.inputs[2]), weight.shape[1], 2, node)
+        bias = _bias(node.inputs[2], w.shape[0 if trans else 1], 2, node)
         if isinstance(bias, str):
             return bias
         bias = beta * bias
-    return LinearLayer([node], node.inputs[0], node.outputs[0], weight, bias, w.dtype, 2, scale=alpha)
+    return LinearLayer([node], node.inputs[0], node.outputs[0], w, trans, bias, _dtype(w), 2, scale=alpha)
 
 
 def _bias_add(tensor: gs.Tensor, graph_outputs: set[str]) -> tuple[gs.Node, gs.Tensor] | None:
@@ -120,11 +150,11 @@ def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True) 
     if isinstance(w, str):
         return w
     x, y = node.inputs[0], node.outputs[0]
-    layer = LinearLayer([node], x, y, w, None, w.dtype, rank_of(x))
+    layer = LinearLayer([node], x, y, w, False, None, _dtype(w), rank_of(x))
     found = _bias_add(y, graph_outputs) if with_bias else None
     if found is not None:
         add, b = found
-        bias = _bias(const_value(b), layer.d_out, layer.x_rank, add)
+        bias = _bias(b, layer.d_out, layer.x_rank, add)
         if isinstance(bias, str):
             return layer  # not a bias: the layer ends at the MatMul and the Add stays
         layer.nodes.append(add)
@@ -154,6 +184,8 @@ def read_linear_ending_at(tensor: gs.Tensor, graph_outputs: set[str]) -> LinearL
     if is_op(node, "Add") and len(node.inputs) == 2:
         for data, other in (node.inputs, node.inputs[::-1]):
             mm = producer(data)
+            if mm is not None and is_op(mm, "MatMul") and is_default(other):
+                return f"bias of {node.name} is a graph input with a default (the caller may override it)"
             if mm is not None and is_op(mm, "MatMul") and is_const(other):
                 layer = read_matmul(mm, graph_outputs)
                 if isinstance(layer, str) or layer.y is tensor:

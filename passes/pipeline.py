@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -9,11 +10,10 @@ import onnx_graphsurgeon as gs
 
 from passes.chain import Chain, Reject, find_chain, next_layer_node
 from passes.cost import later_pair_first_is_cheaper
-from passes.linear import Names
+from passes.linear import LinearLayer, Names, read_linear_ending_at
+from passes.match import one_run, producer
 from passes.registry import active_node_rules, active_rules
 from passes.rule import NodeRule, Rewrite, Rule
-
-MAX_SWEEPS = 1_000  # a guard: each sweep that fires removes nodes, so the loop ends long before this
 
 
 @dataclass
@@ -36,21 +36,43 @@ class PassResult:
     skipped: list[Candidate] = field(default_factory=list)
 
 
+class _Refused:
+    """Chains a rule found unusable once their weights were read (NaN or inf, a fold that overflows), by their
+    layers' first nodes, so that later looks in the run need not read those weights again."""
+
+    def __init__(self):
+        self.seen: dict[tuple[int, int], tuple[gs.Node, gs.Node, str]] = {}
+
+    @staticmethod
+    def _key(chain: Chain) -> tuple[int, int]:
+        return id(chain.first.nodes[0]), id(chain.second.nodes[0])
+
+    def get(self, chain: Chain) -> str | None:
+        found = self.seen.get(self._key(chain))
+        return None if found is None else found[2]
+
+    def add(self, chain: Chain, reason: str) -> None:
+        self.seen[self._key(chain)] = (chain.first.nodes[0], chain.second.nodes[0], reason)
+
+
 def _graphs(graph: gs.Graph) -> list[tuple[str, gs.Graph]]:
     return [("", graph)] + [(g.name or "subgraph", g) for g in graph.subgraphs(recursive=True)]
 
 
 
 def _decide(
-    node: gs.Node, rules: list[Rule], outputs: set[str], tol: float
+    node: gs.Node, rules: list[Rule], outputs: set[str], tol: float, refused: _Refused
 ) -> tuple[Rule | None, Candidate | None, Chain | None]:
-    """The chain ending at `node` (read once) and the first rule that fires on it, or why none does."""
+    """The chain ending at `node` and the first rule that would fire on it, or why none does. The weights are
+    not read here (see `_admit`)."""
     found = find_chain(node, outputs, tol)
     if found is None:
         return None, None, None
     if isinstance(found, Reject):
         return None, Candidate(found.names, found.slope_range, None, found.reason, found.shape), None
     shape = (found.first.d_in, found.first.d_out, found.second.d_out)
+    if refused.get(found):
+        return None, Candidate(found.names, found.slope_range, None, refused.get(found), shape), None
     reasons = []
     for rule in rules:
         reason = rule.check(found)
@@ -61,42 +83,86 @@ def _decide(
     return None, Candidate(found.names, found.slope_range, None, reason, shape), None
 
 
-def _fold_later(chain: Chain, rules: list[Rule], outputs: set[str], tol: float) -> bool:
+def _admit(rule: Rule, chain: Chain, refused: _Refused) -> str | None:
+    """Read the chain's weights, which `rule` is about to use: why it may not, or None."""
+    reason = chain.load() or (rule.verify(chain) if rule.verify else None)
+    if reason:
+        refused.add(chain, reason)
+    return reason
+
+
+def _fold_later(chain: Chain, rules: list[Rule], outputs: set[str], tol: float, refused: _Refused) -> bool:
     """Whether a weight-folding rule should wait: the chain after this one (sharing its second layer) also
     folds, and folding that one first is the cheaper product. The last chain of a run never waits, so
     every sweep over a run still rewrites."""
     nxt = next_layer_node(chain.second, outputs)
     if nxt is None:
         return False
-    rule, _, later = _decide(nxt, rules, outputs, tol)
+    rule, _, later = _decide(nxt, rules, outputs, tol, refused)
     if later is None or not rule.folds_weights or later.first.nodes[0] is not chain.second.nodes[0]:
         return False
     return later_pair_first_is_cheaper(chain.first.d_in, chain.first.d_out, later.first.d_out, later.second.d_out)
 
 
-def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None,
+def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None, refused: _Refused,
            on_rewrite: Callable[[], None] = lambda: None) -> tuple[list, list]:
     """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
 
-    A rewrite only kills nodes upstream of the node being visited, so the rest of the sweep stays valid;
-    a run of layers folds front to back in one sweep (the fused layer is what the next chain sees), or
-    back to front over several sweeps where that is the cheaper product."""
+    A run of layers folds front to back as the pass goes (the fused layer is what the next chain sees), or
+    back to front where that is the cheaper product: each chain waits for the one after it, and the layers
+    next to each new one are looked at again at once, so a whole run folds in one pass whatever its length."""
     outputs = {t.name for t in g.outputs}
     rewrites, candidates = [], []
-    for node in list(g.nodes):
-        rule, candidate, chain = _decide(node, rules, outputs, tol)
+    todo = deque(g.nodes)
+    while todo:
+        node = todo.popleft()
+        if not node.outputs:
+            continue  # died in a rewrite of this pass
+        rule, candidate, chain = _decide(node, rules, outputs, tol, refused)
         if candidate is None:
             continue
         candidate.graph = gname
         candidates.append(candidate)
-        if chain is not None and names is not None:
-            if rule.folds_weights and _fold_later(chain, rules, outputs, tol):
-                continue
-            done = rule.rewrite(g, names, chain)
-            done.graph = gname
-            rewrites.append(done)
-            on_rewrite()
+        if chain is None or (names is not None and rule.folds_weights and _fold_later(chain, rules, outputs, tol,
+                                                                                       refused)):
+            continue
+        reason = _admit(rule, chain, refused)
+        if reason:
+            candidate.rule, candidate.reason = None, reason
+            continue
+        if names is None:
+            continue
+        done = rule.rewrite(g, names, chain)
+        done.graph = gname
+        rewrites.append(done)
+        on_rewrite()
+        _detach_dead(chain.nodes + [reader for reader, _ in chain.shape_readers], outputs)
+        todo.extendleft(reversed(_around(chain.second.y, outputs)))
     return rewrites, candidates
+
+
+def _detach_dead(nodes: list[gs.Node], outputs: set[str]) -> None:
+    """Unhook the nodes a rewrite left unread, and the nodes that fed only them, as cleanup would: the rest of
+    the pass then sees no dead reader of a tensor it looks at."""
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if not (node.inputs or node.outputs) or any(t.outputs or t.name in outputs for t in node.outputs):
+            continue
+        feeders = [producer(t) for t in node.inputs]
+        node.inputs.clear()
+        node.outputs.clear()
+        todo += [p for p in feeders if p is not None]
+
+
+def _around(y: gs.Tensor, outputs: set[str]) -> list[gs.Node]:
+    """The nodes whose chains a rewrite ending at `y` may have changed: the chain ending at the layer that
+    now computes `y`, and the chain that layer starts."""
+    layer = read_linear_ending_at(y, outputs)
+    if not isinstance(layer, LinearLayer):
+        return []
+    nxt = next_layer_node(layer, outputs)
+    return [layer.nodes[0]] + ([nxt] if nxt is not None else [])
 
 
 def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None,
@@ -117,21 +183,38 @@ def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | N
     return rewrites, candidates
 
 
+def _defaults(graph: gs.Graph) -> list[gs.Constant]:
+    """Initializers also listed as graph inputs. From IR 4 on they are defaults a caller may override, so no
+    rule may take them as constants; before IR 4 every initializer had to be listed, and they are constants."""
+    if graph.ir_version is not None and graph.ir_version < 4:
+        return []
+    return [t for _, g in _graphs(graph) for t in g.inputs if isinstance(t, gs.Constant)]
+
+
+def _list_initializers_as_inputs(graph: gs.Graph) -> None:
+    """IR < 4 requires every initializer of the main graph among its inputs: the fused weights too."""
+    if graph.ir_version is None or graph.ir_version >= 4:
+        return
+    graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+    graph.inputs += [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+
+
 def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> list[Candidate]:
     """Every candidate chain in the graph and its subgraphs, and every node a node rule would change
     once the chains are collapsed, without changing anything."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     found = []
-    for gname, g in _graphs(graph):
-        chains = _sweep(g, gname, rules, tol, None)[1]
-        collapsed = {n for c in chains if c.rule is not None for n in c.names}
-        found += chains + _node_sweep(g, gname, node_rules, None, collapsed)[1]
+    with one_run(_defaults(graph)):
+        for gname, g in _graphs(graph):
+            chains = _sweep(g, gname, rules, tol, None, _Refused())[1]
+            collapsed = {n for c in chains if c.rule is not None for n in c.names}
+            found += chains + _node_sweep(g, gname, node_rules, None, collapsed)[1]
     return found
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         on_rewrite: Callable[[int], None] | None = None) -> PassResult:
-    """Apply the rules, sweep after sweep, until one fires nothing; what that last sweep saw but left is
+    """Apply the rules, pass after pass, until one fires nothing; what that last pass saw but left is
     reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     result = PassResult(modified=False)
@@ -144,18 +227,22 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         if on_rewrite:
             on_rewrite(made)
 
-    for gname, g in _graphs(graph):
-        for _ in range(MAX_SWEEPS):
-            rewrites, candidates = _sweep(g, gname, rules, tol, names, count)
-            if not rewrites:
-                result.skipped += [c for c in candidates if c.rule is None]
-                break
-            result.rewrites += rewrites
-            result.modified = True
-            g.cleanup(remove_unused_graph_inputs=False).toposort()
-        rewrites = _node_sweep(g, gname, node_rules, names, on_rewrite=count)[0]
-        if rewrites:
-            result.rewrites += rewrites
-            result.modified = True
-            g.cleanup(remove_unused_graph_inputs=False).toposort()
+    with one_run(_defaults(graph)):
+        for gname, g in _graphs(graph):
+            refused = _Refused()
+            for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
+                rewrites, candidates = _sweep(g, gname, rules, tol, names, refused, count)
+                if not rewrites:
+                    result.skipped += [c for c in candidates if c.rule is None]
+                    break
+                result.rewrites += rewrites
+                result.modified = True
+                g.cleanup(remove_unused_graph_inputs=False).toposort()
+            rewrites = _node_sweep(g, gname, node_rules, names, on_rewrite=count)[0]
+            if rewrites:
+                result.rewrites += rewrites
+                result.modified = True
+                g.cleanup(remove_unused_graph_inputs=False).toposort()
+    if result.modified:
+        _list_initializers_as_inputs(graph)
     return result

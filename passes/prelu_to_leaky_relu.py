@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.linear import Names
-from passes.match import const_value, is_op
+from passes.match import const_value, is_op, rank_of, slope_problem
 from passes.rule import NodeRule, Rewrite
 
 NAME = "prelu_to_leaky_relu"
@@ -23,6 +23,9 @@ def _alpha(node: gs.Node) -> float | None:
         return None
     slope = const_value(node.inputs[1])
     if slope is None or slope.size != 1 or slope.dtype not in FLOATS:
+        return None
+    # a slope of higher rank than the input broadcasts the output to it (ONNX Runtime); LeakyRelu would not
+    if slope.ndim and (rank_of(node.inputs[0]) is None or slope_problem(node)):
         return None
     value = slope.reshape(-1)[0]
     alpha = np.float32(value)

@@ -30,7 +30,8 @@ class Rewrite:
 @dataclass(frozen=True)
 class Rule:
     """Every rule shares one match (`find_chain`); `check` says why this rule may not fire on a chain
-    (None: it fires), `rewrite` changes the graph and says what it did."""
+    (None: it fires), from the chain's shapes; `verify`, where given, says the same once the weights are read;
+    `rewrite` changes the graph and says what it did."""
 
     name: str
     summary: str
@@ -39,6 +40,7 @@ class Rule:
     min_opset: int = 11  # Gemm's bias is optional from opset 11 on
     max_opset: int = 24
     folds_weights: bool = False  # rewrite multiplies the weights, so the order of a longer run matters
+    verify: Callable[[Chain], str | None] | None = None
 
 
 @dataclass(frozen=True)

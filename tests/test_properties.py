@@ -28,8 +28,10 @@ def chains(draw):
         if i:
             act = draw(st.sampled_from(["prelu", "leaky", "none", "relu"]))
             # NaN, not inf: an inf slope makes inf activations, and inf·W summed in another order may give
-            # inf where the original gives NaN (inf − inf); such a model is broken either way
-            slope = draw(st.sampled_from([1.0, 1.0, 1 - TOL / 2, 0.5, np.nan]))
+            # inf where the original gives NaN (inf − inf); such a model is broken either way. Only on the first
+            # activation, whose input no fold changes: after a fold, rounding can flip the sign of a value near
+            # 0 and so where NaN appears (float16 did, in 1 of a few thousand examples)
+            slope = draw(st.sampled_from([1.0, 1.0, 1 - TOL / 2, 0.5] + ([np.nan] if i == 1 else [])))
             exact &= slope == 1.0 or act in ("none", "relu")
             if act == "prelu":
                 shape = draw(st.sampled_from([(1,), (d_in,), (1,) * rank]))
