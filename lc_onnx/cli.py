@@ -246,6 +246,9 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
         raise InputError(f"--seed {seed}: must be >= 0")
     if json_path:
         io.check_target(json_path, "--json")
+        if json_path.exists():  # only a file that exists can be one the models read
+            for m in models:
+                io.refuse_overlap(io.files_read(m, io.read(m, load_weights=False)[0]), [json_path])
     given = load_inputs(inputs_path) if inputs_path else None
     show = not quiet and sys.stderr.isatty()
     with click.progressbar(length=runs, label="timing", file=sys.stderr if show else None,

@@ -142,6 +142,7 @@ def test_item3_constant_node_data_comes_from_the_model_folder_not_the_cwd(tmp_pa
     result = invoke("optimize", src, "-o", out, "--no-validate", "-q")
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(ort_run(out, x_feed())[0], ort_run(src, x_feed())[0], rtol=1e-4, atol=1e-5)
+    assert invoke("optimize", src, "-o", out, "-q").exit_code == 0  # and validation agrees
     # the path guard holds for Constant nodes too: a symlink out of the model's folder is refused
     (tmp_path / "a" / "link.data").symlink_to(tmp_path / "b" / "c.onnx.data")
     edit_external(src, lambda t, info: info.update(location="link.data"))
@@ -326,6 +327,9 @@ def test_exit_bench_bad_options_and_models_are_exit_2(tmp_path):
     assert result.exit_code == 2 and "--batch" in result.stderr
     result = invoke("bench", src, "--json", tmp_path / "nodir" / "x.json")
     assert result.exit_code == 2 and "--json" in result.stderr
+    before = src.read_bytes()
+    result = invoke("bench", src, "--json", src)
+    assert result.exit_code == 2 and "reads" in result.stderr and src.read_bytes() == before
     custom = tmp_path / "custom.onnx"
     node = helper.make_node("Mystery", ["x"], ["y"], domain="acme")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, ["N", 8])],
