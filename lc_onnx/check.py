@@ -90,5 +90,6 @@ def _size_problem(t: onnx.TensorProto) -> str | None:
         n = len(getattr(t, field))
         if n:
             per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
-            return None if n == count * per else f"holds {n} values for dims {list(t.dims)}"
+            want = io.stored_bytes(t) if t.data_type in io.PACKED_BITS else count * per  # packed: an entry per byte
+            return None if n == want else f"holds {n} values for dims {list(t.dims)}"
     return None if count == 0 else f"holds no data for dims {list(t.dims)}"

@@ -18,6 +18,10 @@ from lc_onnx.errors import InputError, one_line
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models must keep their weights as external data
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside the .onnx file
+# types packed several to a byte, and their bits (the newer ones only where this onnx has them)
+PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+               (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+               if hasattr(onnx.TensorProto, name)}
 
 
 def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.ModelProto, bool]:
@@ -82,8 +86,8 @@ def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
 def stored_bytes(t: onnx.TensorProto) -> int | None:
     """Bytes a tensor's dims and dtype call for in raw form; None for strings and unknown types."""
     count = math.prod(t.dims)
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
+    if t.data_type in PACKED_BITS:
+        return -(-count * PACKED_BITS[t.data_type] // 8)
     itemsize = stored_itemsize(t.data_type)
     return None if itemsize is None else count * itemsize
 
@@ -217,9 +221,9 @@ def _raw_length(t: onnx.TensorProto) -> int:
 
 
 def stored_itemsize(data_type: int) -> int | None:
-    """Bytes per value in a tensor's raw_data; None where that is no whole number (4-bit types, two to a
-    byte), strings, or an unknown type."""
-    if data_type in (0, onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    """Bytes per value in a tensor's raw_data; None where that is no whole number (4- and 2-bit types,
+    several to a byte), strings, or an unknown type."""
+    if data_type in (0, onnx.TensorProto.STRING) or data_type in PACKED_BITS:
         return None
     try:
         return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize

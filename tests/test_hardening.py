@@ -379,3 +379,15 @@ def test_exit_sigterm_cleans_temp_files_like_ctrl_c(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 128 + signal.SIGTERM, run.stderr
     assert list(out.parent.iterdir()) == []  # no temp file left behind, nothing half written
+
+
+def test_exit_packed_int4_weights_are_valid(tmp_path):
+    # 4-bit values are packed two to an entry of int32_data (and to a byte of raw_data): 15 values, 8 entries
+    w = helper.make_tensor("w", onnx.TensorProto.INT4, [5, 3], [1] * 15)
+    scale = helper.make_tensor("s", onnx.TensorProto.FLOAT, [], [0.5])
+    node = helper.make_node("DequantizeLinear", ["w", "s"], ["y"])
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", 1, [5, 3])], [w, scale])
+    src = tmp_path / "int4.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), src)
+    result = invoke("optimize", src, "-q")
+    assert result.exit_code == 0, result.output
