@@ -148,7 +148,8 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         if isinstance(slopes, str):
             return Reject(names, slopes, None, shape)
         if is_op(activation, "PRelu"):
-            bad_shape = slope_problem(activation, first.d_out)
+            reshaped = any(is_op(n, "Reshape") for n in between[: between.index(activation)])
+            bad_shape = slope_problem(activation, first.d_out, None if reshaped else first.x_rank)
             if bad_shape:
                 return Reject(names, bad_shape, None, shape)
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None

@@ -36,7 +36,7 @@ class LinearLayer:
     def load(self) -> str | None:
         """Read the weight (once for this layer) and say why it cannot be used, or None."""
         if self._w is None:
-            value = read(self.source)
+            value = read(self.source, keep=False)
             self._w = value.T if self.transposed else value
         if not np.isfinite(self._w).all():
             return f"weight of {self.nodes[0].name} holds NaN or inf"

@@ -84,16 +84,17 @@ def is_const(tensor: gs.Tensor | None) -> bool:
     return constant(tensor) is not None
 
 
-def read(c: gs.Constant) -> np.ndarray:
+def read(c: gs.Constant, keep: bool = True) -> np.ndarray:
     """The constant's value. `.values` would cache the array on the tensor, and graphsurgeon then re-encodes it
     on export (inline, even where it was external data); reading the lazy source leaves the tensor as it was.
-    Small values are kept for the run; a large one is read by the one chain that folds it."""
+    Small values (biases, slopes, shape constants, looked at on every pass) are kept for the run unless `keep`
+    is False; a weight is read by the one chain that folds it, and not kept."""
     run = _RUN.get()
     if run is not None and id(c) in run.kept:
         return run.kept[id(c)][1]
     lazy = c._values
     value = np.asarray(lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else lazy)
-    if run is not None and value.nbytes <= KEEP_BYTES:
+    if run is not None and keep and value.nbytes <= KEEP_BYTES:
         run.kept[id(c)] = (c, value)
     return value
 
@@ -166,16 +167,18 @@ def is_explicit_shape(tensor: gs.Tensor, depth: int = 0) -> bool:
     return False
 
 
-def slope_problem(prelu: gs.Node, last_dim: int | None = None) -> str | None:
+def slope_problem(prelu: gs.Node, last_dim: int | None = None, rank: int | None = None) -> str | None:
     """Why a PRelu's slope may change the output's shape, or None. ONNX says the slope broadcasts to the
     input's shape, but ONNX Runtime broadcasts both ways: a slope of higher rank than the input, or with a
     dim the input lacks, grows the output, and a rewrite dropping the PRelu would change that shape.
-    `last_dim` is the input's last dim where the caller knows it (a layer's width)."""
+    `last_dim` and `rank` are the input's last dim and rank where the caller knows them (a layer's)."""
     source = _source(prelu.inputs[1])
     if source is None:
         return None  # not a constant: no rule uses it
     slope = list(source.shape)
     dims = prelu.inputs[0].shape
+    if dims is None and rank:
+        dims = [None] * (rank - 1) + [last_dim]
     if dims is None:
         if len(slope) > 1:
             return f"slope of {prelu.name} has rank {len(slope)} and the rank of its input is unknown"
