@@ -122,7 +122,28 @@ def _skip_option(fn):
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click, but a usage error (bad option value, unknown --skip rule, missing argument) is one line on
+    stderr with exit 2 like every other error, not the usage text and a hint first."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            if isinstance(e, click.exceptions.NoArgsIsHelpError):  # bare `lc-onnx`: the help, as click shows it
+                e.show()
+            else:
+                click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C where click itself was waiting
+            click.echo("error: interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lc-onnx")
 def main() -> None:
     """LayerCollapse for ONNX: fuse Linear -> (nearly) linear activation -> Linear into one layer."""

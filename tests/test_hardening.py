@@ -391,3 +391,11 @@ def test_exit_packed_int4_weights_are_valid(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), src)
     result = invoke("optimize", src, "-q")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args", [["optimize", "m.onnx", "--seed", "abc"], ["optimize"], ["bogus"],
+                                  ["optimize", "m.onnx", "--skip", "nope"]])
+def test_exit_usage_errors_are_one_line(args):
+    result = invoke(*args)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ")
