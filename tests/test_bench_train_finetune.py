@@ -3,6 +3,7 @@ inputs, fine-tune with λ=1, and every block collapses, in torch and through `lc
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -26,22 +28,22 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def digits(bench):
-    return bench.data(0)
-
-
-@pytest.mark.parametrize("model", ["deep MLP (3 blocks)", "HF ViT (1 layer)"])
-def test_quick_lc_finetune_collapses_every_block(bench, digits, model):
+def rows(bench):
+    """Both --quick models, seed 0, λ=1: {model: [GELU row, LC row]}."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    q, digits = bench.QUICK, bench.data(0)
     try:
-        q = bench.QUICK
-        gelu, lc = bench.run_model(bench.QUICK_MODELS[model], *digits, seed=0, pre_epochs=q["pre_epochs"],
-                                   ft_epochs=q["ft_epochs"], lambdas=[1.0], runs=2, slope_lr=q["slope_lr"],
-                                   log=lambda line: None)
+        return {name: bench.run_model(spec, *digits, seed=0, pre_epochs=q["pre_epochs"], ft_epochs=q["ft_epochs"],
+                                      lambdas=[1.0], runs=2, slope_lr=q["slope_lr"], log=lambda line: None)
+                for name, spec in bench.QUICK_MODELS.items()}
     finally:
         torch.set_num_threads(threads)
-    blocks = 3 if "MLP" in model else 1
+
+
+@pytest.mark.parametrize("model,blocks", [("deep MLP (3 blocks)", 3), ("HF ViT (1 layer)", 1)])
+def test_quick_lc_finetune_collapses_every_block(bench, rows, model, blocks):
+    gelu, lc = rows[model]
     assert gelu["variant"] == "GELU fine-tune" and "lam" not in gelu
     # prepare found every MLP block from the recorded forward pass, and λ=1 carried each slope near 1
     assert lc["sites"] == blocks and lc["collapsed"] == blocks
@@ -56,3 +58,16 @@ def test_quick_lc_finetune_collapses_every_block(bench, digits, model):
     # the Figure-4 curve: one point per number of blocks collapsed, ending at the collapse of all of them
     assert len(lc["curve"]) == blocks + 1 and lc["curve"][0] == pytest.approx(lc["acc"])
     assert lc["curve"][-1] == pytest.approx(lc["acc_after"])
+
+
+def test_write_replaces_only_its_own_section(bench, rows, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    results = tmp_path / "RESULTS_train.md"
+    results.write_text("# digits\n\nthe digits table\n")
+    args = argparse.Namespace(pre_epochs=2, ft_epochs=6, seeds=1, seed=0, runs=2)
+    bench.write(rows, args, 1.0)
+    bench.write(rows, args, 1.0)  # a rerun replaces the section instead of adding a second one
+    text = results.read_text()
+    assert text.startswith("# digits\n\nthe digits table\n") and text.count(bench.START) == 1
+    assert "| deep MLP (3 blocks) | LC λ=1 |" in text and "λ=1 collapses 3/3 blocks" in text
+    assert (tmp_path / "train_finetune.png").stat().st_size > 0
