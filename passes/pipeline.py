@@ -71,8 +71,9 @@ def _decide(
     if isinstance(found, Reject):
         return None, Candidate(found.names, found.slope_range, None, found.reason, found.shape), None
     shape = (found.first.d_in, found.first.d_out, found.second.d_out)
-    if refused.get(found):
-        return None, Candidate(found.names, found.slope_range, None, refused.get(found), shape), None
+    why = refused.get(found)
+    if why:
+        return None, Candidate(found.names, found.slope_range, None, why, shape), None
     reasons = []
     for rule in rules:
         reason = rule.check(found)
