@@ -208,6 +208,9 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
         report_path.write_text(result.report.to_json())
     if not quiet:
         click.echo(result.report.table())
+        v = result.report.validation
+        if v is not None and v.precision != "as stored":
+            click.echo(f"validated in {v.precision}: {v.precision_note}")
         click.echo(f"wrote {output}")
 
 
@@ -255,30 +258,49 @@ def inspect(model, tol, as_json, skip) -> None:
 @click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..", help="Shape of an input (repeatable).")
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help="A .npz file of inputs by name.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--io-binding", is_flag=True,
+              help="Bind inputs and outputs on the provider's device (ORT IOBinding): time device work, not copies.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Capture each model's run as a CUDA graph and replay it (--provider cuda only; implies "
+                   "--io-binding; every node must run on CUDA).")
+@click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True,
+              help="Slope tolerance for the chains counted in the MAC share of the first model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, json_path, quiet) -> None:
+def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, io_binding, cuda_graph, tol,
+          json_path, quiet) -> None:
     """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
-    median, p10, p90 and the speedup against the first model."""
+    median, p10, p90 and the speedup against the first model; then the share of the first model's MACs held
+    by the chains lc-onnx would collapse (the ceiling of what collapsing can give)."""
     if batch is not None and batch < 1:
         raise InputError(f"--batch {batch}: must be at least 1")
     if seed < 0:
         raise InputError(f"--seed {seed}: must be >= 0")
+    _limit("--tol", tol)
+    if cuda_graph and provider != "cuda":
+        raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only there), "
+                         f"not {provider}")
     if json_path:
         io.check_target(json_path, "--json")
         if json_path.exists():  # only a file that exists can be one the models read
             for m in models:
                 io.refuse_overlap(io.files_read(m, io.read(m, load_weights=False)[0]), [json_path])
     given = load_inputs(inputs_path) if inputs_path else None
+    try:
+        candidates, why = api.inspect(models[0], tol=tol), None
+    except InputError as e:  # a model ONNX Runtime runs but lc-onnx cannot read: time it all the same
+        candidates, why = None, str(e)
     show = not quiet and sys.stderr.isatty()
     with click.progressbar(length=runs, label="timing", file=sys.stderr if show else None,
                            hidden=not show) as bar:
         result = bench_mod.bench_files(
             list(models), provider, threads, batch, runs, warmup, parse_shapes(input_shape), given, seed,
-            progress=lambda i: bar.update(1),
+            progress=lambda i: bar.update(1), io_binding=io_binding, cuda_graph=cuda_graph, candidates=candidates,
         )
     click.echo(result.table())
+    if why:
+        click.echo(f"MACs: not computed ({why})")
     if json_path:
         json_path.write_text(result.to_json())
 

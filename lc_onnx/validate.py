@@ -180,6 +180,10 @@ class Validation:
     outputs: list[OutputError] = field(default_factory=list)
     inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
     drawn: dict[str, str] = field(default_factory=dict)  # name -> what its values are (see draw_inputs)
+    # how the models ran: "as stored" (their own dtypes), or "float32" (float16/bfloat16 models that the CPU
+    # provider cannot run, both cast to float32 for the comparison); `precision_note` says why
+    precision: str = "as stored"
+    precision_note: str = ""
 
     @property
     def passed(self) -> bool:
@@ -187,7 +191,8 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"rtol": self.rtol, "atol": self.atol, "passed": self.passed, "inputs": self.inputs,
-                "drawn": self.drawn, "outputs": [asdict(o) for o in self.outputs]}
+                "drawn": self.drawn, "precision": self.precision, "precision_note": self.precision_note,
+                "outputs": [asdict(o) for o in self.outputs]}
 
 
 def _half(model: onnx.ModelProto) -> bool:
@@ -242,22 +247,52 @@ def return_freed_memory() -> None:
         pass
 
 
+class _OriginalFailed(Exception):
+    """ONNX Runtime could not load or run the original model (the message is the InputError's)."""
+
+
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
             rtol: float, atol: float, source: Path | None = None, release: bool = False) -> Validation:
     """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol or max |abs|
     ≤ atol. The two sessions run one after the other, so only one model's weights are in ONNX Runtime at a
-    time; with `release` (large models) the first session's memory is handed back before the second."""
+    time; with `release` (large models) the first session's memory is handed back before the second.
+
+    A float16/bfloat16 model that ONNX Runtime's CPU provider cannot run (a kernel it lacks, as for most ops in
+    bfloat16) is compared in float32 instead: both models are cast (`to_float32`: every half-precision weight,
+    Constant, Cast target and declared type; the values are exact in float32, so the fused weights are compared
+    as rounded to the model's dtype, with float32 arithmetic), the inputs too. `precision` says which was done."""
+    try:
+        return _compare(original, optimized, feeds, rtol, atol, source, release)
+    except _OriginalFailed as e:
+        if not uses_half(optimized):
+            raise InputError(str(e)) from None
+        why = str(e)
+    try:
+        wide = to_float32(original if isinstance(original, onnx.ModelProto) else io.read(original, False)[0], source)
+        if release:
+            return_freed_memory()
+        result = _compare(wide, to_float32(optimized, source), _wide_feeds(feeds), rtol, atol, source, release)
+    except _OriginalFailed:  # not a precision problem after all: say what the first try said
+        raise InputError(why) from None
+    result.precision = "float32"
+    result.precision_note = (f"both models cast to float32: ONNX Runtime's CPU provider cannot run them in their "
+                             f"own dtype ({why.split(' (', 1)[-1].rstrip(')')[:200]})")
+    return result
+
+
+def _compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
+             rtol: float, atol: float, source: Path | None, release: bool) -> Validation:
     try:
         sess = session(original, source=source)
     except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
-        raise InputError(f"ONNX Runtime cannot run the original model, so it cannot be validated "
-                         f"({one_line(e)}); use --no-validate to skip") from None
+        raise _OriginalFailed(f"ONNX Runtime cannot run the original model, so it cannot be validated "
+                              f"({one_line(e)}); use --no-validate to skip") from None
     names = [o.name for o in sess.get_outputs()]
     try:
         ref = sess.run(None, feeds)
     except Exception as e:
-        raise InputError(f"ONNX Runtime failed on the original model with the validation inputs "
-                         f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
+        raise _OriginalFailed(f"ONNX Runtime failed on the original model with the validation inputs "
+                              f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
     del sess
     if release:
         return_freed_memory()
@@ -272,3 +307,80 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         max_abs, rel = _errors(np.asarray(r), np.asarray(g))
         result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol or max_abs <= atol))
     return result
+
+
+HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _value_infos(g: onnx.GraphProto):
+    yield from g.input
+    yield from g.output
+    yield from g.value_info
+
+
+def _nodes_everywhere(model: onnx.ModelProto):
+    """Every node of the model: its graphs and subgraphs, and its local functions."""
+    from lc_onnx.shapes import graphs
+
+    for g in graphs(model.graph):
+        yield from g.node
+    for f in model.functions:
+        yield from f.node
+
+
+def uses_half(model: onnx.ModelProto) -> bool:
+    """Whether any weight, declared type or Cast of the model is float16 or bfloat16."""
+    from lc_onnx.shapes import graphs
+
+    for g in graphs(model.graph):
+        if any(t.data_type in HALF for t in g.initializer):
+            return True
+        if any(vi.type.tensor_type.elem_type in HALF for vi in _value_infos(g)):
+            return True
+    return any(n.op_type == "Cast" and any(a.name == "to" and a.i in HALF for a in n.attribute)
+               for n in _nodes_everywhere(model))
+
+
+def _wide_tensor(t: onnx.TensorProto, source: Path | None) -> None:
+    """`t`, in place, as float32 (its data read from `source` when external)."""
+    full = t
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        if source is None:
+            raise InputError(f"tensor {t.name!r} is external data, but the model's folder is not known")
+        full = onnx.TensorProto()
+        full.CopyFrom(t)
+        del full.external_data[:]
+        full.data_location = onnx.TensorProto.DEFAULT
+        full.raw_data = io.external_bytes(t, source)
+    wide = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(full).astype(np.float32), t.name)
+    t.CopyFrom(wide)
+
+
+def to_float32(model: onnx.ModelProto, source: Path | None = None) -> onnx.ModelProto:
+    """A copy of `model` in which float16 and bfloat16 are float32: weights (initializers, Constant and
+    ConstantOfShape values, external ones read from `source`), graph inputs, outputs and value infos, and the
+    targets of Cast and of ops with a `dtype` attribute. Every half value is exact in float32. Weights of other
+    dtypes that are external data stay on disk."""
+    from lc_onnx.shapes import graphs
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for g in graphs(out.graph):
+        for t in g.initializer:
+            if t.data_type in HALF:
+                _wide_tensor(t, source)
+        for vi in _value_infos(g):
+            if vi.type.tensor_type.elem_type in HALF:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for n in _nodes_everywhere(out):
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in HALF:
+                _wide_tensor(a.t, source)
+            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i in HALF:
+                a.i = onnx.TensorProto.FLOAT
+    return out
+
+
+def _wide_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) if v.dtype in (np.float16,) or v.dtype.name == "bfloat16" else v
+            for k, v in feeds.items()}

@@ -13,9 +13,13 @@ from torch import nn
 
 
 def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *, dynamo: bool = False,
-           attn_implementation: str | None = "eager", **kw) -> None:
+           attn_implementation: str | None = "eager", dtype: torch.dtype | None = None, **kw) -> None:
     """torch.onnx.export in eval mode: opset 17 for the legacy exporter, one file (no external data) for the
     new one unless asked. `example_inputs` is a tuple of positional inputs or a dict of keyword inputs (HF style).
+
+    `dtype` (torch.float16, torch.bfloat16, ...) exports the model in that floating dtype: its floating
+    parameters and buffers, and the floating example inputs, are cast for the export only (the model gets its
+    own tensors back after, not a round trip through the lower precision).
 
     For transformers models, during the export only (the model is restored after): `use_cache` is off (a cache
     object is not an ONNX output); the attention is `attn_implementation` ("eager": sdpa exports to the same
@@ -25,6 +29,10 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
     off, so each row is one sequence."""
     if isinstance(example_inputs, dict) and "kwargs" in kw:
         raise TypeError("export: pass keyword inputs either as the example_inputs dict or as kwargs=, not both")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"export: dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
+    if dtype is not None:
+        example_inputs = _cast_inputs(example_inputs, dtype)
     training = model.training
     model.eval()
     if dynamo:
@@ -32,7 +40,7 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
     else:
         kw.setdefault("opset_version", 17)
     try:
-        with _hf_settings(model, dynamo, attn_implementation):
+        with _hf_settings(model, dynamo, attn_implementation), _cast_model(model, dtype):
             target, args = model, tuple(example_inputs) if not isinstance(example_inputs, dict) else ()
             if isinstance(example_inputs, dict):
                 names = _output_names(model, example_inputs)
@@ -56,6 +64,36 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
                                    f"with {impl} attention ({first}); pass attn_implementation='eager'") from e
     finally:
         model.train(training)
+
+
+def _cast_inputs(inputs: tuple | dict, dtype: torch.dtype) -> tuple | dict:
+    """The example inputs with every floating tensor in `dtype` (token ids, masks of ints stay as they are)."""
+    def cast(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    if isinstance(inputs, dict):
+        return {k: cast(v) for k, v in inputs.items()}
+    return tuple(cast(v) for v in inputs)
+
+
+@contextlib.contextmanager
+def _cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Every floating parameter and buffer in `dtype` while the block runs (each tensor once: tied weights stay
+    tied), then the original tensors back."""
+    if dtype is None:
+        yield
+        return
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and t.dtype != dtype and id(t) not in kept:
+            kept[id(t)] = (t, t.data)
+    try:
+        with torch.no_grad():
+            for t, data in kept.values():
+                t.data = data.to(dtype)
+        yield
+    finally:
+        for t, data in kept.values():
+            t.data = data
 
 
 def _summary(e: Exception) -> str:
