@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,10 +15,12 @@ import onnx
 import onnxruntime as ort
 
 from lc_onnx import io
+from lc_onnx import shapes as inference
 from lc_onnx.errors import InputError, one_line
 from lc_onnx.validate import make_inputs, session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # OrtValue device of each provider
 
 
 @dataclass
@@ -33,35 +37,45 @@ def interleaved(
     runs: int = 50,
     warmup: int = 10,
     threads: int = 1,
-    providers: list[str] | None = None,
+    providers: list | None = None,
     progress: Callable[[int], None] | None = None,
+    io_binding: bool = False,
 ) -> list[Latency]:
     """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
-    worker threads, which would take the cores from the model that runs next) for all."""
+    worker threads, which would take the cores from the model that runs next) for all. `providers` as ONNX
+    Runtime takes them (names, or (name, options) pairs). With `io_binding` the inputs are copied to the
+    provider's device once and every run writes into the same output buffers there (ORT IOBinding): a run is
+    device work, not host copies (what CUDA graphs need too)."""
+    want = _provider_name(providers[0]) if providers else None
     sessions = []
     for m in models:
         try:
             sessions.append(session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False))
         except Exception as e:  # ORT's errors are of many kinds; all mean it cannot load this model
             raise InputError(f"ONNX Runtime cannot load {_name(m)} ({one_line(e)})") from None
-    if providers:
+    if want:
         for s in sessions:
-            if s.get_providers()[0] != providers[0]:  # ORT falls back to the CPU when a provider fails to load
-                raise InputError(f"ONNX Runtime could not start {providers[0]} (it fell back to "
+            if s.get_providers()[0] != want:  # ORT falls back to the CPU when a provider fails to load
+                raise InputError(f"ONNX Runtime could not start {want} (it fell back to "
                                  f"{s.get_providers()[0]}); no CPU numbers are given in its place")
     times: list[list[float]] = [[] for _ in sessions]
     j = 0
     try:
+        device = DEVICES.get(want or "CPUExecutionProvider", "cpu")
+        steps = []
+        for j in range(len(sessions)):
+            steps.append(_Bound(sessions[j], feeds, device) if io_binding
+                         else functools.partial(sessions[j].run, None, feeds))
         for _ in range(warmup):
             for j in range(len(sessions)):
-                sessions[j].run(None, feeds)
+                steps[j]()
         for i in range(runs):
             # the order turns each round (A B C, B C A, C A B, ...): the model that runs right after a large
             # one finds the caches cold, and no model should always be that one
             for k in range(len(sessions)):
                 j = (i + k) % len(sessions)
                 start = time.perf_counter()
-                sessions[j].run(None, feeds)
+                steps[j]()
                 times[j].append((time.perf_counter() - start) * 1e3)
             if progress:
                 progress(i + 1)
@@ -72,6 +86,34 @@ def interleaved(
         Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs)
         for t in times
     ]
+
+
+def _provider_name(p) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+class _Bound:
+    """A run of `sess` through an IOBinding: inputs copied to `device` once; the first run (here) lets ONNX
+    Runtime allocate the outputs there, and every later run writes into those same buffers (fixed addresses,
+    as a captured CUDA graph needs). A call waits for the device before it returns."""
+
+    def __init__(self, sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str):
+        self.sess, self.binding = sess, sess.io_binding()
+        self.inputs = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0) for a in feeds.values()]
+        for name, value in zip(feeds, self.inputs, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+        names = [o.name for o in sess.get_outputs()]
+        for name in names:
+            self.binding.bind_output(name, device)
+        sess.run_with_iobinding(self.binding)
+        self.outputs = self.binding.get_outputs()  # held here, so the device buffers live as long as the run
+        self.binding.clear_binding_outputs()
+        for name, value in zip(names, self.outputs, strict=True):
+            self.binding.bind_ortvalue_output(name, value)
+
+    def __call__(self) -> None:
+        self.sess.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
 
 
 def _name(model: onnx.ModelProto | Path) -> str:
@@ -106,6 +148,119 @@ def batch_shapes(model: onnx.ModelProto, batch: int | None, shapes: dict[str, li
     return out
 
 
+LINEAR_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass
+class MacShare:
+    """Analytic multiply-accumulates of the first model at the benchmark's input shapes: MatMul, Gemm and Conv
+    nodes of the main graph (from inferred shapes), and the part held by the chains `inspect` says a rule would
+    rewrite. `after` is the total once those chains are folded (a collapsed chain costs d_in·d_out per row, a
+    bottleneck whose activation is only dropped costs what it did), so `total / after` is the most the
+    collapse can give where time follows MACs: the ceiling, not a forecast."""
+
+    total: int
+    by_op: dict[str, int]
+    chains: int  # MACs of the linear layers of the chains a rule would rewrite
+    chain_count: int
+    after: int
+    unknown: list[str] = field(default_factory=list)  # linear nodes whose shapes inference could not tell
+
+    @property
+    def share(self) -> float:
+        return self.chains / self.total if self.total else 0.0
+
+    @property
+    def ceiling(self) -> float:
+        return self.total / self.after if self.after else 1.0
+
+    def line(self) -> str:
+        if not self.total:
+            return "MACs: no MatMul/Gemm/Conv with known shapes in the first model"
+        ops = ", ".join(f"{k} {_count(v)}" for k, v in self.by_op.items() if v)
+        text = (f"MACs of the first model {_count(self.total)} ({ops}); the {self.chain_count} collapsible chain(s) "
+                f"hold {100 * self.share:.1f}%, folded {_count(self.total)} -> {_count(self.after)}: at most "
+                f"{self.ceiling:.2f}x where time follows MACs")
+        if self.unknown:
+            text += f" ({len(self.unknown)} linear node(s) of unknown shape left out)"
+        return text
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "share": self.share, "ceiling": self.ceiling}
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]]) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    """MACs of every MatMul, Gemm and Conv node of the main graph, by node name (op, MACs), with the graph
+    inputs at `inputs` shapes; and the names of those whose shapes shape inference could not tell. MACs =
+    output elements × the reduced length: K of a MatMul or Gemm, C_in/group × kernel size of a Conv."""
+    light = inference.weightless(model)
+    for vi in light.graph.input:
+        if vi.name in inputs:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in inputs[vi.name]:
+                dims.add().dim_value = d
+    known = {name: dims for name, (_, dims) in inference.infer(light).items()}
+    for t in light.graph.initializer:
+        known[t.name] = list(t.dims)
+    for vi in light.graph.input:
+        known.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None
+                                   for d in vi.type.tensor_type.shape.dim])
+
+    def dims(name: str) -> list[int] | None:
+        d = known.get(name)
+        return d if d is not None and all(isinstance(x, int) and x > 0 for x in d) else None
+
+    found, unknown = {}, []
+    for i, n in enumerate(model.graph.node):
+        if n.op_type not in LINEAR_OPS or n.domain not in ("", "ai.onnx"):
+            continue
+        name = n.name or f"#{i}"
+        out, a, b = dims(n.output[0]), dims(n.input[0]), dims(n.input[1]) if len(n.input) > 1 else None
+        if out is None or a is None or b is None:
+            unknown.append(name)
+            continue
+        if n.op_type == "MatMul":
+            reduced = a[-1]
+        elif n.op_type == "Gemm":
+            trans_a = next((x.i for x in n.attribute if x.name == "transA"), 0)
+            reduced = a[0] if trans_a else a[-1]
+        else:  # Conv: the weight is [C_out, C_in/group, k1, k2, ...]
+            reduced = math.prod(b[1:])
+        found[name] = (n.op_type, math.prod(out) * reduced)
+    return found, unknown
+
+
+def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: list) -> MacShare:
+    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a rule would rewrite."""
+    per_node, unknown = node_macs(model, inputs)
+    by_op = {op: 0 for op in LINEAR_OPS}
+    for op, m in per_node.values():
+        by_op[op] += m
+    total = sum(by_op.values())
+    chains = saved = count = 0
+    for c in candidates:
+        if c.kind != "chain" or c.rule is None or c.graph:
+            continue
+        macs = sum(per_node[n][1] for n in c.names if n in per_node)
+        if not macs:
+            continue
+        count += 1
+        chains += macs
+        if c.rule == "collapse_linear_chain" and c.shape:
+            d_in, h, d_out = c.shape
+            rows = macs / (h * (d_in + d_out))
+            saved += max(0, macs - round(rows * d_in * d_out))
+    return MacShare(total, by_op, chains, count, total - saved, unknown)
+
+
 @dataclass
 class BenchResult:
     provider: str
@@ -114,6 +269,9 @@ class BenchResult:
     warmup: int
     inputs: dict[str, list[int]]
     models: list[dict] = field(default_factory=list)  # path, median/p10/p90 ms, speedup vs the first
+    io_binding: bool = False
+    cuda_graph: bool = False
+    macs: MacShare | None = None  # of the first model
 
     def table(self) -> str:
         first = self.models[0]["median_ms"]
@@ -123,12 +281,18 @@ class BenchResult:
             lines.append(f"{m['path'].ljust(width)}  {m['median_ms']:9.3f} {m['p10_ms']:7.3f} {m['p90_ms']:7.3f}"
                          f"  {first / m['median_ms']:.2f}x")
         shapes = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
-        lines.append(f"{self.provider}, {self.threads or 'default'} thread(s), {self.runs} interleaved runs "
-                     f"after {self.warmup} warm-up; inputs: {shapes}")
+        binding = ", inputs and outputs bound on the device (IOBinding)" if self.io_binding else ""
+        binding += ", CUDA graph" if self.cuda_graph else ""
+        lines.append(f"{self.provider}{binding}, {self.threads or 'default'} thread(s), {self.runs} interleaved "
+                     f"runs after {self.warmup} warm-up; inputs: {shapes}")
+        if self.macs is not None:
+            lines.append(self.macs.line())
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        data["macs"] = self.macs.to_dict() if self.macs is not None else None
+        return json.dumps(data, indent=2) + "\n"
 
 
 def bench_files(
@@ -142,12 +306,20 @@ def bench_files(
     given: dict[str, np.ndarray] | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    io_binding: bool = False,
+    cuda_graph: bool = False,
+    candidates: list | None = None,
 ) -> BenchResult:
-    """Latency of model files on the same inputs, interleaved; the first model is the reference."""
+    """Latency of model files on the same inputs, interleaved; the first model is the reference. With
+    `cuda_graph` (CUDA only; implies `io_binding`) ONNX Runtime captures each model's run as a CUDA graph and
+    replays it. With `candidates` (`lc_onnx.inspect` of the first model) the result carries its MAC share."""
     if runs < 1 or warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup at least 0")
     if (batch is not None and batch < 1) or threads < 0:
         raise InputError("--batch must be at least 1 and --threads at least 0")
+    if cuda_graph and provider_name != "cuda":
+        raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only on CUDA), "
+                         f"not {provider_name}")
     full = provider(provider_name)
     heads = [io.read(p, load_weights=False)[0] for p in paths]
     names = [sorted(i.name for i in h.graph.input if i.name not in {t.name for t in h.graph.initializer})
@@ -156,9 +328,13 @@ def bench_files(
         if n != names[0]:
             raise InputError(f"{p} has inputs {n}, {paths[0]} has {names[0]}: they cannot share inputs")
     feeds = make_inputs(heads[0], batch_shapes(heads[0], batch, shapes or {}), given, seed)
+    shapes_used = {k: list(v.shape) for k, v in feeds.items()}
+    macs = mac_share(heads[0], shapes_used, candidates) if candidates is not None else None
     del heads
-    lat = interleaved(list(paths), feeds, runs, warmup, threads, [full], progress)
-    result = BenchResult(provider_name, threads, runs, warmup, {k: list(v.shape) for k, v in feeds.items()})
+    entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
+    lat = interleaved(list(paths), feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph)
+    result = BenchResult(provider_name, threads, runs, warmup, shapes_used, io_binding=io_binding or cuda_graph,
+                         cuda_graph=cuda_graph, macs=macs)
     for p, latency in zip(paths, lat, strict=True):
         entry = {"path": str(p), **asdict(latency)}
         entry["speedup_vs_first"] = lat[0].median_ms / latency.median_ms

@@ -100,7 +100,7 @@ def test_one_model_with_given_inputs_prints_no_progress_off_a_terminal(pair, tmp
     result = invoke(pair[0], "--inputs", feeds, "--runs", 2, "--warmup", 0, "--threads", 1, "--json", out)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # CliRunner is not a terminal: no progress bar
-    assert len(result.stdout.splitlines()) == 3  # header, one model, the settings line
+    assert len(result.stdout.splitlines()) == 4  # header, one model, the settings line, the MAC share
     data = json.loads(out.read_text())
     assert data["inputs"] == {"x": [5, 3, 8]} and data["threads"] == 1 and len(data["models"]) == 1
 
@@ -112,3 +112,111 @@ def test_bad_input_shape_and_unknown_input_are_exit_2(pair):
     assert result.exit_code == 2 and "has no input 'nope'" in result.stderr
     result = invoke(pair[0], "--runs", 0)
     assert result.exit_code == 2 and "--runs" in result.stderr
+
+
+def test_io_binding_runs_through_bound_buffers_not_session_run(pair, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    def no_plain_run(*a, **k):
+        raise AssertionError("sess.run called with --io-binding")
+
+    monkeypatch.setattr(ort.InferenceSession, "run", no_plain_run)
+    calls = []
+    real = ort.InferenceSession.run_with_iobinding
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding",
+                        lambda self, b, *a: (calls.append(b), real(self, b, *a))[1])
+    out = tmp_path / "io.json"
+    result = invoke(*pair, "--io-binding", "--runs", 3, "--warmup", 1, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "inputs and outputs bound on the device (IOBinding)" in result.stdout
+    assert len(calls) == 2 * (1 + 1 + 3)  # per model: the run that places the outputs, warm-up, timed runs
+    assert len({id(b) for b in calls}) == 2  # one binding per model, reused
+    data = json.loads(out.read_text())
+    assert data["io_binding"] is True and data["cuda_graph"] is False
+
+
+def test_bound_step_writes_into_the_same_output_buffer():
+    import numpy as np
+
+    sess = bench.session(mlp(rank=2))
+    feeds = {"x": np.ones((4, 8), np.float32)}
+    step = bench._Bound(sess, feeds, "cpu")
+    outputs = step.outputs
+    first = outputs[0].data_ptr()
+    step()
+    step()
+    assert outputs[0].data_ptr() == first
+    assert np.allclose(outputs[0].numpy(), sess.run(None, feeds)[0])
+
+
+def test_cuda_graph_on_the_cpu_provider_is_one_line_exit_2(pair):
+    result = invoke(pair[0], "--cuda-graph")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only " \
+                            "there), not cpu\n"
+    with pytest.raises(bench.InputError, match="--cuda-graph needs --provider cuda"):
+        bench.bench_files([pair[0]], "cpu", cuda_graph=True)
+
+
+def test_cuda_graph_asks_cuda_for_it_and_binds_on_the_device(pair, monkeypatch):
+    seen = {}
+
+    class Fake:
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def session(m, providers, *a, **k):
+        seen["providers"] = providers
+        return Fake()
+
+    monkeypatch.setattr(bench.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(bench, "session", session)
+    monkeypatch.setattr(bench, "_Bound", lambda s, feeds, device: seen.setdefault("device", device) and (lambda: None))
+    result = bench.bench_files(list(pair), "cuda", runs=2, warmup=1, cuda_graph=True)
+    assert seen["providers"] == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+    assert seen["device"] == "cuda" and result.io_binding and result.cuda_graph
+
+
+def test_mac_share_of_the_collapsible_chain(pair, tmp_path):
+    from lc_onnx import api
+
+    out = tmp_path / "m.json"
+    result = invoke(*pair, "--runs", 1, "--warmup", 0, "--batch", 4, "--json", out)
+    assert result.exit_code == 0, result.output
+    macs = json.loads(out.read_text())["macs"]
+    rows = 4 * 3  # batch 4, the rank-3 mlp's middle dim 3
+    assert macs["by_op"]["MatMul"] == macs["total"] == rows * (8 * 32 + 32 * 8)
+    assert macs["chains"] == macs["total"] and macs["chain_count"] == 1 and macs["share"] == 1.0
+    assert macs["after"] == rows * 8 * 8 and macs["ceiling"] == 8.0 and macs["unknown"] == []
+    assert "1 collapsible chain(s) hold 100.0%" in result.stdout and "at most 8.00x" in result.stdout
+    # a slope outside --tol: nothing collapses, nothing to gain
+    left = tmp_path / "left.onnx"
+    onnx.save(mlp(rank=3, slope=0.5), left)
+    share = bench.mac_share(onnx.load(left), {"x": [4, 3, 8]}, api.inspect(left))
+    assert share.chains == 0 and share.share == 0.0 and share.ceiling == 1.0 and share.total == rows * 512
+
+
+def test_node_macs_of_gemm_conv_and_batched_matmul():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((16, 3, 3, 3), np.float32), "w")  # C_out 16, C_in 3, 3x3
+    g = numpy_helper.from_array(np.zeros((10, 16 * 6 * 6), np.float32), "g")  # Gemm weight, transB
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "g"], ["y"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
+    ]
+    graph = helper.make_graph(nodes, "g", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6]),
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4, 5, 7]),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4, 7, 2]),
+    ], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, g])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    found, unknown = bench.node_macs(model, {"x": [2, 3, 6, 6], "a": [2, 4, 5, 7], "b": [2, 4, 7, 2]})
+    assert found == {"conv": ("Conv", 2 * 16 * 6 * 6 * 3 * 3 * 3), "gemm": ("Gemm", 2 * 10 * 576),
+                     "bmm": ("MatMul", 2 * 4 * 5 * 2 * 7)} and unknown == []
+    found, unknown = bench.node_macs(model, {"x": [2, 3, 6, 6]})  # a and b left open: bmm unknown
+    assert "bmm" not in found and unknown == ["bmm"]
