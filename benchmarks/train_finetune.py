@@ -313,7 +313,7 @@ def reading(rows: dict[str, list[dict]]) -> list[str]:
         diff = np.mean([r["acc_after"] for r in rs]) - np.mean([r["acc"] for r in gelu])
         out.append(f"- {mname}: λ={full[0]:g} collapses {rs[0]['sites']}/{rs[0]['sites']} blocks; test accuracy "
                    f"{_ms([r['acc_after'] for r in rs])} % collapsed against {_ms([r['acc'] for r in gelu])} % for "
-                   f"the GELU fine-tune ({diff:+.1f} points); "
+                   f"the GELU fine-tune ({f'{diff:+.1f}'.replace('-0.0', '±0.0').replace('+0.0', '±0.0')} points); "
                    f"parameters {gelu[0]['params']:,} → {rs[0]['params_after']:,}{speed}.")
     lam0 = {m: [r for r in mr if r.get("lam") == 0] for m, mr in rows.items()}
     if all(lam0.values()):
