@@ -2,6 +2,10 @@
 
     python benchmarks/study.py            # full study, writes benchmarks/RESULTS.md and benchmarks/study.png
     python benchmarks/study.py --quick    # small shapes, few runs, writes nothing
+    python benchmarks/study.py --provider cuda   # the device study: ViT-T, BERT-base, GPT-2 small in float32
+                                                 # and float16, batch 1/8/32, on that ONNX Runtime provider;
+                                                 # writes only the `## CUDA` section of benchmarks/RESULTS.md
+    python benchmarks/study.py --provider cpu --quick   # the same code path on the CPU, tiny models, no write
 
 Reference models, built here from configs with random weights and PReLU slope 1 in every MLP (no
 downloads): ViT-T/16 (d 192, MLP 768, 12 blocks, 224x224), BERT-base (HF BertModel, 768/3072, 12 layers,
@@ -15,7 +19,9 @@ import argparse
 import copy
 import datetime
 import math
+import os
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -134,11 +140,11 @@ def specs(quick: bool) -> list[Spec]:
 # --- variants ---------------------------------------------------------------------------------------
 
 
-def export(module: nn.Module, spec: Spec, path: Path) -> Path:
+def export(module: nn.Module, spec: Spec, path: Path, dtype: torch.dtype | None = None) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.export(module.eval(), spec.args(1), path, input_names=spec.input_names,
-                     dynamic_axes={n: {0: "batch"} for n in spec.input_names})
+                     dynamic_axes={n: {0: "batch"} for n in spec.input_names}, dtype=dtype)
     return path
 
 
@@ -304,6 +310,209 @@ def spinning_check(paths: list[Path], feeds, threads: int, rounds: int = 6, bloc
     return out
 
 
+# --- the device study (--provider): float32 and float16, batch 1/8/32, inputs and outputs bound on the device --
+
+
+DTYPES = {"fp32": None, "fp16": torch.float16}
+DEVICE_MODELS = ("ViT-T/16", "BERT-base", "GPT-2 small")
+SECTION = {"cuda": "## CUDA", "cpu": "## CPU provider, device study path"}
+
+
+def device_variants(spec: Spec, folder: Path, dtypes: list[str]) -> dict[str, dict[str, Path]]:
+    """Per dtype: original (prepared, every MLP at slope 1), lc-onnx (its `lc-onnx optimize` output) and ideal
+    (fused in torch, then exported in that dtype). One prepared model for all dtypes."""
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    train.prepare(model, spec.args(1), init=1.0)
+    ideal = copy.deepcopy(model)
+    train.collapse(ideal, threshold=0.05)
+    out = {}
+    for name in dtypes:
+        sub = folder / name
+        sub.mkdir(parents=True, exist_ok=True)
+        v = {"original": export(model, spec, sub / "original.onnx", DTYPES[name])}
+        result = lc_onnx.optimize(v["original"], tol=1e-3, validate=False)
+        v["lc-onnx"] = result.save(sub / "lc.onnx")
+        v["ideal"] = export(ideal, spec, sub / "ideal.onnx", DTYPES[name])
+        print(f"  {spec.name} {name}: lc-onnx {len(result.report.rewrites)} rewrites", flush=True)
+        out[name] = v
+    return out
+
+
+def device_feeds(spec: Spec, batch: int, dtype: str) -> dict[str, np.ndarray]:
+    feeds = feeds_for(spec, batch)
+    if dtype == "fp16":
+        feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    return feeds
+
+
+def provider_error(paths: list[Path], feeds, providers: list[str]) -> tuple[float, float]:
+    """Max |diff| and relative L2 of lc-onnx's output (paths[1]) against the original's (paths[0]) on the
+    provider, in float64. On CUDA, float32 MatMul runs in TF32: ~1e-3 between any two graphs."""
+    a, b = (np.asarray(session(p, providers).run(None, feeds)[0], np.float64) for p in paths[:2])
+    return float(np.abs(a - b).max()), float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def device_name(provider: str) -> str:
+    """The GPU's name (nvidia-smi, else torch), or the CPU's."""
+    if provider == "cuda":
+        smi = subprocess.run(["sh", "-c", "nvidia-smi --query-gpu=name --format=csv,noheader | head -1"],
+                             capture_output=True, text=True)
+        if smi.stdout.strip():
+            return smi.stdout.strip()
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+        return "an unnamed CUDA device"
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
+    return f"{cpu.stdout.strip() or 'a CPU'}, {os.cpu_count()} cores"
+
+
+@dataclass
+class DeviceRow:
+    model: str
+    dtype: str
+    batch: int
+    runs: int
+    ms: list[float]  # original, lc-onnx, ideal
+    max_err: float
+    rel_err: float
+    share: float  # MAC share of the collapsible chains in the original at this batch
+    ceiling: float  # total MACs / MACs once they are folded
+
+    @property
+    def speedup(self) -> float:
+        return self.ms[0] / self.ms[1]
+
+    @property
+    def ideal_ratio(self) -> float:
+        return self.ms[2] / self.ms[1]  # ideal ms / lc-onnx ms, as in the CPU table: < 1 where lc-onnx is slower
+
+    def line(self) -> str:
+        o, lc, ideal = self.ms
+        return (f"| {self.model} | {self.dtype} | {self.batch} | {self.runs} | {o:.3f} | {lc:.3f} | {ideal:.3f} "
+                f"| {self.speedup:.2f}x | {o / ideal:.2f}x | {self.ideal_ratio:.3f} "
+                f"| {100 * self.share:.1f}% | {self.ceiling:.2f}x | {self.max_err:.1e} / {self.rel_err:.1e} |")
+
+
+def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, ...] = (1, 8, 32),
+                 dtypes: tuple[str, ...] = ("fp32", "fp16"), models: tuple[str, ...] = DEVICE_MODELS,
+                 runs: int = 100, warmup: int = 10, threads: int = 0, io_binding: bool = True) -> list[DeviceRow]:
+    """original vs lc-onnx vs ideal on `provider` (`cpu` or `cuda`, exit 2 where it cannot be had), each row
+    interleaved through `lc_onnx.bench.interleaved` (IOBinding on the device unless `io_binding` is off),
+    with the analytic MAC share of the chains lc-onnx collapses (`lc_onnx.bench.mac_share`)."""
+    providers = [bench.provider(provider)]
+    rows = []
+    for spec in specs(quick):
+        if spec.name not in models:
+            continue
+        print(spec.name, flush=True)
+        variants = device_variants(spec, folder / spec.name.replace("/", "_").replace(" ", "_"), list(dtypes))
+        for dtype, v in variants.items():
+            paths = [v["original"], v["lc-onnx"], v["ideal"]]
+            head = onnx.load(paths[0], load_external_data=False)
+            candidates = lc_onnx.inspect(paths[0])
+            max_err, rel_err = provider_error(paths, device_feeds(spec, 1, dtype), providers)
+            for batch in batches:
+                feeds = device_feeds(spec, batch, dtype)
+                macs = bench.mac_share(head, {k: list(a.shape) for k, a in feeds.items()}, candidates, feeds)
+                lat = bench.interleaved(paths, feeds, runs=runs, warmup=warmup, threads=threads,
+                                        providers=providers, io_binding=io_binding)
+                rows.append(DeviceRow(spec.name, dtype, batch, runs, [x.median_ms for x in lat], max_err, rel_err,
+                                      macs.share, macs.ceiling))
+                print(rows[-1].line(), flush=True)
+    return rows
+
+
+def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, command: str) -> str:
+    """The RESULTS.md section of a device study: the rows, and the issue's summary (speedup per batch)."""
+    name = device_name(provider)
+    binding = ("inputs and outputs bound on the device (ORT IOBinding; each run writes into the same output "
+               "buffers, and its time includes waiting for the device)") if io_binding \
+        else "`sess.run` with numpy inputs"
+    summary = {}
+    for r in rows:
+        summary.setdefault((r.model, r.dtype), []).append(r)
+    batches = sorted({r.batch for r in rows})
+    lines = [
+        SECTION[provider],
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {name}; onnxruntime {ort.__version__} ({bench.PROVIDERS[provider]}), onnx {onnx.__version__}, "
+        f"torch {torch.__version__}; {datetime.date.today().isoformat()}.  ",
+        f"Models as above (random weights, slope 1 in every MLP, exported in float32 or, for fp16, with "
+        f"`lc_onnx.train.export(..., dtype=torch.float16)`); lc-onnx = `lc-onnx optimize` of that export, ideal = "
+        f"fused in torch and exported in the same dtype. Latency: median of {rows[0].runs if rows else 0} "
+        f"interleaved runs per model after warm-up, {binding}. MAC share: the analytic share of MatMul/Gemm/Conv "
+        f"MACs held by the chains lc-onnx collapses, and the speedup that removing their cost would give where "
+        f"time follows MACs (the ceiling). Error: lc-onnx against the original on this provider, batch 1 "
+        f"(max |diff| / relative L2).",
+        "",
+        "| model | dtype | " + " | ".join(f"batch {b}" for b in batches) + " | ideal / lc-onnx | MLP MAC share |",
+        "|---|---|" + "---|" * len(batches) + "---|---|",
+    ]
+    for (model, dtype), rs in summary.items():
+        by = {r.batch: r for r in rs}
+        ratio = [r.ideal_ratio for r in rs]
+        lines.append(f"| {model} | {dtype} | " + " | ".join(f"{by[b].speedup:.2f}x" if b in by else "–"
+                                                           for b in batches)
+                     + f" | {min(ratio):.2f}–{max(ratio):.2f} | {100 * rs[0].share:.0f}% (ceiling "
+                     f"{rs[0].ceiling:.2f}x) |")
+    lines += [
+        "",
+        "| model | dtype | batch | runs | original ms | lc-onnx ms | ideal ms | lc-onnx speedup | ideal speedup "
+        "| ideal/lc-onnx | MLP MAC share | MAC ceiling | err max / rel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[r.line() for r in rows],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """`text` with the section that starts at the line `heading` (up to the next `## ` heading or the end)
+    replaced by `body`; appended where there is none. Every other section is kept byte for byte."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, x in enumerate(lines) if x.rstrip("\n") == heading), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + body
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rest = "".join(lines[end:])
+    return "".join(lines[:start]) + body + ("\n" + rest if rest else "")
+
+
+def section(text: str, heading: str) -> str | None:
+    """The section of `text` that starts at the line `heading`, up to the next `## ` heading or the end."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, x in enumerate(lines) if x.rstrip("\n") == heading), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[start:end]).rstrip("\n") + "\n"
+
+
+def device_main(args) -> None:
+    if args.provider == "cuda":
+        try:  # the CUDA and cuDNN libraries of the machine's torch (onnxruntime-gpu >= 1.21)
+            ort.preload_dlls()
+        except Exception:  # an older onnxruntime, or the libraries are on the path already
+            pass
+    try:
+        bench.provider(args.provider)
+    except bench.InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    quick = args.quick
+    rows = device_study(args.provider, quick, WORK / f"device_{args.provider}", batches=(1, 2) if quick else (1, 8, 32),
+                        runs=3 if quick else args.runs, warmup=1 if quick else 10, threads=args.threads,
+                        io_binding=not args.no_io_binding)
+    command = "python benchmarks/study.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    body = device_section(args.provider, rows, not args.no_io_binding, command.strip())
+    out = Path(args.out) if args.out else (None if quick else HERE / "RESULTS.md")
+    if out is None:
+        print(body)
+        return
+    out.write_text(replace_section(out.read_text() if out.exists() else "", SECTION[args.provider], body))
+    print(f"wrote the {SECTION[args.provider]!r} section of {out}")
+
+
 # --- report -----------------------------------------------------------------------------------------
 
 
@@ -311,7 +520,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few runs; writes nothing")
     ap.add_argument("--budget", type=float, default=12.0, help="seconds of timed runs per group (default 12)")
+    ap.add_argument("--provider", choices=sorted(bench.PROVIDERS),
+                    help="run the device study on this ONNX Runtime provider instead (fp32 and fp16, batch 1/8/32)")
+    ap.add_argument("--runs", type=int, default=100, help="device study: timed runs per model and row (default 100)")
+    ap.add_argument("--threads", type=int, default=0, help="device study: intra-op threads (default: ORT's choice)")
+    ap.add_argument("--no-io-binding", action="store_true", help="device study: time sess.run with numpy inputs")
+    ap.add_argument("--out", help="device study: the RESULTS file whose section to replace (default "
+                                  "benchmarks/RESULTS.md; with --quick, print unless given)")
     args = ap.parse_args()
+    if args.provider:
+        device_main(args)
+        return
     torch.set_num_threads(2)
     budget = 1.0 if args.quick else args.budget
     lines, chart = [], []
@@ -495,13 +714,15 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
         "|---|---|---|---|---|---|---|---|",
         *peer_lines,
         "",
-        "## CUDA",
-        "",
-        "Not measured: no GPU machine was lent to this session. To measure: on a machine with a GPU and "
-        "`pip install onnxruntime-gpu`, run `lc-onnx bench original.onnx lc.onnx --provider cuda --batch 8`; "
-        "it exits 2 with one line if CUDAExecutionProvider cannot be had (no silent CPU fallback).",
     ]
-    (HERE / "RESULTS.md").write_text("\n".join(text) + "\n")
+    # the device sections (`--provider cuda`) are measured elsewhere: kept as they are
+    results = HERE / "RESULTS.md"
+    out = "\n".join(text) + "\n"
+    for heading in SECTION.values():
+        kept = section(results.read_text(), heading) if results.exists() else None
+        if kept:
+            out = replace_section(out, heading, kept)
+    results.write_text(out)
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'study.png'}")
 
 

@@ -196,10 +196,13 @@ def _count(n: float) -> str:
     return f"{n:g}"
 
 
-def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]]) -> tuple[dict[str, tuple[str, int]], list[str]]:
+def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[str, np.ndarray] | None = None,
+              source: Path | None = None) -> tuple[dict[str, tuple[str, int]], list[str]]:
     """MACs of every MatMul, Gemm and Conv node of the main graph, by node name (op, MACs), with the graph
-    inputs at `inputs` shapes; and the names of those whose shapes shape inference could not tell. MACs =
-    output elements × the reduced length: K of a MatMul or Gemm, C_in/group × kernel size of a Conv."""
+    inputs at `inputs` shapes; and the names of those whose shapes could not be told. MACs = output elements ×
+    the reduced length: K of a MatMul or Gemm, C_in/group × kernel size of a Conv. Shapes come from ONNX shape
+    inference; where it cannot tell (Reshape targets computed at run time), and `feeds` are given, from one run
+    of the model on the CPU with those nodes' tensors as extra outputs (`source`: its external data's folder)."""
     light = inference.weightless(model)
     for vi in light.graph.input:
         if vi.name in inputs:
@@ -218,12 +221,14 @@ def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]]) -> tuple[dic
         d = known.get(name)
         return d if d is not None and all(isinstance(x, int) and x > 0 for x in d) else None
 
+    linear = [(n.name or f"#{i}", n) for i, n in enumerate(model.graph.node)
+              if n.op_type in LINEAR_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
+    missing = [n for _, n in linear if any(dims(t) is None for t in (n.output[0], n.input[0], n.input[1]))]
+    if missing and feeds is not None:
+        known.update(_probe(model, {t for n in missing for t in (n.output[0], n.input[0], n.input[1])}, feeds, source))
     found, unknown = {}, []
-    for i, n in enumerate(model.graph.node):
-        if n.op_type not in LINEAR_OPS or n.domain not in ("", "ai.onnx"):
-            continue
-        name = n.name or f"#{i}"
-        out, a, b = dims(n.output[0]), dims(n.input[0]), dims(n.input[1]) if len(n.input) > 1 else None
+    for name, n in linear:
+        out, a, b = dims(n.output[0]), dims(n.input[0]), dims(n.input[1])
         if out is None or a is None or b is None:
             unknown.append(name)
             continue
@@ -238,9 +243,27 @@ def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]]) -> tuple[dic
     return found, unknown
 
 
-def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: list) -> MacShare:
-    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a rule would rewrite."""
-    per_node, unknown = node_macs(model, inputs)
+def _probe(model: onnx.ModelProto, names: set[str], feeds: dict[str, np.ndarray],
+           source: Path | None) -> dict[str, list[int]]:
+    """The shapes of tensors `names` in one CPU run of `model` on `feeds` ({} where the run fails)."""
+    listed = {o.name for o in model.graph.output}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    extra = sorted(names - listed - {t.name for t in model.graph.initializer})
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+    try:
+        sess = session(probe, source=source)
+        values = sess.run(None, feeds)
+    except Exception:  # the share is a help beside the timing: left unknown, said so in the line
+        return {}
+    return {o.name: list(np.shape(v)) for o, v in zip(sess.get_outputs(), values, strict=True)}
+
+
+def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: list,
+              feeds: dict[str, np.ndarray] | None = None, source: Path | None = None) -> MacShare:
+    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a rule would rewrite
+    (`feeds`, `source`: see `node_macs`)."""
+    per_node, unknown = node_macs(model, inputs, feeds, source)
     by_op = {op: 0 for op in LINEAR_OPS}
     for op, m in per_node.values():
         by_op[op] += m
@@ -329,7 +352,10 @@ def bench_files(
             raise InputError(f"{p} has inputs {n}, {paths[0]} has {names[0]}: they cannot share inputs")
     feeds = make_inputs(heads[0], batch_shapes(heads[0], batch, shapes or {}), given, seed)
     shapes_used = {k: list(v.shape) for k, v in feeds.items()}
-    macs = mac_share(heads[0], shapes_used, candidates) if candidates is not None else None
+    macs = None
+    if candidates is not None:
+        folder = Path(paths[0]).parent.resolve() if io.has_external(heads[0]) else None
+        macs = mac_share(heads[0], shapes_used, candidates, feeds, folder)
     del heads
     entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
     lat = interleaved(list(paths), feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph)

@@ -149,9 +149,12 @@ def _hf_settings(model: nn.Module, dynamo: bool, attn_implementation: str | None
     try:
         for c in cached:
             c.use_cache = False
-        if attn_implementation is not None and hasattr(model, "set_attn_implementation") \
-                and getattr(model.config, "_attn_implementation", None) != attn_implementation:
-            model.set_attn_implementation(attn_implementation)
+        if attn_implementation is not None:
+            # the model itself or, in a wrapper, each transformers model inside it
+            for m in model.modules():
+                if hasattr(m, "set_attn_implementation") and hasattr(m, "config") \
+                        and getattr(m.config, "_attn_implementation", None) != attn_implementation:
+                    m.set_attn_implementation(attn_implementation)
         if not dynamo:
             patched = _no_packed_sequence_check()
         yield
