@@ -377,7 +377,7 @@ class DeviceRow:
     max_err: float
     rel_err: float
     share: float  # MAC share of the collapsible chains in the original at this batch
-    ceiling: float  # total MACs / MACs once they are folded
+    mac_ratio: float  # total MACs / MACs once they are folded
 
     @property
     def speedup(self) -> float:
@@ -391,7 +391,7 @@ class DeviceRow:
         o, lc, ideal = self.ms
         return (f"| {self.model} | {self.dtype} | {self.batch} | {self.runs} | {o:.3f} | {lc:.3f} | {ideal:.3f} "
                 f"| {self.speedup:.2f}x | {o / ideal:.2f}x | {self.ideal_ratio:.3f} "
-                f"| {100 * self.share:.1f}% | {self.ceiling:.2f}x | {self.max_err:.1e} / {self.rel_err:.1e} |")
+                f"| {100 * self.share:.1f}% | {self.mac_ratio:.2f}x | {self.max_err:.1e} / {self.rel_err:.1e} |")
 
 
 def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, ...] = (1, 8, 32),
@@ -418,7 +418,7 @@ def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, .
                 lat = bench.interleaved(paths, feeds, runs=runs, warmup=warmup, threads=threads,
                                         providers=providers, io_binding=io_binding)
                 rows.append(DeviceRow(spec.name, dtype, batch, runs, [x.median_ms for x in lat], max_err, rel_err,
-                                      macs.share, macs.ceiling))
+                                      macs.share, macs.mac_ratio))
                 print(rows[-1].line(), flush=True)
     return rows
 
@@ -443,8 +443,9 @@ def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, comma
         f"`lc_onnx.train.export(..., dtype=torch.float16)`); lc-onnx = `lc-onnx optimize` of that export, ideal = "
         f"fused in torch and exported in the same dtype. Latency: median of {rows[0].runs if rows else 0} "
         f"interleaved runs per model after warm-up, {binding}. MAC share: the analytic share of MatMul/Gemm/Conv "
-        f"MACs held by the chains lc-onnx collapses, and the speedup that removing their cost would give where "
-        f"time follows MACs (the ceiling). Error: lc-onnx against the original on this provider, batch 1 "
+        f"MACs held by the chains lc-onnx collapses, and the MAC ratio: total MACs before / after the fold, the "
+        f"speedup if time followed MACs (a yardstick, not a bound: the collapse also removes the PRelu nodes and "
+        f"the wide intermediates). Error: lc-onnx against the original on this provider, batch 1 "
         f"(max |diff| / relative L2).",
         "",
         "| model | dtype | " + " | ".join(f"batch {b}" for b in batches) + " | ideal / lc-onnx | MLP MAC share |",
@@ -455,12 +456,12 @@ def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, comma
         ratio = [r.ideal_ratio for r in rs]
         lines.append(f"| {model} | {dtype} | " + " | ".join(f"{by[b].speedup:.2f}x" if b in by else "–"
                                                            for b in batches)
-                     + f" | {min(ratio):.2f}–{max(ratio):.2f} | {100 * rs[0].share:.0f}% (ceiling "
-                     f"{rs[0].ceiling:.2f}x) |")
+                     + f" | {min(ratio):.2f}–{max(ratio):.2f} | {100 * rs[0].share:.0f}% (MAC ratio "
+                     f"{rs[0].mac_ratio:.2f}x) |")
     lines += [
         "",
         "| model | dtype | batch | runs | original ms | lc-onnx ms | ideal ms | lc-onnx speedup | ideal speedup "
-        "| ideal/lc-onnx | MLP MAC share | MAC ceiling | err max / rel |",
+        "| ideal/lc-onnx | MLP MAC share | MAC ratio | err max / rel |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[r.line() for r in rows],
     ]

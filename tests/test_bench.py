@@ -187,13 +187,13 @@ def test_mac_share_of_the_collapsible_chain(pair, tmp_path):
     rows = 4 * 3  # batch 4, the rank-3 mlp's middle dim 3
     assert macs["by_op"]["MatMul"] == macs["total"] == rows * (8 * 32 + 32 * 8)
     assert macs["chains"] == macs["total"] and macs["chain_count"] == 1 and macs["share"] == 1.0
-    assert macs["after"] == rows * 8 * 8 and macs["ceiling"] == 8.0 and macs["unknown"] == []
-    assert "1 collapsible chain(s) hold 100.0%" in result.stdout and "at most 8.00x" in result.stdout
+    assert macs["after"] == rows * 8 * 8 and macs["mac_ratio"] == 8.0 and macs["unknown"] == []
+    assert "1 collapsible chain(s) hold 100.0%" in result.stdout and "(8.00x fewer)" in result.stdout
     # a slope outside --tol: nothing collapses, nothing to gain
     left = tmp_path / "left.onnx"
     onnx.save(mlp(rank=3, slope=0.5), left)
     share = bench.mac_share(onnx.load(left), {"x": [4, 3, 8]}, api.inspect(left))
-    assert share.chains == 0 and share.share == 0.0 and share.ceiling == 1.0 and share.total == rows * 512
+    assert share.chains == 0 and share.share == 0.0 and share.mac_ratio == 1.0 and share.total == rows * 512
 
 
 def test_node_macs_of_gemm_conv_and_batched_matmul():

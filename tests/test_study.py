@@ -22,19 +22,19 @@ def test_device_study_on_the_cpu_provider_writes_only_its_section(tmp_path):
         ("BERT-base", "fp32", 1), ("BERT-base", "fp32", 2), ("BERT-base", "fp16", 1), ("BERT-base", "fp16", 2)]
     for r in rows:
         assert len(r.ms) == 3 and all(m > 0 for m in r.ms) and r.runs == 2
-        assert 0.5 < r.share < 1 and r.ceiling > 1  # the tiny BERT's MLPs hold most of its MACs
+        assert 0.5 < r.share < 1 and r.mac_ratio > 1  # the tiny BERT's MLPs hold most of its MACs
     fp32, fp16 = rows[0], rows[2]
     assert fp32.rel_err < 1e-5 and fp16.rel_err < 1e-2  # lc-onnx against the original on the provider
     assert rows[0].share == pytest.approx(rows[1].share, rel=1e-3)  # batch scales every MatMul alike
 
     results = tmp_path / "RESULTS.md"
-    before = "# Latency study\n\n| cpu table |\n\n## CPU provider, device study path\n\nold\n\n## Later\n\nkept\n"
+    before = "# Latency study\n\n| cpu table |\n\n## CPU provider, device study path\n\nOLD-BODY\n\n## Later\n\nkept\n"
     results.write_text(before)
     body = study.device_section("cpu", rows, True, "python benchmarks/study.py --provider cpu --quick")
     results.write_text(study.replace_section(results.read_text(), study.SECTION["cpu"], body))
     text = results.read_text()
     assert text.startswith("# Latency study\n\n| cpu table |\n\n## CPU provider, device study path\n")
-    assert "old" not in text and text.endswith("\n## Later\n\nkept\n")
+    assert "OLD-BODY" not in text and text.endswith("\n## Later\n\nkept\n")
     assert "| BERT-base | fp16 | " in text and "IOBinding" in text and "onnxruntime" in text
     summary = [x for x in text.splitlines() if x.startswith("| BERT-base | fp32 | ") and x.count("|") == 7]
     assert len(summary) == 1  # model, dtype, batch 1, batch 2, ideal / lc-onnx, MAC share
