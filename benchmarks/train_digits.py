@@ -253,7 +253,12 @@ def write(rows: list[dict], curves: dict, args) -> None:
     lines += ["Accuracy (%) as blocks are collapsed one by one, nearest-to-1 slope first:", ""]
     for (m, lam), accs in curves.items():
         lines.append(f"- {m}, λ={lam:g}: " + ", ".join(f"{a:.1f}" for a in accs))
-    (HERE / "RESULTS_train.md").write_text("\n".join(lines) + "\n")
+    # the file also holds train_finetune.py's section (between its markers): keep it
+    target = HERE / "RESULTS_train.md"
+    text = target.read_text() if target.exists() else ""
+    start = text.find("<!-- train_finetune.py: start -->")
+    kept = "\n" + text[start:] if start >= 0 else ""
+    target.write_text("\n".join(lines) + "\n" + kept)
     print(f"wrote {HERE / 'RESULTS_train.md'} and {png}")
 
 
