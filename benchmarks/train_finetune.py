@@ -26,6 +26,7 @@ import copy
 import datetime
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -35,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import lc_onnx
 from lc_onnx import bench, train
+
+sys.path.insert(0, str(Path(__file__).parent))  # the digits models and split are train_digits.py's
+from train_digits import DeepMLP, accuracy, data  # noqa: E402
 
 HERE = Path(__file__).parent
 LAMBDAS = [0.0, 0.05, 0.2, 1.0]
@@ -50,26 +52,6 @@ START, END = "<!-- train_finetune.py: start -->", "<!-- train_finetune.py: end -
 
 
 # ---------------------------------------------------------------- models
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(d), nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
-
-
-class DeepMLP(nn.Module):
-    def __init__(self, blocks: int = 6, d: int = 64, h: int = 256):
-        super().__init__()
-        self.inp = nn.Linear(64, d)
-        self.blocks = nn.Sequential(*[Block(d, h) for _ in range(blocks)])
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 10))
-
-    def forward(self, x):
-        return self.head(self.blocks(self.inp(x)))
 
 
 class HFViT(nn.Module):
@@ -107,19 +89,6 @@ QUICK = {"pre_epochs": 2, "ft_epochs": 6, "seeds": 1, "runs": 5, "slope_lr": 0.0
 
 
 # ---------------------------------------------------------------- training
-
-
-def data(seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    return torch.tensor(xtr), torch.tensor(ytr), torch.tensor(xte), torch.tensor(yte)
-
-
-def accuracy(model: nn.Module, x, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean()) * 100
 
 
 def params(model: nn.Module) -> int:
