@@ -42,7 +42,7 @@ import lc_onnx
 from lc_onnx import bench, train
 
 sys.path.insert(0, str(Path(__file__).parent))  # the digits models and split are train_digits.py's
-from train_digits import DeepMLP, accuracy, data  # noqa: E402
+from train_digits import DeepMLP, accuracy, data, progressive  # noqa: E402
 
 HERE = Path(__file__).parent
 LAMBDAS = [0.0, 0.05, 0.2, 1.0]
@@ -120,17 +120,6 @@ def lc_prepare(spec: Spec, model: nn.Module, xtr) -> list[str]:
         warnings.simplefilter("error")  # a site prepare could not swap (a functional activation) would be a bug here
         names = train.prepare(module, example, init=0.01)
     return list(names)
-
-
-def progressive(model: nn.Module, xte, yte) -> list[float]:
-    """Accuracy after collapsing 0, 1, ..., n blocks, the slope nearest 1 first (whatever the slope)."""
-    order = sorted(train.slopes(model).items(), key=lambda kv: abs(kv[1] - 1))
-    accs = [accuracy(model, xte, yte)]
-    for k in range(1, len(order) + 1):
-        m = copy.deepcopy(model)
-        train.collapse(m, threshold=float("inf"), only=[n for n, _ in order[:k]])
-        accs.append(accuracy(m, xte, yte))
-    return accs
 
 
 # ---------------------------------------------------------------- ONNX side
