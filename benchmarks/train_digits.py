@@ -109,8 +109,15 @@ def fit(model: nn.Module, lam: float | None, xtr, ytr, epochs: int, seed: int) -
     """lam None: the GELU baseline. Otherwise PReLU(0.01) blocks and loss CE + lam·Σ(α−1)²."""
     if lam is not None:
         train.prepare(model, (xtr[:2],), init=0.01)
-    groups = train.param_groups(model, lr=1e-3, slope_lr=1e-2) if lam is not None else model.parameters()
-    opt = torch.optim.AdamW(groups, lr=1e-3)
+    return train_epochs(model, xtr, ytr, epochs, seed, lr=1e-3, lam=lam)
+
+
+def train_epochs(model: nn.Module, xtr, ytr, epochs: int, seed: int, lr: float, lam: float | None = None,
+                 slope_lr: float = 1e-2) -> nn.Module:
+    """AdamW, batch 64, weight decay 0.01. With `lam` (a prepared model) the slopes get their own group
+    (`slope_lr`, no decay) and the loss is CE + lam·Σ(α−1)²."""
+    groups = train.param_groups(model, lr=lr, slope_lr=slope_lr) if lam is not None else model.parameters()
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()

@@ -42,7 +42,7 @@ import lc_onnx
 from lc_onnx import bench, train
 
 sys.path.insert(0, str(Path(__file__).parent))  # the digits models and split are train_digits.py's
-from train_digits import DeepMLP, accuracy, data, progressive  # noqa: E402
+from train_digits import DeepMLP, accuracy, data, params, progressive, train_epochs  # noqa: E402
 
 HERE = Path(__file__).parent
 LAMBDAS = [0.0, 0.05, 0.2, 1.0]
@@ -91,27 +91,9 @@ QUICK = {"pre_epochs": 2, "ft_epochs": 6, "seeds": 1, "runs": 5, "slope_lr": 0.0
 # ---------------------------------------------------------------- training
 
 
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def fit(model: nn.Module, xtr, ytr, epochs: int, seed: int, lr: float, lam: float | None = None,
         slope_lr: float = SLOPE_LR) -> nn.Module:
-    """AdamW, batch 64, weight decay 0.01. With `lam` (a prepared model) the slopes get their own group
-    (`slope_lr`, no decay) and the loss is CE + lam·Σ(α−1)²."""
-    groups = train.param_groups(model, lr=lr, slope_lr=slope_lr) if lam is not None else model.parameters()
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xtr), generator=gen).split(BATCH):
-            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-            if lam:
-                loss = loss + lam * train.regularizer(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_epochs(model, xtr, ytr, epochs, seed, lr, lam, slope_lr)
 
 
 def lc_prepare(spec: Spec, model: nn.Module, xtr) -> list[str]:
