@@ -171,6 +171,7 @@ def optimize(
     seed: int = 0,
     progress: Callable[..., None] | None = None,
     writes: tuple[str | os.PathLike, ...] = (),
+    allow_growth: bool = False,
 ) -> OptimizeResult:
     """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
 
@@ -179,7 +180,9 @@ def optimize(
     error exceeds `rtol` and its largest absolute error exceeds `atol` (defaults: `validate.default_rtol`,
     from the slopes actually taken as 1, and `validate.default_atol`). `writes` are paths the caller will
     write: InputError before any work if one is a file the input reads. `progress(stage)` is called as each
-    stage starts, and `progress(stage, done, None)` as rewrites are made."""
+    stage starts, and `progress(stage, done, None)` as rewrites are made. `allow_growth`: fold chains that read
+    shared weights (ALBERT's one MLP in every layer) even where that grows the model's parameters; by default
+    such a group is left, with the reason in the report."""
     step = progress or (lambda stage, done=None, total=None: None)
     for name, value in (("tol", tol), ("rtol", rtol), ("atol", atol)):
         _check_limit(name, value)
@@ -196,9 +199,11 @@ def optimize(
     original = src.model
     step("checking")
     graph, annotated = _import(src)
-    report = Report(tol=tol, before=totals(original))  # sizes read string fields: only once they are checked
+    # sizes read string fields: only once they are checked
+    report = Report(tol=tol, before=totals(original), allow_growth=allow_growth)
     step("rewriting")
-    result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None))
+    result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None),
+                        allow_growth=allow_growth)
     shapes.unannotate(annotated)
     del annotated  # it holds graph tensors, and through them the graph and the input's weights
     report.rewrites, report.skipped = result.rewrites, result.skipped
@@ -244,10 +249,10 @@ def _check_limit(name: str, value: float | None) -> None:
 
 
 def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = DEFAULT_TOL,
-            skip: tuple[str, ...] = ()) -> list[passes.Candidate]:
+            skip: tuple[str, ...] = (), allow_growth: bool = False) -> list[passes.Candidate]:
     """Every candidate chain with the rule that would fire on it, or why none would."""
     _check_limit("tol", tol)
     try:
-        return passes.inspect(_import(_open(model_or_path))[0], tol, frozenset(skip))
+        return passes.inspect(_import(_open(model_or_path))[0], tol, frozenset(skip), allow_growth)
     except ValueError as e:
         raise InputError(str(e)) from None

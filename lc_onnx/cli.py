@@ -18,7 +18,7 @@ from lc_onnx import api, io
 from lc_onnx import bench as bench_mod
 from lc_onnx.errors import InputError, LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
-from passes import NODE_RULES, RULES, rule_names
+from passes import ALL_RULES, rule_names
 
 TOL_HELP = f"Largest |slope - 1| that still counts as the identity (default {api.DEFAULT_TOL:g})."
 
@@ -168,11 +168,14 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input file.")
 @click.option("--external-data", is_flag=True,
               help="Write weights to OUTPUT.data beside the model (automatic for external-data inputs and past 2 GB).")
+@click.option("--allow-growth", is_flag=True,
+              help="Fold chains that read shared weights (one MLP run in every layer) even where the model's "
+                   "parameters grow; by default such chains are left, with the reason.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_skip_option
 @_handle_errors
 def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
-             external_data, quiet, skip) -> None:
+             external_data, allow_growth, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
     for option, value in (("--tol", tol), ("--rtol", rtol), ("--atol", atol)):
         _limit(option, value)
@@ -198,6 +201,7 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
     result = api.optimize(
         model, tol=tol, rtol=rtol, atol=atol, validate=not no_validate, skip=tuple(skip),
         input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
+        allow_growth=allow_growth,
     )
     progress("writing")
     # the input's layout is kept: external data in, external data out (and always past 2 GB)
@@ -308,7 +312,7 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
 @main.command()
 def rules() -> None:
     """List the rules and what each does (names for --skip)."""
-    for r in RULES + NODE_RULES:
+    for r in ALL_RULES:
         opsets = f"opset {r.min_opset}-{r.max_opset}"
         click.echo(f"{r.name:24} {opsets:12} {r.summary}")
 

@@ -19,6 +19,7 @@ class Totals:
 @dataclass
 class Report:
     tol: float
+    allow_growth: bool = False  # chains reading shared weights folded even where the parameters grow
     rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Candidate] = field(default_factory=list)
     before: Totals | None = None
@@ -32,6 +33,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "tol": self.tol,
+            "allow_growth": self.allow_growth,
             "modified": self.modified,
             "rewrites": [asdict(r) for r in self.rewrites],
             "skipped": [asdict(c) for c in self.skipped],
@@ -58,6 +60,9 @@ class Report:
                     "exact" if r.error_coefficient == 0 else f"c={r.error_coefficient:.3g}",
                 ))
             lines += _grid(rows)
+            notes = [(r, r.note) for r in self.rewrites if r.note]
+            for r, note in notes:
+                lines.append(f"  {r.rule} {_nodes(r.names, r.graph)}: {note}")
         else:
             lines.append("no chain rewritten")
         if self.skipped:

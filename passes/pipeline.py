@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
+from passes import sharing
 from passes.chain import Chain, Reject, find_chain, next_layer_node
 from passes.cost import later_pair_first_is_cheaper
 from passes.linear import LinearLayer, Names, read_linear_ending_at
-from passes.match import one_run, producer
-from passes.registry import active_node_rules, active_rules
-from passes.rule import NodeRule, Rewrite, Rule
+from passes.match import is_op, one_run, producer
+from passes.registry import active_block_rules, active_node_rules, active_rules
+from passes.rule import BlockRule, Context, NodeRule, Rewrite, Rule
 
 
 @dataclass
@@ -42,6 +43,7 @@ class _Refused:
 
     def __init__(self):
         self.seen: dict[tuple[int, int], tuple[gs.Node, gs.Node, str]] = {}
+        self.notes: dict[tuple[int, int], str] = {}  # why a chain that reads shared weights is collapsed
 
     @staticmethod
     def _key(chain: Chain) -> tuple[int, int]:
@@ -135,6 +137,7 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
             continue
         done = rule.rewrite(g, names, chain)
         done.graph = gname
+        done.note = done.note or refused.notes.get(refused._key(chain), "")
         rewrites.append(done)
         on_rewrite()
         _detach_dead(chain.nodes + [reader for reader, _ in chain.shape_readers], outputs)
@@ -166,13 +169,112 @@ def _around(y: gs.Tensor, outputs: set[str]) -> list[gs.Node]:
     return [layer.nodes[0]] + ([nxt] if nxt is not None else [])
 
 
-def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None,
+def _plan_shared(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused) -> None:
+    """Chains a folding rule would take whose weights are also read elsewhere (ALBERT runs one MLP in every
+    layer): fusing each writes a weight of its own, and a shared weight dies only when all its readers are
+    folded. Grouped by the weights they share, a group whose folds would grow the parameters is refused (unless
+    `ctx.allow_growth`), all of it; either way each chain gets a note saying what was chosen and why."""
+    chains = []
+    for node in list(g.nodes):
+        rule, _, chain = _decide(node, rules, ctx.outputs, ctx.tol, refused)
+        if chain is None or not rule.folds_weights:
+            continue
+        inside = {id(n) for n in chain.nodes}
+        roots = [sharing.weight_root(chain.first), sharing.weight_root(chain.second)]
+        users = [sharing.readers(r, ctx.outputs) for r in roots]
+        if any(u is None or any(id(n) not in inside and not is_op(n, *sharing.VIEWS) for n in u) for u in users):
+            chains.append((chain, roots))
+    group_of: dict[int, int] = {}  # weight root -> group
+    groups: dict[int, list[Chain]] = {}
+    for i, (chain, roots) in enumerate(chains):
+        merged = sorted({group_of[id(r)] for r in roots if id(r) in group_of} | {i})
+        members = [c for j in merged for c in groups.pop(j, [])] + [chain]
+        groups[merged[0]] = members
+        for c in members:
+            for r in (sharing.weight_root(c.first), sharing.weight_root(c.second)):
+                group_of[id(r)] = merged[0]
+    for members in groups.values():
+        layers = [layer for c in members for layer in (c.first, c.second)]
+        freed, kept = sharing.freed(layers, [n for c in members for n in c.nodes], ctx.outputs)
+        after = sum(c.cost.params_after for c in members)
+        d = {f"{c.first.d_in}x{c.second.d_out}" for c in members}
+        what = (f"{len(members)} chain(s) read shared weights: folding each writes its own {'/'.join(sorted(d))} "
+                f"weight, params {freed} -> {after}"
+                + (f" ({kept} weight(s) also read elsewhere stay)" if kept else ""))
+        if after <= freed:
+            note = what + ": no growth, collapsed"
+        elif ctx.allow_growth:
+            note = what + f" (+{after - freed}), allowed by --allow-growth"
+        else:
+            for c in members:
+                refused.add(c, what + f" (+{after - freed}); left to keep the model from growing "
+                                      "(--allow-growth collapses anyway)")
+            continue
+        for c in members:
+            refused.notes[refused._key(c)] = note
+
+
+def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, names: Names | None,
+                 on_rewrite: Callable[[], None] = lambda: None) -> tuple[list[Rewrite], list[Candidate]]:
+    """The block rules (their own matches: fan-out, partial slopes) at every node, rewriting when `names` is
+    given. Each match is read from the graph as it now is, so a rewrite earlier in the pass is seen."""
+    rewrites, candidates = [], []
+    for node in list(g.nodes):
+        if not node.outputs:
+            continue  # died in a rewrite of this pass
+        found, left = None, []
+        for rule in rules:
+            m = rule.match(node, ctx)
+            if isinstance(m, Reject):
+                left.append(Candidate(m.names, m.slope_range, None, f"{rule.name}: {m.reason}", m.shape, gname))
+            elif m is not None:
+                found = rule, m
+                break
+        if found is None:
+            candidates += left
+            continue
+        rule, m = found
+        candidate = Candidate(m.names, m.slope_range, rule.name, None, m.shape, gname)
+        candidates.append(candidate)
+        reason = m.load()
+        if reason:
+            candidate.rule, candidate.reason = None, f"{rule.name}: {reason}"
+            continue
+        if names is None:
+            continue
+        done = rule.rewrite(g, names, m)
+        done.graph = gname
+        rewrites.append(done)
+        on_rewrite()
+        _detach_dead(m.nodes, ctx.outputs)
+    return rewrites, candidates
+
+
+def _merge(candidates: list[Candidate]) -> list[Candidate]:
+    """One entry per block: a chain left by the chain rules but taken whole by a block rule is not listed as
+    left, and two reasons for the same nodes are joined."""
+    taken = [(c.graph, set(c.names)) for c in candidates if c.rule is not None]
+    out, by = [], {}
+    for c in candidates:
+        if c.rule is None and any(g == c.graph and set(c.names) <= names for g, names in taken):
+            continue
+        key = (c.graph, tuple(c.names))
+        prev = by.get(key)
+        if prev is None:
+            by[key] = c
+            out.append(c)
+        elif prev.rule is None and c.rule is None and c.reason not in prev.reason:
+            prev.reason += "; " + c.reason
+    return out
+
+
+def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None, tol: float,
                 exclude: set[str] = frozenset(),
                 on_rewrite: Callable[[], None] = lambda: None) -> tuple[list[Rewrite], list[Candidate]]:
     """The node rules on every node not named in `exclude`, rewriting when `names` is given."""
     rewrites, candidates = [], []
     for node in list(g.nodes):
-        rule = next((r for r in rules if node.name not in exclude and r.applies(node)), None)
+        rule = next((r for r in rules if node.name not in exclude and r.applies(node, tol)), None)
         if rule is None:
             continue
         candidates.append(Candidate([node.name], None, rule.name, None, None, gname, kind="node"))
@@ -200,24 +302,31 @@ def _list_initializers_as_inputs(graph: gs.Graph) -> None:
     graph.inputs += [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
 
 
-def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset()) -> list[Candidate]:
+def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
+            allow_growth: bool = False) -> list[Candidate]:
     """Every candidate chain in the graph and its subgraphs, and every node a node rule would change
     once the chains are collapsed, without changing anything."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
+    block_rules = active_block_rules(skip, graph.opset)
     found = []
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
-            chains = _sweep(g, gname, rules, tol, None, _Refused())[1]
+            ctx, refused = Context({t.name for t in g.outputs}, tol, allow_growth), _Refused()
+            _plan_shared(g, rules, ctx, refused)
+            chains = _sweep(g, gname, rules, tol, None, refused)[1]
+            chains = _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
             collapsed = {n for c in chains if c.rule is not None for n in c.names}
-            found += chains + _node_sweep(g, gname, node_rules, None, collapsed)[1]
+            found += chains + _node_sweep(g, gname, node_rules, None, tol, collapsed)[1]
     return found
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
-        on_rewrite: Callable[[int], None] | None = None) -> PassResult:
+        on_rewrite: Callable[[int], None] | None = None, allow_growth: bool = False) -> PassResult:
     """Apply the rules, pass after pass, until one fires nothing; what that last pass saw but left is
-    reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each."""
+    reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each.
+    `allow_growth`: fold chains that read shared weights even where the model's parameters grow."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
+    block_rules = active_block_rules(skip, graph.opset)
     result = PassResult(modified=False)
     names = Names(graph)
     made = 0
@@ -230,16 +339,20 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
 
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
-            refused = _Refused()
+            ctx, refused = Context({t.name for t in g.outputs}, tol, allow_growth), _Refused()
+            _plan_shared(g, rules, ctx, refused)
             for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
                 rewrites, candidates = _sweep(g, gname, rules, tol, names, refused, count)
+                if not rewrites and block_rules:  # chains first; then blocks (fan-out, partial slopes)
+                    rewrites, more = _block_sweep(g, gname, block_rules, ctx, names, count)
+                    candidates += more
                 if not rewrites:
-                    result.skipped += [c for c in candidates if c.rule is None]
+                    result.skipped += [c for c in _merge(candidates) if c.rule is None]
                     break
                 result.rewrites += rewrites
                 result.modified = True
                 g.cleanup(remove_unused_graph_inputs=False).toposort()
-            rewrites = _node_sweep(g, gname, node_rules, names, on_rewrite=count)[0]
+            rewrites = _node_sweep(g, gname, node_rules, names, tol, on_rewrite=count)[0]
             if rewrites:
                 result.rewrites += rewrites
                 result.modified = True

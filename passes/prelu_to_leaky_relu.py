@@ -34,8 +34,11 @@ def _alpha(node: gs.Node) -> float | None:
     return float(alpha)
 
 
-def applies(node: gs.Node) -> bool:
-    return _alpha(node) is not None
+def applies(node: gs.Node, tol: float) -> bool:
+    """Not for a slope within tol of 1: that PRelu is the identity (eliminate_unit_activation removes it), and
+    a LeakyRelu(alpha≈1) left in its place would be an identity node that nothing else removes."""
+    alpha = _alpha(node)
+    return alpha is not None and abs(alpha - 1.0) > tol
 
 
 def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
@@ -25,6 +26,7 @@ class Rewrite:
     macs_after: int
     error_coefficient: float  # ‖error per row‖ ≤ this · ‖min(0, h)‖
     graph: str = ""  # name of the subgraph, "" for the main graph
+    note: str = ""  # why the rule chose this where that is not plain (shared weights, --allow-growth)
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,50 @@ class Rule:
     verify: Callable[[Chain], str | None] | None = None
 
 
+@dataclass
+class Context:
+    """What every match may look at besides the graph: the graph's output names, the slope tolerance, and
+    whether a rewrite may grow the model's parameters (`--allow-growth`)."""
+
+    outputs: set[str] = field(default_factory=set)
+    tol: float = 1e-3
+    allow_growth: bool = False
+
+
+class Block(Protocol):
+    """What a block rule's match gives: the nodes it spans (for the report and to unhook the dead ones), its
+    slope range and shape, and `load` (read the weights, compute what the rewrite needs; why not, or None)."""
+
+    names: list[str]
+    nodes: list[gs.Node]
+    slope_range: tuple[float, float] | None
+    shape: tuple[int, int, int] | None
+
+    def load(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
-class NodeRule:
-    """A rule on one node, tried after the chain rules are done (so a chain is collapsed, not changed
-    piecemeal): `applies` says whether it fires, `rewrite` changes the graph and says what it did."""
+class BlockRule:
+    """A rule with its own match, found at one node: `match(node, ctx)` gives the block it would rewrite, a
+    `Reject` (a candidate it leaves, and why) or None (no candidate there). Tried when no chain rule fires
+    (so plain chains collapse first), in the same loop to a fixed point."""
 
     name: str
     summary: str
-    applies: Callable[[gs.Node], bool]
+    match: Callable[[gs.Node, Context], Any]  # Block | Reject | None
+    rewrite: Callable[[gs.Graph, Names, Any], Rewrite]
+    min_opset: int = 11
+    max_opset: int = 24
+
+
+@dataclass(frozen=True)
+class NodeRule:
+    """A rule on one node, tried after the chain rules are done (so a chain is collapsed, not changed
+    piecemeal): `applies(node, tol)` says whether it fires, `rewrite` changes the graph and says what it did."""
+
+    name: str
+    summary: str
+    applies: Callable[[gs.Node, float], bool]
     rewrite: Callable[[gs.Graph, Names, gs.Node], Rewrite]
     min_opset: int = 7  # PRelu broadcasts its slope from opset 7 on
     max_opset: int = 24

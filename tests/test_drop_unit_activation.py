@@ -31,11 +31,16 @@ def test_bottleneck_slope_outside_tolerance_is_left_alone():
 
 
 def test_skip_by_name():
-    result = lc_onnx.optimize(bottleneck(), skip=("drop_unit_activation", "prelu_to_leaky_relu"))
-    assert not result.report.rewrites
-    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain", "prelu_to_leaky_relu")).report.rewrites
-    (only,) = lc_onnx.optimize(mlp(), skip=("collapse_linear_chain",)).report.rewrites
-    assert only.rule == "prelu_to_leaky_relu"  # the PRelu left behind still runs faster
+    nodes = ("drop_unit_activation", "eliminate_unit_activation", "prelu_to_leaky_relu")
+    assert not lc_onnx.optimize(bottleneck(), skip=nodes).report.rewrites
+    (only,) = lc_onnx.optimize(bottleneck(), skip=("drop_unit_activation",)).report.rewrites
+    assert only.rule == "eliminate_unit_activation"  # the node rule removes what the chain rule would have
+    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain",) + nodes[1:]).report.rewrites
+    # a PRelu(1) left behind never becomes LeakyRelu(alpha=1), an identity node nothing would remove
+    assert not lc_onnx.optimize(mlp(), skip=("collapse_linear_chain", "eliminate_unit_activation")).report.rewrites
+    (only,) = lc_onnx.optimize(mlp(slope=0.5), skip=("collapse_linear_chain",)).report.rewrites
+    assert only.rule == "prelu_to_leaky_relu"
+
 
 
 def test_equal_cost_collapses():

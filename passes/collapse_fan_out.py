@@ -1,0 +1,167 @@
+"""Rule: one layer A whose (nearly) linear output feeds k linear layers B_i (two heads on one hidden layer)
+becomes k layers W_i = W_A·W_Bi, b_i = b_A·W_Bi + b_Bi, where that costs fewer MACs and, unless
+--allow-growth, no more parameters than A and the B_i it replaces.
+
+Where it does not pay, the unit activation is still the identity: eliminate_unit_activation removes it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes import sharing
+from passes.chain import MAX_WALK, Reject
+from passes.collapse_linear_chain import fold
+from passes.cost import Cost, fan_out_cost
+from passes.eliminate_unit_activation import slopes as read_slopes
+from passes.linear import LinearLayer, Names, read_linear_starting_at, write_linear
+from passes.match import is_const, is_inference_dropout, is_op, slope_problem
+from passes.rule import BlockRule, Context, Rewrite
+
+NAME = "collapse_fan_out"
+
+
+@dataclass
+class FanOut:
+    first: LinearLayer
+    between: list[gs.Node]  # Identity, inference Dropout and the activation, in graph order
+    heads: list[LinearLayer]
+    slopes: np.ndarray | None
+    cost: Cost
+    note: str = ""
+    folded: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.first.nodes + self.between + [n for h in self.heads for n in h.nodes]
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    @property
+    def slope_range(self) -> tuple[float, float] | None:
+        return None if self.slopes is None else (float(self.slopes.min()), float(self.slopes.max()))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.first.d_in, self.first.d_out, sum(h.d_out for h in self.heads)
+
+    def load(self) -> str | None:
+        """Read the weights and fold each head; why not (NaN or inf, an overflow of the dtype), or None."""
+        reason = self.first.load() or next((r for r in (h.load() for h in self.heads) if r), None)
+        if reason:
+            return reason
+        a = self.first
+        with np.errstate(over="ignore", invalid="ignore"):
+            for head in self.heads:
+                wb = head.weight
+                bias = None
+                if a.bias is not None or head.bias is not None:
+                    bias = np.zeros(head.d_out) if head.bias is None else head.bias.copy()
+                    if a.bias is not None:
+                        bias += a.bias @ wb
+                weight = fold(a, wb)
+                if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias.astype(a.dtype)).all()):
+                    return f"a fused weight or bias overflows {a.dtype}"
+                self.folded.append((weight, bias))
+        return None
+
+
+def _walk(t: gs.Tensor, outputs: set[str]) -> tuple[list[gs.Node], gs.Node | None, gs.Tensor] | None:
+    """From a layer's output `t` through Identity, inference Dropout and at most one PRelu/LeakyRelu to the
+    tensor read by several nodes; None where the output goes one way only (a chain) or anywhere else."""
+    between, act = [], None
+    for _ in range(MAX_WALK):
+        if t.name in outputs or not t.outputs:
+            return None
+        if len(t.outputs) > 1:
+            return between, act, t
+        user = t.outputs[0]
+        if is_op(user, "PRelu", "LeakyRelu") and act is None and user.inputs[0] is t:
+            act = user
+        elif not (is_op(user, "Identity") or is_inference_dropout(user, outputs)):
+            return None
+        between.append(user)
+        t = user.outputs[0]
+    return None
+
+
+def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
+    if not is_op(node, "Gemm", "MatMul") or not node.outputs:
+        return None
+    t = node.outputs[0]  # first the shape of the graph (no value is read for a layer that does not fan out)
+    if len(t.outputs) == 1 and is_op(t.outputs[0], "Add") and t.name not in ctx.outputs:
+        t = t.outputs[0].outputs[0] if any(is_const(i) for i in t.outputs[0].inputs) else t
+    if _walk(t, ctx.outputs) is None:
+        return None
+    first = read_linear_starting_at(node, ctx.outputs)
+    if not isinstance(first, LinearLayer) or not sharing.plain(first):
+        return None
+    walked = _walk(first.y, ctx.outputs)
+    if walked is None:
+        return None
+    between, act, t = walked
+    heads = []
+    for user in t.outputs:
+        if not is_op(user, "Gemm", "MatMul") or user.inputs[0] is not t or any(user is h.nodes[0] for h in heads):
+            return None  # a fan-out into a non-linear node: nothing to fold into it
+        head = read_linear_starting_at(user, ctx.outputs)
+        if (not isinstance(head, LinearLayer) or not sharing.plain(head) or head.d_in != first.d_out
+                or head.dtype != first.dtype):
+            return None
+        heads.append(head)
+    names = first.names + [n.name for n in between] + [n for h in heads for n in h.names]
+    shape = (first.d_in, first.d_out, sum(h.d_out for h in heads))
+    slopes = None
+    if act is not None:
+        slopes = read_slopes(act)
+        if slopes is None or not np.isfinite(slopes).all():
+            return None
+        if is_op(act, "PRelu") and slope_problem(act, first.d_out, first.x_rank):
+            return None
+        off = float(np.abs(slopes - 1.0).max())
+        if off > ctx.tol:
+            lo, hi = float(slopes.min()), float(slopes.max())
+            return Reject(names, f"fan-out into {len(heads)} layers: slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, "
+                                 f"outside tolerance {ctx.tol:g}", (lo, hi), shape)
+    layers = [first, *heads]
+    has_bias = [first.bias is not None or h.bias is not None for h in heads]
+    params_after = sum(first.d_in * h.d_out + (h.d_out if b else 0) for h, b in zip(heads, has_bias, strict=True))
+    freed, shared = sharing.freed(layers, first.nodes + between + [n for h in heads for n in h.nodes], ctx.outputs)
+    cost = fan_out_cost(first.d_in, first.d_out, [h.d_out for h in heads], sum(la.params for la in layers),
+                        params_after, freed)
+    srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
+    if cost.macs_after > cost.macs_before:
+        return Reject(names, f"fan-out into {len(heads)} layers: the fused layers ({cost.macs_after} MACs/row) cost "
+                             f"more than the shared layer and its heads ({cost.macs_before})", srange, shape)
+    note = ""
+    if cost.grows:
+        why = (f"fan-out into {len(heads)} layers: the fused layers grow the model by {cost.growth()}"
+               + (f" ({shared} weight(s) also read elsewhere stay)" if shared else ""))
+        if not ctx.allow_growth:
+            return Reject(names, why + "; --allow-growth collapses anyway", srange, shape)
+        note = why + ", allowed by --allow-growth"
+    return FanOut(first, between, heads, slopes, cost, note)
+
+
+def rewrite(graph: gs.Graph, names: Names, block: FanOut) -> Rewrite:
+    a = block.first
+    if not block.folded:
+        block.load()
+    for head, (weight, bias) in zip(block.heads, block.folded, strict=True):
+        base = re.sub(r"_collapsed(_\d+)?$", "", head.nodes[0].name) + "_collapsed"
+        write_linear(graph, names, base, a.x, head.y, weight, bias, head.dtype, gemm=a.x_rank == 2,
+                     bias_first=head.bias_first)
+    off = 0.0 if block.slopes is None else float(np.abs(block.slopes - 1.0).max())
+    norm = float(np.sqrt(sum(h.frobenius ** 2 for h in block.heads)))
+    c = block.cost
+    return Rewrite(NAME, block.names, block.slope_range, block.shape, c.params_before, c.params_after, c.macs_before,
+                   c.macs_after, off * norm, note=block.note)
+
+
+RULE = BlockRule(NAME, "fold a layer into each of the layers its (nearly) linear output feeds, where that is cheaper",
+                 match, rewrite)

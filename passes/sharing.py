@@ -1,0 +1,76 @@
+"""Which nodes read a layer's weight, seen through the nodes exporters put between a shared initializer and
+its users (Identity, Transpose, Cast): what a rewrite frees, and what it cannot, when weights are shared."""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from passes.linear import LinearLayer
+from passes.match import constant, is_op, producer
+
+VIEWS = ("Identity", "Transpose", "Cast")  # a node that hands a weight on to its reader unchanged in size
+
+
+def weight_root(layer: LinearLayer) -> gs.Tensor:
+    """The tensor the layer's weight is stored in: its Gemm/MatMul's weight input, walked back through VIEWS."""
+    node = next((n for n in layer.nodes if is_op(n, "Gemm", "MatMul", "Conv")), layer.nodes[0])
+    t = node.inputs[1]
+    for _ in range(16):
+        p = producer(t)
+        if p is None or not is_op(p, *VIEWS) or not p.inputs:
+            break
+        t = p.inputs[0]
+    return t
+
+
+def readers(root: gs.Tensor, outputs: set[str]) -> list[gs.Node] | None:
+    """Every node that uses `root`'s value, seen through VIEWS; None when it (or a view of it) is a graph
+    output, so it never dies."""
+    found, todo, seen = [], [root], set()
+    while todo:
+        t = todo.pop()
+        if t.name in outputs:
+            return None
+        for user in t.outputs:
+            if id(user) in seen:
+                continue
+            seen.add(id(user))
+            if is_op(user, *VIEWS):
+                todo += list(user.outputs)
+            found.append(user)
+    return found
+
+
+def plain(layer: LinearLayer) -> bool:
+    """A Gemm or MatMul(+Add) layer, with no Conv, BatchNorm or Reshape of its own: what write_linear writes."""
+    return (not getattr(layer, "conv_rank", None) and getattr(layer, "reshape", None) is None
+            and all(is_op(n, "Gemm", "MatMul", "Add") for n in layer.nodes))
+
+
+def size(root: gs.Tensor) -> int:
+    c = constant(root)
+    shape = (c if c is not None else root).shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return 0
+    return math.prod(shape)
+
+
+def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) -> tuple[int, int]:
+    """(params that die with `nodes`, number of weights read by nodes outside them): a layer's weight dies
+    only when every reader of it is among `nodes`; the layers' biases always do (each layer has its own)."""
+    inside = {id(n) for n in nodes}
+    gone, shared, seen = 0, 0, set()
+    for layer in layers:
+        root = weight_root(layer)
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        users = readers(root, outputs)
+        if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
+            gone += size(root)
+        else:
+            shared += 1
+        gone += 0 if layer.bias is None else layer.bias.size
+    return gone, shared
