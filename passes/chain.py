@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from passes.cost import ChainCost, chain_cost
 from passes.linear import LinearLayer, read_linear_ending_at, read_linear_starting_at
 from passes.match import (
+    channel_slope_problem,
     const_value,
     is_const,
     is_default,
@@ -21,6 +22,7 @@ from passes.match import (
     slope_problem,
 )
 
+LAYER_OPS = ("Gemm", "MatMul", "Conv")
 MAX_WALK = 16  # nodes between two layers; real exports have at most a handful
 # elementwise ops an exported activation is written with (Gelu's erf and tanh forms, x·Sigmoid(x) for Swish)
 ELEMENTWISE = ("Relu", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Swish", "Tanh", "Erf", "Softplus", "Mish",
@@ -109,7 +111,7 @@ def _slopes(act: gs.Node) -> np.ndarray | str:
 
 def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Reject | None:
     """The chain whose second layer starts at `node`; None when `node` starts no candidate chain."""
-    if not is_op(node, "Gemm", "MatMul"):
+    if not is_op(node, *LAYER_OPS):
         return None
     between: list[gs.Node] = []
     activation = None
@@ -137,6 +139,8 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     if isinstance(first, str):
         return Reject([n.name for n in between] + [node.name], first)
     second = read_linear_starting_at(node, graph_outputs)
+    if isinstance(second, str) and activation is None and is_op(node, "Conv"):
+        return None  # a Conv that is no linear layer (3x3, strided) right after a layer: no candidate
     if isinstance(second, str):
         return Reject(first.names + [n.name for n in between] + [node.name], second)
     names = first.names + [n.name for n in between] + second.names
@@ -147,8 +151,13 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         slopes = _slopes(activation)
         if isinstance(slopes, str):
             return Reject(names, slopes, None, shape)
-        if is_op(activation, "PRelu"):
-            reshaped = any(is_op(n, "Reshape") for n in between[: between.index(activation)])
+        if is_op(activation, "PRelu") and first.conv_rank:
+            bad_shape = channel_slope_problem(activation, first.d_out, first.conv_rank)
+            if bad_shape:
+                return Reject(names, bad_shape, None, shape)
+        elif is_op(activation, "PRelu"):
+            reshaped = first.reshape is not None or any(is_op(n, "Reshape")
+                                                        for n in between[: between.index(activation)])
             bad_shape = slope_problem(activation, first.d_out, None if reshaped else first.x_rank)
             if bad_shape:
                 return Reject(names, bad_shape, None, shape)
@@ -178,7 +187,7 @@ def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | No
         if tensor.name in graph_outputs or len(users) != 1:
             return None
         user = users[0]
-        if is_op(user, "Gemm", "MatMul"):
+        if is_op(user, *LAYER_OPS):
             return user
         if not (_passes_through(user, graph_outputs) or is_op(user, "PRelu", "LeakyRelu")):
             return None
@@ -193,7 +202,14 @@ def _shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLay
         return f"shapes do not chain: {first.d_in}x{first.d_out} then {second.d_in}x{second.d_out}"
     if first.dtype != second.dtype:
         return f"dtypes differ: {first.dtype} then {second.dtype}"
-    if any(is_op(n, "Reshape") for n in between) and not (first.x_rank == 2 and second.x_rank == 2):
+    if first.conv_rank != second.conv_rank:
+        kinds = [f"a {layer.conv_rank - 2}-D pointwise Conv" if layer.conv_rank else "a matrix product"
+                 for layer in (first, second)]
+        return f"{kinds[0]} then {kinds[1]}: the layers map different axes"
+    reshaped = any(is_op(n, "Reshape") for n in between) or first.reshape or second.reshape
+    if reshaped and first.conv_rank:
+        return "a Reshape between two convolutions"
+    if reshaped and not (first.x_rank == 2 and second.x_rank == 2):
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
     return None
 
@@ -205,6 +221,7 @@ def _outside_readers(
     another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
     readers with that tensor, or why the chain's nodes cannot be removed."""
     chain_nodes = first.nodes + between + second.nodes
+    dying = [n for n in chain_nodes if n is not second.reshape]  # the fused layer keeps that Reshape's target
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
     readers = []
     for tensor in inner:
@@ -212,9 +229,9 @@ def _outside_readers(
             return f"{tensor.name} is a graph output"
         users = [c for c in tensor.outputs if not any(c is n for n in chain_nodes)]
         for user in users:
-            if is_op(user, "Shape") and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs):
+            if is_op(user, "Shape") and all(only_feeds(o, dying, graph_outputs) for o in user.outputs):
                 continue  # computes a target for the chain's own Reshape: dies with the chain
-            same = _stated_shape(tensor, between) if is_op(user, "Shape") and not user.attrs else None
+            same = _stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
             if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
             readers.append((user, same))
@@ -223,13 +240,17 @@ def _outside_readers(
     return readers
 
 
-def _stated_shape(tensor: gs.Tensor, between: list[gs.Node]) -> gs.Tensor | None:
+def _stated_shape(tensor: gs.Tensor, first: LinearLayer, between: list[gs.Node]) -> gs.Tensor | None:
     """A tensor outside the chain holding `tensor`'s shape: the target of the last Reshape before it, when
-    that target spells out every dim (nodes after the Reshape are elementwise)."""
-    producers = [n for n in between if n.outputs[0] is tensor]
+    that target spells out every dim (nodes after the Reshape are elementwise). That Reshape may be the first
+    layer's own (tf2onnx: `MatMul → Reshape → Add`, then the activation)."""
+    at = next((i for i, n in enumerate(first.nodes) if n is first.reshape), None)
+    after = first.nodes[at:] if at is not None else []
+    nodes = after + between
+    producers = [n for n in nodes if any(o is tensor for o in n.outputs)]
     if not producers:
         return None
-    for node in reversed(between[: between.index(producers[0]) + 1]):
+    for node in reversed(nodes[: nodes.index(producers[0]) + 1]):
         if is_op(node, "Reshape"):
             return node.inputs[1] if is_explicit_shape(node.inputs[1]) else None
     return None

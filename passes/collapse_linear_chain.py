@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.chain import Chain
-from passes.linear import LinearLayer, Names, write_linear
+from passes.linear import LinearLayer, Names, write_fused
 from passes.rule import Rewrite, Rule
 
 NAME = "collapse_linear_chain"
@@ -70,7 +70,7 @@ def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     weight, bias = chain.folded or _fuse(chain)
     chain.rewire_shape_readers()
     base = re.sub(r"_collapsed(_\d+)?$", "", b.nodes[0].name) + "_collapsed"  # not _collapsed_1_collapsed..
-    write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2, bias_first=b.bias_first)
+    write_fused(graph, names, base, a, b, weight, bias)  # in b's layout: Gemm, MatMul(+Add), Conv, tf2onnx's
     cost = chain.cost
     return Rewrite(
         NAME,
