@@ -1,0 +1,136 @@
+"""collapse_fan_out: a layer whose unit-slope output feeds several linear layers folds into each of them
+where that is cheaper; else the activation alone goes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lc_onnx
+from tests.builder import Builder
+from tests.harness import count_ops, optimized
+
+
+def heads(d_in=8, hidden=32, d_outs=(8, 4), slope=1.0, kind="matmul", rank=3, act="prelu", bias=True):
+    """x → linear d_in→h → act → k linear heads h→d_i, each a graph output."""
+    b = Builder()
+    lead = ["N"] if rank == 2 else ["N"] + [3] * (rank - 2)
+    h = b.linear("x", d_in, hidden, kind, bias)
+    if act == "prelu":
+        h = b.prelu(h, slope)
+    elif act == "leaky":
+        (h,) = b.node("LeakyRelu", [h], alpha=slope)
+    elif act == "dropout":
+        (h,) = b.node("Dropout", [b.prelu(h, slope)])
+    ys = [b.linear(h, hidden, d, kind, bias, trans_b=kind == "gemm" and i % 2 == 1) for i, d in enumerate(d_outs)]
+    return b.model([("x", lead + [d_in])], [(y, lead + [d]) for y, d in zip(ys, d_outs, strict=True)])
+
+
+def rules(result) -> list[str]:
+    return [r.rule for r in result.report.rewrites]
+
+
+@pytest.mark.parametrize("kind,rank", [("matmul", 3), ("matmul", 2), ("gemm", 2)])
+@pytest.mark.parametrize("act", ["prelu", "leaky", "none", "dropout"])
+def test_two_heads_fold(kind, rank, act):
+    result = optimized(heads(kind=kind, rank=rank, act=act), rewrites=1, seeds=(0, 1, 2))
+    (r,) = result.report.rewrites
+    assert r.rule == "collapse_fan_out" and r.shape == (8, 32, 12)
+    assert r.macs_after == 8 * 12 < r.macs_before == 32 * (8 + 12)
+    assert count_ops(result.model, "PRelu") + count_ops(result.model, "LeakyRelu") == 0
+    assert count_ops(result.model, "MatMul") + count_ops(result.model, "Gemm") == 2
+
+
+def test_three_heads_without_biases():
+    result = optimized(heads(d_outs=(8, 4, 2), bias=False), rewrites=1)
+    assert count_ops(result.model, "Add") == 0 and count_ops(result.model, "MatMul") == 3
+
+
+def test_slope_within_tol_states_its_error():
+    (r,) = optimized(heads(slope=0.9995), rewrites=1, rtol=1e-2, atol=1e-2).report.rewrites
+    assert r.rule == "collapse_fan_out" and r.error_coefficient > 0
+
+
+def test_a_head_then_chains_on():
+    """A head that feeds another unit-slope layer: after the fan-out fold, the chain rule takes that one."""
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y1 = b.linear(b.prelu(b.linear(h, 32, 32), 1.0), 32, 4)
+    y2 = b.linear(h, 32, 8)
+    result = optimized(b.model([("x", ["N", 8])], [(y1, ["N", 4]), (y2, ["N", 8])]), rewrites=2)
+    assert sorted(rules(result)) == ["collapse_fan_out", "collapse_linear_chain"]
+    assert count_ops(result.model, "MatMul") + count_ops(result.model, "Gemm") == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_dtypes(dtype):
+    b = Builder(dtype)
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    ys = [b.linear(h, 32, 8), b.linear(h, 32, 4)]
+    model = b.model([("x", ["N", 8])], [(ys[0], ["N", 8]), (ys[1], ["N", 4])])
+    optimized(model, rewrites=1, rtol=3e-2 if dtype == np.float16 else 1e-9, atol=3e-2 if dtype == np.float16 else 1e-9)
+
+
+# --- must not fire --------------------------------------------------------------------------------------
+
+
+def test_fan_out_into_a_non_linear_node_only_drops_the_activation():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y = b.linear(h, 32, 8)
+    (side,) = b.node("Relu", [h])
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8]), (side, ["N", 32])]), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"]
+    assert count_ops(result.model, "MatMul") == 2
+
+
+def test_wide_heads_cost_more_folded():
+    # 8 -> 4 -> (32, 32): two fused 8x32 layers (512 MACs/row) cost more than 4*(8+64) = 288
+    result = optimized(heads(d_in=8, hidden=4, d_outs=(32, 32)), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"]
+    reasons = [c.reason for c in result.report.skipped]
+    assert any(r.startswith("collapse_fan_out: fan-out into 2 layers: the fused layers (512 MACs/row) cost more")
+               for r in reasons), reasons
+
+
+def test_slope_outside_tolerance():
+    result = optimized(heads(slope=0.5), rewrites=0, skip=("prelu_to_leaky_relu",))
+    assert result.model.SerializeToString() == heads(slope=0.5).SerializeToString()
+    assert any("outside tolerance" in c.reason and c.reason.startswith("collapse_fan_out")
+               for c in result.report.skipped)
+
+
+def test_hidden_is_a_graph_output():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    ys = [b.linear(h, 32, 8), b.linear(h, 32, 4)]
+    model = b.model([("x", ["N", 8])], [(ys[0], ["N", 8]), (ys[1], ["N", 4]), (h, ["N", 32])])
+    assert "collapse_fan_out" not in rules(optimized(model, rewrites=0))
+
+
+def test_a_head_reading_the_hidden_as_its_weight():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 8), 1.0)
+    y = b.linear(h, 8, 8)
+    (z,) = b.node("MatMul", [b.const(b.weights(8, 8)), h])  # reads h as its second operand: no layer on h
+    model = b.model([("x", [8, 8])], [(y, [8, 8]), (z, [8, 8])])
+    assert "collapse_fan_out" not in rules(optimized(model, rewrites=0))
+
+
+def test_shared_first_layer_that_would_grow_the_model():
+    """The first layer's weight is also read elsewhere: it stays, so the fused heads are new parameters."""
+    b = Builder()
+    w = b.const(b.weights(24, 16))  # 24 -> 16 -> (16, 16): 768 MACs/row folded against 896, but 800 params
+    h = b.prelu(b.linear("x", 24, 16, weight=w), 1.0)  # against the 560 that die (the heads, all biases)
+    ys = [b.linear(h, 16, 16), b.linear(h, 16, 16)]
+    (other,) = b.node("MatMul", ["x", w])
+    model = b.model([("x", ["N", 24])], [(ys[0], ["N", 16]), (ys[1], ["N", 16]), (other, ["N", 16])])
+    result = optimized(model, rewrites=0)
+    assert any("grow the model" in c.reason and "--allow-growth" in c.reason for c in result.report.skipped)
+    (r,) = [r for r in optimized(model, rewrites=1, allow_growth=True).report.rewrites if r.rule == "collapse_fan_out"]
+    assert "allowed by --allow-growth" in r.note
+
+
+def test_inspect_lists_the_fan_out():
+    found = lc_onnx.inspect(heads())
+    assert [c.rule for c in found if c.kind == "chain"] == ["collapse_fan_out"]  # the heads' "also feeds" merged

@@ -1,0 +1,85 @@
+"""The cost model with shared weights: chains that read the same weights (ALBERT runs one MLP in every layer)
+fold only where the model's parameters do not grow, unless allow_growth / --allow-growth."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+import lc_onnx
+from lc_onnx.cli import main
+from passes.cost import split_cost
+from tests.builder import Builder
+from tests.harness import count_ops, optimized
+
+
+def shared_mlp(layers: int, d: int, h: int):
+    """x_{i+1} = x_i + W_B·PRelu(1)(W_A·x_i + b_A) + b_B with one W_A, W_B for all layers."""
+    b = Builder()
+    wa, wb = b.const(b.weights(d, h)), b.const(b.weights(h, d))
+    x = "x"
+    for _ in range(layers):
+        y = b.linear(b.prelu(b.linear(x, d, h, weight=wa), 1.0), h, d, weight=wb)
+        (x,) = b.node("Add", [x, y])
+    return b.model([("x", ["N", 3, d])], [(x, ["N", 3, d])])
+
+
+def test_few_sharers_collapse_all_and_say_so():
+    # 3 x 8x8 fused (216 params with biases) against 2 x 8x32 shared (512) + biases: no growth
+    result = optimized(shared_mlp(3, 8, 32), rewrites=3)
+    assert {r.rule for r in result.report.rewrites} == {"collapse_linear_chain"}
+    assert all("3 chain(s) read shared weights" in r.note and "no growth" in r.note for r in result.report.rewrites)
+    assert result.report.after.params < result.report.before.params
+    assert "read shared weights" in result.report.table()
+
+
+def test_albert_like_sharing_is_left_by_default():
+    # 12 x 16x16 fused (3,264 params) against 2 x 16x32 shared (1,024) + biases: the file would triple
+    model = shared_mlp(12, 16, 32)
+    result = optimized(model, rewrites=0)
+    assert count_ops(result.model, "MatMul") == 24 and count_ops(result.model, "PRelu") == 0  # activations dropped
+    assert {r.rule for r in result.report.rewrites} == {"eliminate_unit_activation"}
+    reasons = {c.reason for c in result.report.skipped}
+    assert len(reasons) == 1
+    (reason,) = reasons
+    assert "12 chain(s) read shared weights" in reason and "--allow-growth" in reason
+    assert result.report.after.params <= result.report.before.params
+
+
+def test_allow_growth_collapses_anyway():
+    model = shared_mlp(12, 16, 32)
+    result = optimized(model, rewrites=12, allow_growth=True, rtol=1e-4, atol=1e-4)
+    assert all("allowed by --allow-growth" in r.note for r in result.report.rewrites)
+    assert result.report.after.params > result.report.before.params and result.report.allow_growth
+    assert count_ops(result.model, "MatMul") == 12
+
+
+def test_inspect_says_why_and_what_allow_growth_does():
+    model = shared_mlp(12, 16, 32)
+    chains = [c for c in lc_onnx.inspect(model) if c.kind == "chain"]
+    assert len(chains) == 12 and all(c.rule is None and "--allow-growth" in c.reason for c in chains)
+    chains = [c for c in lc_onnx.inspect(model, allow_growth=True) if c.kind == "chain"]
+    assert all(c.rule == "collapse_linear_chain" for c in chains)
+
+
+def test_cli_allow_growth(tmp_path):
+    import onnx
+
+    path = tmp_path / "albert.onnx"
+    onnx.save(shared_mlp(12, 16, 32), path)
+    for flag, folded in (([], 0), (["--allow-growth"], 12)):
+        out = CliRunner().invoke(main, ["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--overwrite",
+                                        "--report", str(tmp_path / "r.json"), *flag])
+        assert out.exit_code == 0, out.output
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["allow_growth"] == bool(flag)
+        assert sum(r["rule"] == "collapse_linear_chain" for r in report["rewrites"]) == folded
+        assert ("allowed by --allow-growth" in out.output) == bool(flag)
+
+
+def test_split_cost_arithmetic():
+    c = split_cost(64, 256, 64, 16, 64 * 256 * 2 + 256 + 64, 64 * 256 * 2 + 256 + 64)
+    assert (c.macs_before, c.macs_after) == (256 * 128, 64 * 64 + 16 * 128) and not c.grows
+    assert np.isclose(c.macs_before / c.macs_after, 32768 / 6144)

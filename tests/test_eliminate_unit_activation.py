@@ -1,0 +1,111 @@
+"""eliminate_unit_activation: a unit-slope activation no fold takes is removed; anything else stays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lc_onnx
+from tests.builder import Builder
+from tests.harness import count_ops, optimized
+
+
+def rules(result) -> list[str]:
+    return [r.rule for r in result.report.rewrites]
+
+
+def test_weight_that_is_a_graph_input():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, weight="w_in"), 1.0)
+    y = b.linear(h, 32, 8)
+    result = optimized(b.model([("x", ["N", 8]), ("w_in", [8, 32])], [(y, ["N", 8])]), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"] and count_ops(result.model, "PRelu") == 0
+    assert "not a constant" in result.report.skipped[0].reason  # the chain is still listed, with why
+
+
+@pytest.mark.parametrize("op", ["PRelu", "LeakyRelu"])
+def test_fan_out_into_a_non_linear_node(op):
+    b = Builder()
+    h = b.linear("x", 8, 32)
+    (h,) = b.node("PRelu", [h, b.const(np.ones(1))]) if op == "PRelu" else b.node("LeakyRelu", [h], alpha=1.0)
+    y = b.linear(h, 32, 8)
+    (side,) = b.node("Relu", [h])
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8]), (side, ["N", 32])]), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"]
+    assert count_ops(result.model, op) == 0 and count_ops(result.model, "LeakyRelu") == 0
+
+
+def test_within_tol_not_exactly_one_states_its_error():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, weight="w_in"), 1 + np.linspace(-5e-4, 5e-4, 32), (32,))
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 8]), ("w_in", [8, 32])], [(y, ["N", 8])])
+    (r,) = optimized(model, rtol=1e-2, atol=1e-2).report.rewrites
+    assert r.rule == "eliminate_unit_activation" and r.error_coefficient == pytest.approx(5e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("where", ["input", "output", "both"])
+def test_activation_at_the_graph_boundary(where):
+    """Output names stay: a graph output keeps its name (its producer writes it, or an Identity)."""
+    b = Builder()
+    x = "x"
+    if where in ("input", "both"):
+        x = b.prelu(x, 1.0)
+    y = b.node("Relu", [x])[0] if where == "input" else x
+    if where == "output":
+        y = b.prelu(b.node("Relu", [x])[0], 1.0)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"]
+    assert [o.name for o in result.model.graph.output] == [y] and count_ops(result.model, "PRelu") == 0
+
+
+def test_output_read_by_another_node_and_a_graph_output():
+    b = Builder()
+    (r,) = b.node("Relu", ["x"])
+    h = b.prelu(r, 1.0)
+    (n,) = b.node("Neg", [h])
+    result = optimized(b.model([("x", ["N", 8])], [(h, ["N", 8]), (n, ["N", 8])]), rewrites=0)
+    assert rules(result) == ["eliminate_unit_activation"] and count_ops(result.model, "PRelu") == 0
+
+
+# --- must not fire --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slope", [0.5, 1.01, [1.0] * 31 + [0.9]])
+def test_slope_outside_tolerance_stays(slope):
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, weight="w_in"), slope, (32,))
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 8]), ("w_in", [8, 32])], [(y, ["N", 8])])
+    result = lc_onnx.optimize(model, validate=False)
+    assert "eliminate_unit_activation" not in rules(result)
+
+
+def test_never_writes_leaky_relu_with_alpha_near_one():
+    b = Builder()
+    (r,) = b.node("Relu", ["x"])
+    h = b.prelu(r, 1.0005)
+    model = b.model([("x", ["N", 8])], [(h, ["N", 8])])
+    result = lc_onnx.optimize(model, skip=("eliminate_unit_activation",), validate=False)
+    assert not result.report.rewrites  # left a PRelu, not LeakyRelu(1.0005), with the rule skipped
+    assert rules(optimized(model, rtol=1e-2, atol=1e-2)) == ["eliminate_unit_activation"]
+    assert rules(lc_onnx.optimize(model, tol=1e-4, validate=False)) == ["prelu_to_leaky_relu"]
+
+
+def test_non_finite_or_computed_slope_stays():
+    b = Builder()
+    (r,) = b.node("Relu", ["x"])
+    (s,) = b.node("Abs", [b.const(np.ones(1))])
+    (h,) = b.node("PRelu", [r, s])
+    h2 = b.prelu(h, np.nan)
+    model = b.model([("x", ["N", 8])], [(h2, ["N", 8])])
+    assert not lc_onnx.optimize(model, validate=False, tol=1e9).report.rewrites
+
+
+def test_inspect_names_the_rule():
+    b = Builder()
+    (r,) = b.node("Relu", ["x"])
+    h = b.prelu(r, 1.0)
+    model = b.model([("x", ["N", 8])], [(h, ["N", 8])])
+    (c,) = lc_onnx.inspect(model)
+    assert c.kind == "node" and c.rule == "eliminate_unit_activation"
