@@ -221,7 +221,8 @@ def _outside_readers(
     another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
     readers with that tensor, or why the chain's nodes cannot be removed."""
     chain_nodes = first.nodes + between + second.nodes
-    dying = [n for n in chain_nodes if n is not second.reshape]  # the fused layer keeps that Reshape's target
+    kept = _ancestors(second.reshape.inputs[1]) if second.reshape is not None else set()  # the fused layer keeps
+    # the second layer's Reshape target: a Shape that computes it must be rewired, it does not die
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
     readers = []
     for tensor in inner:
@@ -229,7 +230,8 @@ def _outside_readers(
             return f"{tensor.name} is a graph output"
         users = [c for c in tensor.outputs if not any(c is n for n in chain_nodes)]
         for user in users:
-            if is_op(user, "Shape") and all(only_feeds(o, dying, graph_outputs) for o in user.outputs):
+            if (is_op(user, "Shape") and id(user) not in kept
+                    and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs)):
                 continue  # computes a target for the chain's own Reshape: dies with the chain
             same = _stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
             if same is None:
@@ -238,6 +240,18 @@ def _outside_readers(
         if len(tensor.outputs) - len(users) != 1:
             return f"{tensor.name} feeds the chain more than once"
     return readers
+
+
+def _ancestors(tensor: gs.Tensor, limit: int = 64) -> set[int]:
+    """The ids of the nodes `tensor` is computed from (at most `limit` of them)."""
+    found: set[int] = set()
+    todo = [tensor]
+    while todo and len(found) < limit:
+        p = producer(todo.pop())
+        if p is not None and id(p) not in found:
+            found.add(id(p))
+            todo += list(p.inputs)
+    return found
 
 
 def _stated_shape(tensor: gs.Tensor, first: LinearLayer, between: list[gs.Node]) -> gs.Tensor | None:
