@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lc_onnx
+from passes.match import ConstView, _view
 from tests.builder import Builder
-from tests.harness import count_ops, optimized
+from tests.harness import count_ops, optimized, run
 
 CHAIN_RULES = ("collapse_linear_chain", "drop_unit_activation")
 I64 = np.int64
@@ -287,8 +289,6 @@ def test_prepared_torch_conv_block_exports_and_collapses(tmp_path):
         name = onnx_model.graph.input[0].name
         result = optimized(onnx_model, rewrites=1, feeds={name: x.numpy()}, rtol=1e-4, atol=1e-5)
         assert [n.op_type for n in result.model.graph.node] == ["Conv"]
-        from tests.harness import run
-
         np.testing.assert_allclose(run(result.model, {name: x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -370,3 +370,24 @@ def test_transpose_of_a_rank_three_constant_is_left():
     y = b.linear(b.prelu(h, 1.0), 32, 8)
     reasons = left(b.model([("x", ["N", 3, 8])], [(y, ["N", 3, 8])]))
     assert any("rank 3" in r for r in reasons), reasons
+
+
+def test_double_to_half_cast_rounds_as_onnx_runtime_does():
+    """ONNX Runtime casts float64 to float16 through float32 (two roundings): values just above a half-ulp tie
+    round differently than one direct rounding would. The weight read must be the one the graph uses."""
+    b = Builder(np.float16)
+    w = b.weights(8, 32).astype(np.float16).astype(np.float64)
+    w += np.spacing(w.astype(np.float16)).astype(np.float64) / 2 + 1e-12 * np.abs(w)
+    (wc,) = b.node("Cast", [b.const(w, dtype=np.float64)], to=TensorProto.FLOAT16)
+    y = b.linear(b.prelu(b.linear("x", 8, 32, weight=wc, bias=False), 1.0), 32, 8, bias=False)
+    model = b.model([("x", ["N", 8])], [(y, ["N", 8])])
+    optimized(model, rewrites=1, rtol=2e-2, atol=2e-2)
+    graph = gs.import_onnx(model)
+    view = _view(next(n for n in graph.nodes if n.op == "Cast").outputs[0])
+    assert isinstance(view, ConstView)
+    ref = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["a"], ["b"], to=TensorProto.FLOAT16)], "g",
+        [helper.make_tensor_value_info("a", TensorProto.DOUBLE, [8, 32])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT16, [8, 32])]), ir_version=8,
+        opset_imports=[helper.make_opsetid("", 17)])
+    np.testing.assert_array_equal(view.read(), run(ref, {"a": w})[0])
