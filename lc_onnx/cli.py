@@ -314,7 +314,7 @@ def rules() -> None:
     """List the rules and what each does (names for --skip)."""
     for r in ALL_RULES:
         opsets = f"opset {r.min_opset}-{r.max_opset}"
-        click.echo(f"{r.name:24} {opsets:12} {r.summary}")
+        click.echo(f"{r.name:26} {opsets:12} {r.summary}")
 
 
 @main.command()
