@@ -107,13 +107,16 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
     between, act, t = walked
     heads = []
     for user in t.outputs:
-        if not is_op(user, "Gemm", "MatMul") or user.inputs[0] is not t or any(user is h.nodes[0] for h in heads):
+        if (not is_op(user, "Gemm", "MatMul") or user.inputs[0] is not t or any(user is h.nodes[0] for h in heads)
+                or not ctx.inside([user])):
             return None  # a fan-out into a non-linear node: nothing to fold into it
         head = read_linear_starting_at(user, ctx.outputs)
         if (not isinstance(head, LinearLayer) or not sharing.plain(head) or head.d_in != first.d_out
                 or head.dtype != first.dtype):
             return None
         heads.append(head)
+    if not ctx.inside(first.nodes + between + [n for h in heads for n in h.nodes]):
+        return None
     names = first.names + [n.name for n in between] + [n for h in heads for n in h.names]
     shape = (first.d_in, first.d_out, sum(h.d_out for h in heads))
     slopes = None

@@ -219,6 +219,7 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
     """The block rules (their own matches: fan-out, partial slopes) at every node, rewriting when `names` is
     given. Each match is read from the graph as it now is, so a rewrite earlier in the pass is seen."""
     rewrites, candidates = [], []
+    ctx.nodes = {id(n) for n in g.nodes}
     for node in list(g.nodes):
         if not node.outputs:
             continue  # died in a rewrite of this pass

@@ -53,6 +53,11 @@ class Context:
     outputs: set[str] = field(default_factory=set)
     tol: float = 1e-3
     allow_growth: bool = False
+    nodes: set[int] | None = None  # ids of the nodes of the graph being swept: a match stays inside it
+
+    def inside(self, nodes: list[gs.Node]) -> bool:
+        """Whether every node is the swept graph's (not a subgraph's reading an outer tensor, nor the outer's)."""
+        return self.nodes is None or all(id(n) in self.nodes for n in nodes)
 
 
 class Block(Protocol):

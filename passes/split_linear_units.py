@@ -80,6 +80,8 @@ def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
     if not isinstance(chain, Chain) or chain.activation is None or not is_op(chain.activation, "PRelu"):
         return None
     a, b = chain.first, chain.second
+    if not ctx.inside(chain.nodes):
+        return None
     if not (sharing.plain(a) and sharing.plain(b)):
         return None  # pointwise Conv and tf2onnx layouts: written back by their own helper, not split here
     slope = constant(chain.activation.inputs[1])

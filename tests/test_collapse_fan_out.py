@@ -134,3 +134,29 @@ def test_shared_first_layer_that_would_grow_the_model():
 def test_inspect_lists_the_fan_out():
     found = lc_onnx.inspect(heads())
     assert [c.rule for c in found if c.kind == "chain"] == ["collapse_fan_out"]  # the heads' "also feeds" merged
+
+
+def test_heads_inside_a_subgraph_are_not_folded_from_outside():
+    from onnx import TensorProto, helper
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 8), 1.0)
+    w1, w2 = b.const(b.weights(8, 8)), b.const(b.weights(8, 4))
+    branch = []
+    for name in ("then", "else"):
+        nodes = [helper.make_node("MatMul", [h, w1], [f"{name}1"], name=f"{name}_m1"),
+                 helper.make_node("MatMul", [h, w2], [f"{name}2"], name=f"{name}_m2"),
+                 helper.make_node("ReduceSum", [f"{name}1"], [f"{name}1s"], name=f"{name}_r1", keepdims=0),
+                 helper.make_node("ReduceSum", [f"{name}2"], [f"{name}2s"], name=f"{name}_r2", keepdims=0),
+                 helper.make_node("Add", [f"{name}1s", f"{name}2s"], [f"{name}o"], name=f"{name}_a")]
+        branch.append(helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}o", TensorProto.FLOAT,
+                                                                                         [])]))
+    b.nodes.append(helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch[0], else_branch=branch[1]))
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                             helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+        result = optimized(model, feeds=feeds, rewrites=0)
+        assert rules(result) == ["eliminate_unit_activation"]
