@@ -236,7 +236,7 @@ def optimize(
             worst = max(report.validation.outputs, key=lambda o: o.rel_l2)
             raise ValidationError(
                 f"validation failed: output {worst.name!r} differs by rel L2 {worst.rel_l2:.3g} "
-                f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:g} (and atol {abs_limit:g}); "
+                f"(max |abs| {worst.max_abs:.3g}) > rtol {limit:.3g} (and atol {abs_limit:.3g}); "
                 f"lower --tol or raise --rtol",
                 report,
             )

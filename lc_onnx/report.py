@@ -80,7 +80,7 @@ class Report:
             verdict = "passed" if v.passed else "FAILED"
             worst = max(v.outputs, key=lambda o: o.rel_l2, default=None)
             detail = f"max |abs| {worst.max_abs:.3g}, rel L2 {worst.rel_l2:.3g} (output {worst.name})" if worst else ""
-            lines.append(f"validation {verdict}: {detail}, rtol {v.rtol:g}, atol {v.atol:g}, "
+            lines.append(f"validation {verdict}: {detail}, rtol {v.rtol:.3g}, atol {v.atol:.3g}, "
                          f"{len(v.outputs)} output(s)")
         return "\n".join(lines)
 
