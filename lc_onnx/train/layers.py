@@ -72,3 +72,29 @@ def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
         layer.weight.copy_(w.to(ref.dtype))
         layer.bias.copy_(b.to(ref.dtype))
     return layer
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+
+
+@torch.no_grad()
+def reproduces(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether `y` is what `affine(m)` maps `x` to, i.e. what `collapse` would fold. A forward hook, a
+    subclass's own forward or a BatchNorm without running stats (it uses the batch's) makes it something else."""
+    if is_batchnorm(m) and (m.running_mean is None or m.running_var is None):
+        return False
+    if not (x.is_floating_point() and y.is_floating_point()):
+        return False
+    dim = -1 if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or x.dim() <= 2 else 1
+    w, b = affine(m)
+    try:
+        want = torch.movedim(torch.movedim(x.double(), dim, -1) @ w.to(x.device).T + b.to(x.device), -1, dim)
+    except RuntimeError:  # shapes the layer's own forward handled differently: not the map collapse folds
+        return False
+    if want.shape != y.shape:
+        return False
+    # relative L2, loose enough for TF32 convolutions on GPUs (~5e-4) and 16-bit outputs; a hook or override that
+    # changes the output changes it by far more
+    tol = 5e-3 if torch.finfo(y.dtype).bits >= 32 else 3e-2
+    return float((y.double() - want).norm()) <= tol * float(want.norm()) + 1e-12

@@ -36,10 +36,11 @@ class LayerCollapsePReLU(nn.PReLU):
         super().__init__(num_parameters=num_parameters, init=init)
         self.layout, self.verified, self.channel_dim = layout, verified, channel_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.num_parameters == 1 or x.dim() <= 2 or self.channel_dim == 1:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as torch's and HF's activations name it
+        x = input
+        if self.num_parameters == 1 or x.dim() == 2 or self.channel_dim == 1:
             return super().forward(x)
-        return torch.where(x >= 0, x, x * self.weight)  # nn.PReLU's channels are dim 1; ours are the last dim
+        return torch.where(x >= 0, x, x * self.weight)  # nn.PReLU's channels are dim 1; ours the last dim
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, between {self.layout.first} and {self.layout.second}"
@@ -56,7 +57,8 @@ class SharedActivation(nn.Module):
         self.sites = nn.ModuleDict()
         self._pending: dict[int, tuple[torch.Tensor, str]] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input
         tagged = self._pending.pop(id(x), None)
         if tagged is not None and tagged[0] is x:
             return self.sites[tagged[1]](x)

@@ -14,8 +14,9 @@ from lc_onnx.train.sites import Site
 
 class Prepared(list):
     """The names of the prepared blocks (a list, as `slopes` and `collapse` name them), and:
-    `sites` (each one's modules), `unswappable` (activations called as functions, which have no module to
-    swap) and `verified` (whether the sites come from a recorded forward pass rather than from names)."""
+    `sites` (each one's modules), `unswappable` (a line for each site it could not prepare: an activation
+    called as a function, a module with two names, a TorchScript part) and `verified` (whether the sites come
+    from a recorded forward pass rather than from names)."""
 
     def __init__(self, names_: list[str], sites_: list[Site], unswappable: list[str], verified: bool):
         super().__init__(names_)
@@ -35,6 +36,19 @@ def _parts(path: str) -> list[str]:
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _no_fused_feed_forward(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer, in eval mode without grad, computes its feed-forward in one fused kernel
+    when its activation is ReLU/GELU, and never calls the activation module; nn.TransformerEncoder's
+    nested-tensor path relies on that kernel. Turn both off where a prepared activation must run."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.activation, (LayerCollapsePReLU,
+                                                                                   SharedActivation)):
+            m.activation_relu_or_gelu = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and not all(layer.activation_relu_or_gelu for layer in m.layers):
+            m.use_nested_tensor = False
 
 
 def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[int, ...]]:
@@ -93,6 +107,7 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
             continue
         _install(model, site, init, per_channel, verified=example_inputs is not None)
         chosen.append(site)
+    _no_fused_feed_forward(model)
     return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
 
 
@@ -110,5 +125,7 @@ def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verif
     if not isinstance(current, SharedActivation):
         current = SharedActivation(current)
         _set(model, site.act, current)
+    if site.key in current.sites:  # prepared before
+        return
     current.sites[site.key] = act
     tag_feeder(model.get_submodule(site.feeder), current, site.key)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from lc_onnx.train import layers
+from lc_onnx.train.prelu import SharedActivation
 from lc_onnx.train.trace import Call, Record
 
 
@@ -39,8 +41,13 @@ class Site:
 
 
 def _is_batchnorm(call: Call) -> bool:
-    return (isinstance(call.module, (nn.BatchNorm1d, nn.BatchNorm2d)) and len(call.inputs) == 1
-            and len(call.outputs) == 1)
+    return layers.is_batchnorm(call.module) and call.exact
+
+
+def _is_layer(call: Call) -> bool:
+    """A linear layer whose output was its weights' map of its input (no hook or override changed it); the
+    only modules it may call are those computing a parametrized weight (weight_norm, spectral_norm)."""
+    return layers.is_linear(call.module) and call.exact and (call.children == 0 or is_parametrized(call.module))
 
 
 def _fits(first: Call, second: Call, norms: list[Call]) -> bool:
@@ -75,7 +82,7 @@ def _back(rec: Record, consumer: Call, t: torch.Tensor) -> tuple[Call, list[Call
         for use in rec.uses_of(t):
             if not (producer.spans(use) or consumer.spans(use) or in_place and use >= consumer.end):
                 return None
-        if layers.is_linear(producer.module) and producer.children == 0:
+        if _is_layer(producer):
             return producer, norms[::-1]
         if not _is_batchnorm(producer):
             return None
@@ -95,7 +102,7 @@ def _forward(rec: Record, producer: Call, t: torch.Tensor) -> tuple[Call, list[C
         consumer = rec.calls[rec.ops[later[0]].call]
         if not consumer.inputs or consumer.inputs[0] is not t or not all(consumer.spans(u) for u in later):
             return None
-        if layers.is_linear(consumer.module) and consumer.children == 0:
+        if _is_layer(consumer):
             return consumer, norms
         if not _is_batchnorm(consumer):
             return None
@@ -103,9 +110,14 @@ def _forward(rec: Record, producer: Call, t: torch.Tensor) -> tuple[Call, list[C
         producer, t = consumer, consumer.outputs[0]
 
 
-def _activation_call(call: Call) -> bool:
-    """A leaf module call that maps one floating tensor to one of the same shape, doing some work."""
-    if call.children or call.start == call.end or len(call.inputs) != 1 or len(call.outputs) != 1:
+def _activation_call(rec: Record, call: Call) -> bool:
+    """A leaf module call that maps one floating tensor to one of the same shape, doing some work. A
+    SharedActivation left by an earlier `prepare` counts as the activation it wraps (so its sites keep their
+    keys), and the modules inside it do not."""
+    if call.parent is not None and isinstance(rec.calls[call.parent].module, SharedActivation):
+        return False
+    if (call.children and not isinstance(call.module, SharedActivation) or call.start == call.end
+            or len(call.inputs) != 1 or len(call.outputs) != 1):
         return False
     x, y = call.inputs[0], call.outputs[0]
     return x.is_floating_point() and x.shape == y.shape and x.numel() > 1 and not layers.is_linear(call.module)
@@ -126,27 +138,33 @@ def elementwise(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def find(rec: Record) -> tuple[list[Site], list[str]]:
-    """Sites in the record, and one line for each activation called as a function between two linear
-    layers (it cannot be swapped for a module)."""
+    """Sites in the record, and one line for each site that cannot be prepared: an activation called as a
+    function between two linear layers (no module to swap), a module of a site registered under two names
+    (swapping one name would leave the other), a TorchScript submodule (no hooks see inside it)."""
     occurrences = []
     for call in rec.calls:
-        if not _activation_call(call):
+        if not _activation_call(rec, call):
             continue
         back = _back(rec, call, call.inputs[0])
         ahead = _forward(rec, call, call.outputs[0]) if back else None
         if back and ahead and _fits(back[0], ahead[0], back[1] + ahead[1]):
             occurrences.append(_Occurrence(back[0], back[1], call, ahead[1], ahead[0]))
-    return _group(rec, occurrences), _functional(rec)
+    found, aliased = _group(rec, occurrences)
+    opaque = [f"{name}: a TorchScript module, which prepare() cannot see inside; prepare the model before "
+              "torch.jit.script/trace" for name in rec.opaque]
+    return found, _functional(rec) + aliased + opaque
 
 
-def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
+def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], list[str]]:
     """One site per (first, norms, act, second) modules, kept only when every call of its linear layers
-    and norms is one of its occurrences (a layer also used elsewhere cannot be fused away)."""
+    and norms is one of its occurrences (a layer also used elsewhere cannot be fused away) and none of its
+    modules has a second name (an alias), which a swap under the first would miss; a line for each alias."""
     groups: dict[tuple, list[_Occurrence]] = {}
     for occ in occurrences:
         mods = (occ.first, *occ.before, occ.act, *occ.after, occ.second)
         groups.setdefault(tuple(id(c.module) for c in mods), []).append(occ)
     probed: dict[int, bool] = {}
+    aliased: list[str] = []
     sites_of_act: dict[int, list[_Occurrence]] = {}
     for occs in groups.values():
         occ = occs[0]
@@ -154,6 +172,12 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
         if any(len(rec.calls_of[id(c.module)]) != len(occs) for c in fused):
             continue
         if len({id(c.module) for c in fused}) != len(fused):
+            continue
+        aliases = [rec.paths[id(c.module)] for c in (*fused, occ.act) if len(rec.paths[id(c.module)]) > 1]
+        if aliases:
+            aliased.append(f"{occ.first.name} -> {occ.act.name} -> {occ.second.name}: {aliases[0][0]} is also "
+                           f"{', '.join(aliases[0][1:])} in the model, and the forward may call either name, "
+                           "so it is not prepared (register the module once)")
             continue
         act = occ.act.module
         if id(act) not in probed:
@@ -173,7 +197,7 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> list[Site]:
                         layers.out_features(occ.first.module), layers.feature_dim(occ.first.module), shared,
                         str(key))
             sites.append((occ.act.index, site))
-    return [site for _, site in sorted(sites, key=lambda pair: pair[0])]
+    return [site for _, site in sorted(sites, key=lambda pair: pair[0])], aliased
 
 
 def _functional(rec: Record) -> list[str]:

@@ -1,7 +1,8 @@
-"""Record one forward pass: every module call (its span, inputs and outputs) and every ATen op run inside
-it (which tensors it read and wrote). HF models often cannot be traced symbolically, so the record comes
-from forward hooks on all modules plus a TorchDispatchMode; tensors are told apart by identity and kept
-alive for the record's lifetime, so no id is reused."""
+"""Record one forward pass: every module call (its span, inputs and outputs), every ATen op run inside it
+(which tensors it read and wrote), and whether each linear layer's or BatchNorm's output is the affine map of
+its input that its weights say (what `collapse` would fold). HF models often cannot be traced symbolically, so
+the record comes from forward hooks on all modules plus a TorchDispatchMode; tensors are told apart by identity
+and kept alive for the record's lifetime, so no id is reused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from lc_onnx.train import layers
 
 
 def tensors(value) -> list[torch.Tensor]:
@@ -31,6 +34,7 @@ class Call:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     children: int = 0  # module calls made directly inside this one
+    exact: bool = False  # a linear layer or BatchNorm whose output is its own affine map of its input
 
     def spans(self, op: int) -> bool:
         return self.start <= op < self.end
@@ -53,6 +57,8 @@ class Record:
     created: dict[int, int]  # id(tensor) -> index of the op that first wrote it
     uses: dict[int, list[int]]  # id(tensor) -> indices of the ops that read it
     calls_of: dict[int, list[int]]  # id(module) -> its call indices
+    paths: dict[int, list[str]]  # id(module) -> every name it has in the model (more than one: an alias)
+    opaque: list[str]  # TorchScript submodules: hooks cannot see inside them
 
     def creator(self, t: torch.Tensor) -> Call | None:
         """The innermost module call during which the op that made `t` ran."""
@@ -68,12 +74,13 @@ class Record:
 class _OpRecorder(TorchDispatchMode):
     def __init__(self, stack: list[int], ops: list[Op]):
         super().__init__()
-        self.stack, self.ops = stack, ops
+        self.stack, self.ops, self.paused = stack, ops, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.ops.append(Op(len(self.ops), func, self.stack[-1] if self.stack else None,
-                           tensors((args, kwargs)), tensors(out)))
+        if not self.paused:  # paused: the recorder's own checks, not the model's ops
+            self.ops.append(Op(len(self.ops), func, self.stack[-1] if self.stack else None,
+                               tensors((args, kwargs)), tensors(out)))
         return out
 
 
@@ -81,10 +88,16 @@ class _OpRecorder(TorchDispatchMode):
 def record(model: nn.Module, example_inputs) -> Record:
     """Run `model` once in eval mode on `example_inputs` (a tuple of positional inputs, a dict of keyword
     inputs, or one tensor) and return what ran. The model's train/eval modes are restored."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError("prepare() records an eager model's forward pass; call it before torch.jit.script/trace")
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
     names = {id(m): n for n, m in model.named_modules()}
     calls: list[Call] = []
     ops: list[Op] = []
     stack: list[int] = []
+    recorder = _OpRecorder(stack, ops)
 
     def before(module, args, kwargs):
         if id(module) not in names:  # a module outside the model (a hook's own)
@@ -101,13 +114,25 @@ def record(model: nn.Module, example_inputs) -> Record:
             return
         call = calls[stack.pop()]
         call.end, call.outputs = len(ops), tensors(output)
+        if (layers.is_linear(module) or layers.is_batchnorm(module)) and len(call.inputs) == len(call.outputs) == 1:
+            # checked now: an in-place activation may overwrite the output later in the pass
+            recorder.paused = True
+            try:
+                call.exact = layers.reproduces(module, call.inputs[0], call.outputs[0])
+            finally:
+                recorder.paused = False
 
     modes = {m: m.training for m in model.modules()}
+    scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]  # they take no Python hooks
+    hooked = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
     model.eval()
-    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in model.modules()]
-    handles += [m.register_forward_hook(after, with_kwargs=True, always_call=True) for m in model.modules()]
+    # prepended, so the inputs recorded are those before any hook of the model's own changes them
+    handles = [m.register_forward_pre_hook(before, with_kwargs=True, prepend=True) for m in hooked]
+    handles += [m.register_forward_hook(after, with_kwargs=True, always_call=True) for m in hooked]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # torch's fused transformer kernels call no submodules
     try:
-        with _OpRecorder(stack, ops):
+        with recorder:
             if isinstance(example_inputs, dict):
                 out = model(**example_inputs)
             elif isinstance(example_inputs, (tuple, list)):
@@ -119,6 +144,7 @@ def record(model: nn.Module, example_inputs) -> Record:
         raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first}); pass a tuple "
                          "of positional inputs or a dict of keyword inputs that model(...) accepts") from e
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
         for m, training in modes.items():
@@ -133,4 +159,6 @@ def record(model: nn.Module, example_inputs) -> Record:
     calls_of: dict[int, list[int]] = {}
     for call in calls:
         calls_of.setdefault(id(call.module), []).append(call.index)
-    return Record(calls, ops, tensors(out), created, uses, calls_of)
+    opaque = [names[id(m)] for m in scripted if not isinstance(model.get_submodule(names[id(m)].rpartition(".")[0]),
+                                                                torch.jit.ScriptModule)]
+    return Record(calls, ops, tensors(out), created, uses, calls_of, paths, opaque)
