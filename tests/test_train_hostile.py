@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
+from test_train_sites import SharedAct  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import parametrizations  # noqa: E402
 
@@ -151,18 +152,6 @@ def test_a_scripted_model_is_one_clear_error_and_a_scripted_part_is_reported():
     found = no_site(Outer())
     assert found.unswappable == ["mlp: a TorchScript module, which prepare() cannot see inside; prepare the model "
                                  "before torch.jit.script/trace"]
-
-
-class SharedAct(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c, self.d, self.act = (nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32),
-                                                    nn.Linear(32, 16), nn.GELU())
-        self.norm = nn.LayerNorm(16)
-
-    def forward(self, x):
-        y = self.b(self.act(self.a(x)))
-        return self.d(self.act(self.c(y))) + self.act(self.norm(y))
 
 
 def test_prepare_twice_with_a_shared_activation_keeps_the_site_names():
