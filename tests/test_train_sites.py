@@ -348,3 +348,34 @@ def test_a_linear_and_a_conv_do_not_pair():
             return self.conv(self.act(self.fc(x)))
 
     no_site(Mixed(), IMAGE)
+
+
+class Reordered(nn.Module):
+    """Two blocks in a row (a -> act1 -> b -> act2 -> c) registered back to front."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.act2, self.b, self.act1, self.a = (nn.Linear(32, 16), nn.GELU(), nn.Linear(32, 32), nn.GELU(),
+                                                        nn.Linear(16, 32))
+
+    def forward(self, x):
+        return self.c(self.act2(self.b(self.act1(self.a(x)))))
+
+
+def test_blocks_in_a_row_collapse_in_forward_order_whatever_their_registration_order():
+    model = Reordered().eval()
+    assert list(train.blocks(model)) == [] and list(train.prepare(model, X, init=1.0)) == ["act1", "act2"]
+    assert list(train.blocks(model)) == ["act2", "act1"]  # named_modules order: registration
+    with torch.no_grad():
+        before = model(X[0])
+        assert train.collapse(model) == ["act1", "act2"]
+        torch.testing.assert_close(model(X[0]), before, rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+
+
+def test_a_changed_block_names_what_is_there_now():
+    model = Block().eval()
+    train.prepare(model, X, init=1.0)
+    model.fc2 = nn.Identity()
+    with pytest.raises(RuntimeError, match=r"\(fc2\) is now Identity"):
+        train.collapse(model)

@@ -8,13 +8,8 @@ from torch import nn
 
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, tag_feeder
-from lc_onnx.train.prepare import fingerprint
+from lc_onnx.train.prepare import fingerprint, set_module
 from lc_onnx.train.regularize import blocks
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
@@ -23,9 +18,12 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
     for (path, kind, width), role in zip(act.layout.fingerprint, roles, strict=True):
         try:
             module = base.get_submodule(path) if path else base
-            now = fingerprint(base, path, role)
-        except (AttributeError, TypeError):
-            module, now = None, None
+        except AttributeError:
+            module = None
+        try:
+            now = fingerprint(base, path, role) if module is not None else None
+        except (AttributeError, TypeError):  # no weight / features: an Identity, say
+            now = None
         ok = now == (path, kind, width) and (role == "norm" or is_linear(module))
         if not ok:
             found = type(module).__name__ if module is not None else "nothing"
@@ -40,7 +38,8 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None =
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names."""
     done = []
-    for name, act in blocks(model).items():
+    # in forward order: a block whose second layer is the next block's first must fold before that one
+    for name, act in sorted(blocks(model).items(), key=lambda item: item[1].layout.order):
         if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
             continue
         lay = act.layout
@@ -57,9 +56,9 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None =
             w, b = wm @ w, wm @ b + bm
         layer = fused(w, b, like=second)
         # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
-        _set(base, lay.second, layer)
+        set_module(base, lay.second, layer)
         for path in (lay.first, *lay.batchnorms, lay.slot):
-            _set(base, path, nn.Identity())
+            set_module(base, path, nn.Identity())
         shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None
         if isinstance(shared, SharedActivation):  # the new feeder must still tell the switch its site
             tag_feeder(base.get_submodule(lay.feeder), shared, lay.slot.rpartition(".")[2])

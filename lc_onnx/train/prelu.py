@@ -16,7 +16,8 @@ class SiteLayout:
     `slot` is the module the collapse replaces by the identity; `feeder` the one whose output the
     activation reads (a shared activation learns its site from it); `batchnorms` the BatchNorm
     layers between the two linear layers, in order; `fingerprint` the (path, type, weight shape) of
-    every module the collapse touches, so it can refuse a site that changed since `prepare`."""
+    every module the collapse touches, so it can refuse a site that changed since `prepare`; `order` where
+    the forward pass reaches it, so blocks in a row collapse front to back whatever their registration order."""
 
     up: int
     first: str
@@ -25,6 +26,7 @@ class SiteLayout:
     feeder: str
     batchnorms: tuple[str, ...] = ()
     fingerprint: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    order: int = 0  # where the forward pass reaches the block: `collapse` goes in this order
 
 
 class LayerCollapsePReLU(nn.PReLU):

@@ -33,7 +33,7 @@ def _parts(path: str) -> list[str]:
     return path.split(".") if path else []
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
@@ -80,7 +80,7 @@ def layout(site: Site, model: nn.Module) -> SiteLayout:
               *(fingerprint(model, n, "norm") for n in site.batchnorms))
     prints = tuple((rel(p), t, w) for p, t, w in prints)
     return SiteLayout(up, rel(site.first), rel(site.second), rel(site.name), rel(site.feeder),
-                      tuple(rel(n) for n in site.batchnorms), prints)
+                      tuple(rel(n) for n in site.batchnorms), prints, site.order)
 
 
 def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,
@@ -120,11 +120,11 @@ def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verif
     act = LayerCollapsePReLU(site.width if per_channel else 1, init, layout(site, model), verified, site.channel_dim)
     act.to(device=ref.device, dtype=ref.dtype)
     if not site.shared:
-        _set(model, site.act, act)
+        set_module(model, site.act, act)
         return
     if not isinstance(current, SharedActivation):
         current = SharedActivation(current)
-        _set(model, site.act, current)
+        set_module(model, site.act, current)
     if site.key in current.sites:  # prepared before
         return
     current.sites[site.key] = act

@@ -34,6 +34,7 @@ class Site:
     channel_dim: int = -1  # the dim they lie on: -1, or 1 for pointwise convolutions
     shared: bool = False  # the activation module is also called elsewhere: it needs a per-site switch
     key: str = "0"  # this site's index among those of a shared activation
+    order: int = 0  # when the forward pass reaches it: blocks chained in a row collapse front to back
 
     @property
     def name(self) -> str:
@@ -195,9 +196,9 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
             site = Site(occ.act.name, occ.first.name, occ.second.name,
                         tuple(c.name for c in (*occ.before, *occ.after)), feeder,
                         layers.out_features(occ.first.module), layers.feature_dim(occ.first.module), shared,
-                        str(key))
-            sites.append((occ.act.index, site))
-    return [site for _, site in sorted(sites, key=lambda pair: pair[0])], aliased
+                        str(key), occ.act.index)
+            sites.append(site)
+    return sorted(sites, key=lambda site: site.order), aliased
 
 
 def _functional(rec: Record) -> list[str]:
