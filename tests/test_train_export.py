@@ -100,7 +100,7 @@ def test_export_collapse_matches_torch(tmp_path, make, blocks, dynamo):
         extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
         want = model(**inputs, **extra)[0].numpy()
     assert got.shape == want.shape
-    assert rel_l2(got, want) <= 1e-4
+    assert rel_l2(got, want) <= 1e-6  # measured at most 3.4e-7 (T5, dynamo)
 
 
 def test_gated_llama_exports_with_the_legacy_exporter(tmp_path):
@@ -114,7 +114,7 @@ def test_gated_llama_exports_with_the_legacy_exporter(tmp_path):
     got = sess.run(None, {"input_ids": inputs["input_ids"].numpy()})[0]
     with torch.no_grad():
         want = model(**inputs, use_cache=False).logits.numpy()
-    assert rel_l2(got, want) <= 1e-4
+    assert rel_l2(got, want) <= 1e-6
 
 
 def test_keeping_sdpa_where_it_cannot_export_says_what_to_pass(tmp_path):
