@@ -184,10 +184,9 @@ def optimize(
     shared weights (ALBERT's one MLP in every layer) even where that grows the model's parameters; by default
     such a group is left, with the reason in the report."""
     step = progress or (lambda stage, done=None, total=None: None)
-    for name, value in (("tol", tol), ("rtol", rtol), ("atol", atol)):
-        _check_limit(name, value)
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    for name, value in (("--tol", tol), ("--rtol", rtol), ("--atol", atol)):
+        check_limit(name, value)
+    validation.check_seed(seed)
     try:
         skip_set = frozenset(skip)
         passes.registry.active_rules(skip_set)
@@ -243,16 +242,28 @@ def optimize(
     return OptimizeResult(model, report, src.source, src.path, src.reads)
 
 
-def _check_limit(name: str, value: float | None) -> None:
+def check_limit(option: str, value: float | None) -> None:
+    """InputError unless `value` (a tolerance; None: not given) is a finite number >= 0."""
     if value is not None and not (value >= 0 and math.isfinite(value)):
-        raise InputError(f"{name} must be a finite number >= 0, got {value}")
+        raise InputError(f"{option} {value}: must be a finite number >= 0")
 
 
 def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = DEFAULT_TOL,
             skip: tuple[str, ...] = (), allow_growth: bool = False) -> list[passes.Candidate]:
-    """Every candidate chain with the rule that would fire on it, or why none would."""
-    _check_limit("tol", tol)
+    """Every candidate chain with the rule that would fire on it, or why none would. A node without a name is
+    named by `node_label` (`#` and its place in its graph), so that candidates tell unnamed nodes apart."""
+    check_limit("--tol", tol)
+    graph = _import(_open(model_or_path))[0]
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for i, n in enumerate(g.nodes):
+            n.name = node_label(n.name, i)
     try:
-        return passes.inspect(_import(_open(model_or_path))[0], tol, frozenset(skip), allow_growth)
+        return passes.inspect(graph, tol, frozenset(skip), allow_growth)
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def node_label(name: str, index: int) -> str:
+    """A node's name, or `#index` (its place in its graph) where it has none: unnamed nodes are legal and all
+    named '', so `inspect`'s candidates and `bench`'s per-node MACs both use this."""
+    return name or f"#{index}"

@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,8 +16,9 @@ import onnxruntime as ort
 
 from lc_onnx import io
 from lc_onnx import shapes as inference
+from lc_onnx.api import node_label
 from lc_onnx.errors import InputError, one_line
-from lc_onnx.validate import make_inputs, session
+from lc_onnx.validate import check_seed, draw_inputs, session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # OrtValue device of each provider
@@ -40,6 +41,7 @@ def interleaved(
     providers: list | None = None,
     progress: Callable[[int], None] | None = None,
     io_binding: bool = False,
+    given: Collection[str] = (),
 ) -> list[Latency]:
     """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
     worker threads, which would take the cores from the model that runs next) for all. `providers` as ONNX
@@ -80,8 +82,12 @@ def interleaved(
             if progress:
                 progress(i + 1)
     except Exception as e:  # random inputs can send a model down a branch it cannot take (a sample rate)
-        raise InputError(f"ONNX Runtime failed running {_name(models[j])} on the random inputs ({one_line(e)}); "
-                         f"pass real data with --inputs") from None
+        drawn = [k for k in feeds if k not in given]
+        where = ("the random inputs" if len(drawn) == len(feeds) else "the inputs given with --inputs" if not drawn
+                 else f"the inputs given with --inputs and random ones for {', '.join(drawn)}")
+        hint = "pass real data with --inputs" if not given else "give all of them with --inputs" if drawn else \
+            "check the data in --inputs"
+        raise InputError(f"ONNX Runtime failed running {_name(models[j])} on {where} ({one_line(e)}); {hint}") from None
     return [
         Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs)
         for t in times
@@ -154,7 +160,8 @@ LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 @dataclass
 class MacShare:
     """Analytic multiply-accumulates of the first model at the benchmark's input shapes: MatMul, Gemm and Conv
-    nodes of the main graph, and the part held by the chains `inspect` says a rule would rewrite. `after` is
+    nodes of the main graph, and the part held by the chains `inspect` says a chain rule would rewrite (a run of
+    chains that share a layer counts once). `after` is
     the total once those chains are folded (a collapsed chain costs d_in·d_out per row, a bottleneck whose
     activation is only dropped costs what it did); `mac_ratio = total / after` is the speedup if time followed
     MACs. It is a yardstick, not a bound: the collapse also removes the PRelu nodes and the h-wide intermediate
@@ -164,9 +171,10 @@ class MacShare:
     total: int
     by_op: dict[str, int]
     chains: int  # MACs of the linear layers of the chains a rule would rewrite
-    chain_count: int
+    chain_count: int  # runs of chains (chains that share a layer are one)
     after: int
     unknown: list[str] = field(default_factory=list)  # linear nodes whose shapes inference could not tell
+    blocks: int = 0  # collapse_fan_out / split_linear_units candidates: not counted, their saving is not known
 
     @property
     def share(self) -> float:
@@ -185,6 +193,8 @@ class MacShare:
                 f"({self.mac_ratio:.2f}x fewer)")
         if self.unknown:
             text += f" ({len(self.unknown)} linear node(s) of unknown shape left out)"
+        if self.blocks:
+            text += f" ({self.blocks} fan-out/split block(s) not counted)"
         return text
 
     def to_dict(self) -> dict:
@@ -200,7 +210,7 @@ def _count(n: float) -> str:
 
 def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[str, np.ndarray] | None = None,
               source: Path | None = None) -> tuple[dict[str, tuple[str, int]], list[str]]:
-    """MACs of every MatMul, Gemm and Conv node of the main graph, by node name (op, MACs), with the graph
+    """MACs of every MatMul, Gemm and Conv node of the main graph, by `api.node_label` (op, MACs), with the graph
     inputs at `inputs` shapes; and the names of those whose shapes could not be told. MACs = output elements ×
     the reduced length: K of a MatMul or Gemm, C_in/group × kernel size of a Conv. Shapes come from ONNX shape
     inference; where it cannot tell (Reshape targets computed at run time), and `feeds` are given, from one run
@@ -223,7 +233,7 @@ def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[
         d = known.get(name)
         return d if d is not None and all(isinstance(x, int) and x > 0 for x in d) else None
 
-    linear = [(n.name or f"#{i}", n) for i, n in enumerate(model.graph.node)
+    linear = [(node_label(n.name, i), n) for i, n in enumerate(model.graph.node)
               if n.op_type in LINEAR_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
     missing = [n for _, n in linear if any(dims(t) is None for t in (n.output[0], n.input[0], n.input[1]))]
     if missing and feeds is not None:
@@ -263,27 +273,52 @@ def _probe(model: onnx.ModelProto, names: set[str], feeds: dict[str, np.ndarray]
 
 def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: list,
               feeds: dict[str, np.ndarray] | None = None, source: Path | None = None) -> MacShare:
-    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a rule would rewrite
-    (`feeds`, `source`: see `node_macs`)."""
+    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a chain rule would rewrite
+    (`feeds`, `source`: see `node_macs`). Chains that share a layer (A→B→C gives A·B and B·C) are one run,
+    counted once; a run of collapse_linear_chain folds to one d_in·d_out layer, the first layer's d_in to the
+    last's d_out (or stays as it is, if that costs more). The block rules' candidates (collapse_fan_out,
+    split_linear_units) are not counted: `inspect` does not say what they would save."""
     per_node, unknown = node_macs(model, inputs, feeds, source)
     by_op = {op: 0 for op in LINEAR_OPS}
     for op, m in per_node.values():
         by_op[op] += m
     total = sum(by_op.values())
     chains = saved = count = 0
-    for c in candidates:
-        if c.kind != "chain" or c.rule is None or c.graph:
-            continue
-        macs = sum(per_node[n][1] for n in c.names if n in per_node)
+    linear = set(per_node) | set(unknown)
+    counted = [c for c in candidates if c.kind == "chain" and c.rule in CHAIN_RULES and not c.graph]
+    blocks = sum(c.kind == "chain" and c.rule is not None and c.rule not in CHAIN_RULES and not c.graph
+                 for c in candidates)
+    for run in _runs([(c, [n for n in c.names if n in linear]) for c in counted]):
+        layers = {k for _, keys in run for k in keys}
+        macs = sum(per_node[k][1] for k in layers if k in per_node)
         if not macs:
             continue
         count += 1
         chains += macs
-        if c.rule == "collapse_linear_chain" and c.shape:
-            d_in, h, d_out = c.shape
-            rows = macs / (h * (d_in + d_out))
-            saved += max(0, macs - round(rows * d_in * d_out))
-    return MacShare(total, by_op, chains, count, total - saved, unknown)
+        if all(c.rule == "collapse_linear_chain" and c.shape and len(keys) == 2 for c, keys in run) \
+                and layers <= set(per_node):
+            dims = {}  # layer -> (d_in, d_out)
+            for c, (first, second) in run:
+                dims[first], dims[second] = c.shape[:2], c.shape[1:]
+            seconds = {keys[1] for _, keys in run}
+            firsts = {keys[0] for _, keys in run}
+            head = next(k for k in firsts if k not in seconds)
+            tail = next(k for k in seconds if k not in firsts)
+            rows = per_node[head][1] / (dims[head][0] * dims[head][1])
+            saved += max(0, macs - round(rows * dims[head][0] * dims[tail][1]))
+    return MacShare(total, by_op, chains, count, total - saved, unknown, blocks)
+
+
+CHAIN_RULES = ("collapse_linear_chain", "drop_unit_activation")  # the rules whose MACs after mac_share knows
+
+
+def _runs(chains: list[tuple]) -> list[list[tuple]]:
+    """(candidate, its linear layers' node keys) grouped into runs: chains that share a layer, transitively."""
+    runs: list[list[tuple]] = []
+    for chain in chains:
+        apart = [r for r in runs if not any(set(chain[1]) & set(keys) for _, keys in r)]
+        runs = apart + [[chain] + [c for r in runs if not any(r is a for a in apart) for c in r]]
+    return runs
 
 
 @dataclass
@@ -320,6 +355,21 @@ class BenchResult:
         return json.dumps(data, indent=2) + "\n"
 
 
+def check_options(provider_name: str = "cpu", threads: int = 0, batch: int | None = None, runs: int = 50,
+                  warmup: int = 10, seed: int = 0, cuda_graph: bool = False) -> None:
+    """InputError for options `bench_files` cannot take; the CLI asks before any work (reading the models)."""
+    if runs < 1 or warmup < 0:
+        raise InputError("--runs must be at least 1 and --warmup at least 0")
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch {batch}: must be at least 1")
+    if threads < 0:
+        raise InputError(f"--threads {threads}: must be at least 0")
+    check_seed(seed)
+    if cuda_graph and provider_name != "cuda":
+        raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only there), "
+                         f"not {provider_name}")
+
+
 def bench_files(
     paths: list[Path],
     provider_name: str = "cpu",
@@ -338,13 +388,7 @@ def bench_files(
     """Latency of model files on the same inputs, interleaved; the first model is the reference. With
     `cuda_graph` (CUDA only; implies `io_binding`) ONNX Runtime captures each model's run as a CUDA graph and
     replays it. With `candidates` (`lc_onnx.inspect` of the first model) the result carries its MAC share."""
-    if runs < 1 or warmup < 0:
-        raise InputError("--runs must be at least 1 and --warmup at least 0")
-    if (batch is not None and batch < 1) or threads < 0:
-        raise InputError("--batch must be at least 1 and --threads at least 0")
-    if cuda_graph and provider_name != "cuda":
-        raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only on CUDA), "
-                         f"not {provider_name}")
+    check_options(provider_name, threads, batch, runs, warmup, seed, cuda_graph)
     full = provider(provider_name)
     heads = [io.read(p, load_weights=False)[0] for p in paths]
     names = [sorted(i.name for i in h.graph.input if i.name not in {t.name for t in h.graph.initializer})
@@ -352,7 +396,7 @@ def bench_files(
     for p, n in zip(paths[1:], names[1:], strict=True):
         if n != names[0]:
             raise InputError(f"{p} has inputs {n}, {paths[0]} has {names[0]}: they cannot share inputs")
-    feeds = make_inputs(heads[0], batch_shapes(heads[0], batch, shapes or {}), given, seed)
+    feeds, drawn = draw_inputs(heads[0], batch_shapes(heads[0], batch, shapes or {}), given, seed)
     shapes_used = {k: list(v.shape) for k, v in feeds.items()}
     macs = None
     if candidates is not None:
@@ -360,7 +404,8 @@ def bench_files(
         macs = mac_share(heads[0], shapes_used, candidates, feeds, folder)
     del heads
     entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
-    lat = interleaved(list(paths), feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph)
+    lat = interleaved(list(paths), feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph,
+                      given=[k for k, what in drawn.items() if what == "given"])
     result = BenchResult(provider_name, threads, runs, warmup, shapes_used, io_binding=io_binding or cuda_graph,
                          cuda_graph=cuda_graph, macs=macs)
     for p, latency in zip(paths, lat, strict=True):

@@ -37,21 +37,59 @@ def check_model(model: onnx.ModelProto, base: Path | None = None) -> onnx.ModelP
 
 def _stand_in_external(light: onnx.ModelProto, base: Path | None) -> None:
     """External tensors the weightless copy still holds (Constant-node values, subgraph initializers) become
-    inline: small ones read through io's resolver (shape inference may use their values), large ones zeros
-    of the right size (the checker needs only dtype and dims)."""
+    inline: small ones read through io's resolver (shape inference may use their values). A large one, of which
+    the checker and shape inference need only dtype and dims, becomes an empty sparse tensor (all zeros, no
+    bytes): a Constant's `sparse_value`, and for a subgraph initializer a Constant node that makes it. Where
+    that cannot be (opset < 11 has no sparse_value; an initializer that is also an input; another op's tensor
+    attribute) it is zeros of its full size: onnx.checker refuses raw_data shorter than the dims."""
+    external = [t for t in io.all_tensors(light) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and base is None:
+        raise InputError(f"tensor {external[0].name!r} is external data, and the folder it lives in is unknown")
+    opset = next((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if external and opset >= 11:
+        for g in reversed(list(shapes.graphs(light.graph))):  # innermost first: a graph's nodes are copied below
+            _sparse_stand_ins(g)
     for t in io.all_tensors(light):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        if base is None:
-            raise InputError(f"tensor {t.name!r} is external data, and the folder it lives in is unknown")
-        small = math.prod(t.dims) <= shapes.SMALL
         try:
-            raw = io.external_bytes(t, base) if small else bytes(io.stored_bytes(t) or 0)
+            raw = io.external_bytes(t, base) if not _large(t) else bytes(io.stored_bytes(t) or 0)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read external data ({one_line(e)})") from None
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.DEFAULT
-        t.raw_data = raw
+        io.inline(t, raw)
+
+
+def _large(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and math.prod(t.dims) > shapes.SMALL
+
+
+def _empty_sparse(t: onnx.TensorProto) -> onnx.SparseTensorProto:
+    """An all-zero sparse tensor of `t`'s dtype and dims, with no values."""
+    values = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=[0])
+    return onnx.SparseTensorProto(values=values, indices=onnx.TensorProto(data_type=onnx.TensorProto.INT64, dims=[0]),
+                                  dims=t.dims)
+
+
+def _sparse_stand_ins(g: onnx.GraphProto) -> None:
+    """`g`'s large external Constant values and initializers as empty sparse Constants (see `_stand_in_external`)."""
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value" and _large(a.t):
+                    a.sparse_tensor.CopyFrom(_empty_sparse(a.t))
+                    a.ClearField("t")
+                    a.name, a.type = "sparse_value", onnx.AttributeProto.SPARSE_TENSOR
+    inputs = {i.name for i in g.input}
+    moved = [t for t in g.initializer if _large(t) and t.name not in inputs]
+    if not moved:
+        return
+    kept = [t for t in g.initializer if not (_large(t) and t.name not in inputs)]
+    made = [onnx.helper.make_node("Constant", [], [t.name], sparse_value=_empty_sparse(t)) for t in moved]
+    nodes = made + list(g.node)  # ahead of every reader: a graph's nodes are in topological order
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _bad_text(message, path: str = "model") -> str | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import signal
 import sys
 import time
@@ -110,11 +110,6 @@ class _Progress:
             click.echo(f"{self._when()} done", err=True)
 
 
-def _limit(option: str, value: float | None) -> None:
-    if value is not None and not (value >= 0 and math.isfinite(value)):
-        raise InputError(f"{option} {value}: must be a finite number >= 0")
-
-
 def _skip_option(fn):
     return click.option(
         "--skip", "skip", multiple=True, metavar="RULE", type=click.Choice(rule_names()),
@@ -177,10 +172,6 @@ def main() -> None:
 def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
              external_data, allow_growth, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
-    for option, value in (("--tol", tol), ("--rtol", rtol), ("--atol", atol)):
-        _limit(option, value)
-    if seed < 0:
-        raise InputError(f"--seed {seed}: must be >= 0")
     output = output or io.default_output(model)
     in_place = io.same_file(output, Path(model))
     if in_place and not overwrite:
@@ -227,10 +218,9 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
 def inspect(model, tol, as_json, skip) -> None:
     """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not;
     then the single nodes a node rule would change."""
-    _limit("--tol", tol)
     found = api.inspect(model, tol=tol, skip=tuple(skip))
     if as_json:
-        click.echo(json.dumps([c.__dict__ for c in found], indent=2))
+        click.echo(json.dumps([dataclasses.asdict(c) for c in found], indent=2))
         return
     if not found:
         click.echo("no candidate chain (no linear -> activation -> linear with constant weights)")
@@ -277,14 +267,8 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
     """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
     median, p10, p90 and the speedup against the first model; then the share of the first model's MACs held
     by the chains lc-onnx would collapse and how far their fold cuts the MACs."""
-    if batch is not None and batch < 1:
-        raise InputError(f"--batch {batch}: must be at least 1")
-    if seed < 0:
-        raise InputError(f"--seed {seed}: must be >= 0")
-    _limit("--tol", tol)
-    if cuda_graph and provider != "cuda":
-        raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only there), "
-                         f"not {provider}")
+    bench_mod.check_options(provider, threads, batch, runs, warmup, seed, cuda_graph)  # before reading the models
+    api.check_limit("--tol", tol)
     if json_path:
         io.check_target(json_path, "--json")
         if json_path.exists():  # only a file that exists can be one the models read

@@ -46,7 +46,7 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
     try:
         for t in external:  # every external tensor, Constant nodes and subgraphs too, through one resolver
             if load_weights:
-                _inline(t, base)
+                inline(t, external_bytes(t, base))
             else:
                 _external_span(t, base)
     except (OSError, ValueError) as e:
@@ -92,11 +92,19 @@ def stored_bytes(t: onnx.TensorProto) -> int | None:
     return None if itemsize is None else count * itemsize
 
 
-def _inline(t: onnx.TensorProto, base: Path) -> None:
-    """Read an external tensor's bytes into it."""
-    t.raw_data = external_bytes(t, base)
+def inline(t: onnx.TensorProto, raw: bytes) -> None:
+    """Make `t` an inline tensor holding `raw` (an external tensor's bytes, or a stand-in for them)."""
     del t.external_data[:]
     t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
+
+
+def external_array(t: onnx.TensorProto, base: Path) -> np.ndarray:
+    """An external tensor's values, read from disk now; `t` is not changed."""
+    full = onnx.TensorProto()
+    full.CopyFrom(t)
+    inline(full, external_bytes(t, base))
+    return onnx.numpy_helper.to_array(full)
 
 
 def files_read(path: Path, model: onnx.ModelProto) -> set[Path]:
@@ -157,12 +165,7 @@ class ExternalValues(gs.ir.tensor.LazyValues):
         self.base = base
 
     def load(self) -> np.ndarray:
-        full = onnx.TensorProto()
-        full.CopyFrom(self.tensor)
-        del full.external_data[:]
-        full.data_location = onnx.TensorProto.DEFAULT
-        full.raw_data = external_bytes(self.tensor, self.base)
-        return onnx.numpy_helper.to_array(full)
+        return external_array(self.tensor, self.base)
 
 
 def attach_external(graph: gs.Graph, base: Path) -> None:
@@ -327,12 +330,11 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
 
 def _store(t: onnx.TensorProto, raw: bytes, data, data_name: str) -> None:
     """Make `t` hold `raw`: inline when small, else appended to the open data file and pointed at."""
+    if len(raw) < EXTERNAL_THRESHOLD:
+        inline(t, raw)
+        return
     del t.external_data[:]
     t.ClearField("raw_data")
-    if len(raw) < EXTERNAL_THRESHOLD:
-        t.data_location = onnx.TensorProto.DEFAULT
-        t.raw_data = raw
-        return
     t.data_location = onnx.TensorProto.EXTERNAL
     offset = data.tell()
     data.write(raw)

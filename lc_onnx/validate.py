@@ -60,6 +60,11 @@ def make_inputs(
     return draw_inputs(model, shapes, given, seed)[0]
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be >= 0")
+
+
 def draw_inputs(
     model: onnx.ModelProto,
     shapes: dict[str, list[int]] | None = None,
@@ -71,8 +76,7 @@ def draw_inputs(
     other integers in [0, 8); open dims of size 2. Values real models accept: OPT's position ids come from
     the cumulative attention mask and overrun their table on random masks."""
     shapes, given = shapes or {}, given or {}
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     feeds, drawn = {}, {}
     names = [i.name for i in _graph_inputs(model)]
@@ -343,16 +347,13 @@ def uses_half(model: onnx.ModelProto) -> bool:
 
 def _wide_tensor(t: onnx.TensorProto, source: Path | None) -> None:
     """`t`, in place, as float32 (its data read from `source` when external)."""
-    full = t
     if t.data_location == onnx.TensorProto.EXTERNAL:
         if source is None:
             raise InputError(f"tensor {t.name!r} is external data, but the model's folder is not known")
-        full = onnx.TensorProto()
-        full.CopyFrom(t)
-        del full.external_data[:]
-        full.data_location = onnx.TensorProto.DEFAULT
-        full.raw_data = io.external_bytes(t, source)
-    wide = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(full).astype(np.float32), t.name)
+        values = io.external_array(t, source)
+    else:
+        values = onnx.numpy_helper.to_array(t)
+    wide = onnx.numpy_helper.from_array(values.astype(np.float32), t.name)
     t.CopyFrom(wide)
 
 

@@ -220,3 +220,56 @@ def test_node_macs_of_gemm_conv_and_batched_matmul():
                      "bmm": ("MatMul", 2 * 4 * 5 * 2 * 7)} and unknown == []
     found, unknown = bench.node_macs(model, {"x": [2, 3, 6, 6]})  # a and b left open: bmm unknown
     assert "bmm" not in found and unknown == ["bmm"]
+
+
+def _three_layers(named: bool = True) -> onnx.ModelProto:
+    """64 -> 256 -> 256 -> 64 with unit slopes: inspect gives two chains that share the middle layer."""
+    from onnx import helper
+
+    from tests.builder import Builder
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 64, 256), 1.0)
+    h = b.prelu(b.linear(h, 256, 256), 1.0)
+    b.nodes.append(helper.make_node("Identity", [b.linear(h, 256, 64)], ["y"], name="out"))
+    model = b.model([("x", ["N", 64])], [("y", ["N", 64])])
+    if not named:
+        for n in model.graph.node:
+            n.name = ""
+    return model
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_mac_share_counts_a_run_of_chains_that_share_a_layer_once(tmp_path, named):
+    from lc_onnx import api
+
+    path = tmp_path / "mlp3.onnx"
+    onnx.save(_three_layers(named), path)
+    share = bench.mac_share(onnx.load(path), {"x": [2, 64]}, api.inspect(path))
+    total = 2 * (64 * 256 + 256 * 256 + 256 * 64)
+    assert share.total == share.chains == total and share.share == 1.0 and share.chain_count == 1
+    assert share.after == 2 * 64 * 64 and share.mac_ratio == 24.0
+    assert "1 collapsible chain(s) hold 100.0%" in share.line()
+
+
+def test_unnamed_nodes_are_told_apart_by_inspect():
+    from lc_onnx import api
+
+    chains = [c for c in api.inspect(_three_layers(named=False)) if c.kind == "chain"]
+    assert len(chains) == 2 and all(name.startswith("#") for c in chains for name in c.names)
+    assert len(set(chains[0].names) & set(chains[1].names)) == 2  # the middle layer's MatMul and Add
+
+
+def test_run_failure_on_given_inputs_does_not_blame_random_ones(tmp_path):
+    import numpy as np
+
+    from tests.test_hardening import reshape_fails_model
+
+    path, data = tmp_path / "reshape.onnx", tmp_path / "in.npz"
+    onnx.save(reshape_fails_model(), path)
+    np.savez(data, x=np.ones((2, 3, 8), np.float32))  # the wrong batch for its Reshape to [5, 24]
+    result = invoke(path, "--runs", 1, "--warmup", 0, "--inputs", data)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "on the inputs given with --inputs" in result.stderr and "random" not in result.stderr
+    result = invoke(path, "--runs", 1, "--warmup", 0)
+    assert "on the random inputs" in result.stderr and "pass real data with --inputs" in result.stderr
