@@ -19,6 +19,7 @@ from passes.match import (
     is_op,
     only_feeds,
     producer,
+    redirect_readers,
     slope_problem,
 )
 
@@ -59,10 +60,7 @@ class Chain:
         """Point the Shape readers at their surviving tensors, so the chain's nodes can die."""
         for reader, shape in self.shape_readers:
             for out in reader.outputs:
-                for user in list(out.outputs):
-                    for i, t in enumerate(user.inputs):
-                        if t is out:
-                            user.inputs[i] = shape
+                redirect_readers(out, shape)
 
     @property
     def slope_range(self) -> tuple[float, float] | None:
@@ -86,10 +84,14 @@ class Chain:
 class Reject:
     """A candidate chain that may not be collapsed, and why."""
 
-    names: list[str]
+    nodes: list[gs.Node]
     reason: str
     slope_range: tuple[float, float] | None = None
     shape: tuple[int, int, int] | None = None  # d_in, hidden, d_out where both layers could be read
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
 
 
 def _passes_through(node: gs.Node, graph_outputs: set[str]) -> bool:
@@ -137,44 +139,44 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     if isinstance(first, str) and activation is None:
         return None
     if isinstance(first, str):
-        return Reject([n.name for n in between] + [node.name], first)
+        return Reject(between + [node], first)
     second = read_linear_starting_at(node, graph_outputs)
     if isinstance(second, str) and activation is None and is_op(node, "Conv"):
         return None  # a Conv that is no linear layer (3x3, strided) right after a layer: no candidate
     if isinstance(second, str):
-        return Reject(first.names + [n.name for n in between] + [node.name], second)
-    names = first.names + [n.name for n in between] + second.names
+        return Reject(first.nodes + between + [node], second)
+    nodes = first.nodes + between + second.nodes
     shape = (first.d_in, first.d_out, second.d_out)
 
     slopes = None
     if activation is not None:
         slopes = _slopes(activation)
         if isinstance(slopes, str):
-            return Reject(names, slopes, None, shape)
+            return Reject(nodes, slopes, None, shape)
         if is_op(activation, "PRelu") and first.conv_rank:
             bad_shape = channel_slope_problem(activation, first.d_out, first.conv_rank)
             if bad_shape:
-                return Reject(names, bad_shape, None, shape)
+                return Reject(nodes, bad_shape, None, shape)
         elif is_op(activation, "PRelu"):
             reshaped = first.reshape is not None or any(is_op(n, "Reshape")
                                                         for n in between[: between.index(activation)])
             bad_shape = slope_problem(activation, first.d_out, None if reshaped else first.x_rank)
             if bad_shape:
-                return Reject(names, bad_shape, None, shape)
+                return Reject(nodes, bad_shape, None, shape)
         srange = (float(np.nanmin(slopes)), float(np.nanmax(slopes))) if np.isfinite(slopes).any() else None
         if not np.isfinite(slopes).all():
-            return Reject(names, f"slope of {activation.name} holds NaN or inf", srange, shape)
+            return Reject(nodes, f"slope of {activation.name} holds NaN or inf", srange, shape)
         off = float(np.abs(slopes - 1.0).max())
         if off > tol:
             lo, hi = srange
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
-            return Reject(names, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
+            return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     reason = _shape_problem(first, between, second)
     readers = reason or _outside_readers(first, between, second, graph_outputs)
     if isinstance(readers, str):
-        return Reject(names, readers, srange, shape)
+        return Reject(nodes, readers, srange, shape)
     return Chain(first, second, between, activation, slopes, readers)
 
 
@@ -293,8 +295,8 @@ def _nonlinear_block(tensor: gs.Tensor, between: list[gs.Node], node: gs.Node,
     if not isinstance(first, LinearLayer) or not isinstance(second, LinearLayer):
         return None
     nodes.reverse()  # in graph order, roughly: the walk went back from the second layer
-    names = first.names + [n.name for n in nodes + between] + second.names
-    return Reject(names, NOT_LINEAR.format(_activation_name(nodes)), None, (first.d_in, first.d_out, second.d_out))
+    return Reject(first.nodes + nodes + between + second.nodes, NOT_LINEAR.format(_activation_name(nodes)), None,
+                  (first.d_in, first.d_out, second.d_out))
 
 
 def _activation_name(nodes: list[gs.Node]) -> str:

@@ -115,9 +115,9 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
                 or head.dtype != first.dtype):
             return None
         heads.append(head)
-    if not ctx.inside(first.nodes + between + [n for h in heads for n in h.nodes]):
+    nodes = first.nodes + between + [n for h in heads for n in h.nodes]
+    if not ctx.inside(nodes):
         return None
-    names = first.names + [n.name for n in between] + [n for h in heads for n in h.names]
     shape = (first.d_in, first.d_out, sum(h.d_out for h in heads))
     slopes = None
     if act is not None:
@@ -129,24 +129,24 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
         off = float(np.abs(slopes - 1.0).max())
         if off > ctx.tol:
             lo, hi = float(slopes.min()), float(slopes.max())
-            return Reject(names, f"fan-out into {len(heads)} layers: slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, "
+            return Reject(nodes, f"fan-out into {len(heads)} layers: slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, "
                                  f"outside tolerance {ctx.tol:g}", (lo, hi), shape)
     layers = [first, *heads]
     has_bias = [first.bias is not None or h.bias is not None for h in heads]
     params_after = sum(first.d_in * h.d_out + (h.d_out if b else 0) for h, b in zip(heads, has_bias, strict=True))
-    freed, shared = sharing.freed(layers, first.nodes + between + [n for h in heads for n in h.nodes], ctx.outputs)
+    freed, shared = sharing.freed(layers, nodes, ctx.outputs)
     cost = fan_out_cost(first.d_in, first.d_out, [h.d_out for h in heads], sum(la.params for la in layers),
                         params_after, freed)
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     if cost.macs_after > cost.macs_before:
-        return Reject(names, f"fan-out into {len(heads)} layers: the fused layers ({cost.macs_after} MACs/row) cost "
+        return Reject(nodes, f"fan-out into {len(heads)} layers: the fused layers ({cost.macs_after} MACs/row) cost "
                              f"more than the shared layer and its heads ({cost.macs_before})", srange, shape)
     note = ""
     if cost.grows:
         why = (f"fan-out into {len(heads)} layers: the fused layers grow the model by {cost.growth()}"
                + (f" ({shared} weight(s) also read elsewhere stay)" if shared else ""))
         if not ctx.allow_growth:
-            return Reject(names, why + "; --allow-growth collapses anyway", srange, shape)
+            return Reject(nodes, why + "; --allow-growth collapses anyway", srange, shape)
         note = why + ", allowed by --allow-growth"
     return FanOut(first, between, heads, slopes, cost, note)
 

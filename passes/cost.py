@@ -61,9 +61,11 @@ def fan_out_cost(d_in: int, hidden: int, d_outs: list[int], params_before: int, 
     return Cost(hidden * (d_in + sum(d_outs)), d_in * sum(d_outs), params_before, params_after, params_freed)
 
 
-def split_cost(d_in: int, hidden: int, d_out: int, nonlinear: int, params_before: int, params_freed: int) -> Cost:
+def split_cost(d_in: int, hidden: int, d_out: int, nonlinear: int, params_before: int, params_freed: int, *,
+               bias_in: bool, bias_out: bool) -> Cost:
     """A block d_in→h→d_out whose h−n linear units fold into one d_in×d_out map beside a d_in→n→d_out MLP
-    of the other n: d_in·d_out + n·(d_in+d_out) MACs (and the new biases and slopes)."""
+    of the other n: d_in·d_out + n·(d_in+d_out) MACs, and the new slopes and biases: the direct map's where
+    either layer (`bias_in`, `bias_out`) has one, the narrow layer's where the first has one."""
     after = d_in * d_out + nonlinear * (d_in + d_out)
-    params_after = after + d_out + 2 * nonlinear  # bias of the sum, the narrow bias, the narrow slopes
+    params_after = after + nonlinear + (d_out if bias_in or bias_out else 0) + (nonlinear if bias_in else 0)
     return Cost(hidden * (d_in + d_out), after, params_before, params_after, params_freed)

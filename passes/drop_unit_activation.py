@@ -6,6 +6,7 @@ import onnx_graphsurgeon as gs
 
 from passes.chain import Chain
 from passes.linear import Names
+from passes.match import redirect_readers
 from passes.rule import Rewrite, Rule
 
 NAME = "drop_unit_activation"
@@ -21,11 +22,7 @@ def check(chain: Chain) -> str | None:
 
 def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     act = chain.activation
-    source, out = act.inputs[0], act.outputs[0]
-    for user in list(out.outputs):  # the next chain node, and a Shape of it if any
-        for i, t in enumerate(user.inputs):
-            if t is out:
-                user.inputs[i] = source
+    redirect_readers(act.outputs[0], act.inputs[0])  # the next chain node, and a Shape of it if any
     cost = chain.cost
     a, b = chain.first, chain.second
     return Rewrite(

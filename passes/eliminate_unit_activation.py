@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.linear import Names
-from passes.match import const_value, is_default, is_op, producer, rank_of, slope_problem
+from passes.match import const_value, is_default, is_op, producer, rank_of, redirect_readers, slope_problem
 from passes.rule import NodeRule, Rewrite
 
 NAME = "eliminate_unit_activation"
@@ -53,12 +53,11 @@ def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:
     node.inputs.clear()
     node.outputs.clear()
     if not any(t is y for t in graph.outputs):
-        for user in list(y.outputs):
-            for i, t in enumerate(user.inputs):
-                if t is y:
-                    user.inputs[i] = x
-    elif p is not None and not x.outputs and not any(t is x for t in graph.outputs + graph.inputs):
-        # y keeps its name as a graph output: its producer writes it directly
+        redirect_readers(y, x)
+    elif (p is not None and any(n is p for n in graph.nodes) and not x.outputs
+          and not any(t is x for t in graph.outputs + graph.inputs)):
+        # y keeps its name as a graph output: its producer writes it directly (if it is this graph's: a
+        # subgraph's output may not be written by an outer node)
         p.outputs[next(i for i, t in enumerate(p.outputs) if t is x)] = y
     else:  # an input that is also an output, or read elsewhere: the output name needs a node of its own
         graph.nodes.append(gs.Node("Identity", node.name, inputs=[x], outputs=[y]))

@@ -47,6 +47,14 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
+def redirect_readers(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every node that reads `old` at `new` instead (`old` is then unread, though it may be a graph output)."""
+    for user in list(old.outputs):
+        for i, t in enumerate(user.inputs):
+            if t is old:
+                user.inputs[i] = new
+
+
 FLOAT_TYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import onnx_graphsurgeon as gs
 
@@ -19,15 +19,22 @@ from passes.rule import BlockRule, Context, NodeRule, Rewrite, Rule
 
 @dataclass
 class Candidate:
-    """A chain seen by `inspect`: the rule that would fire on it, or why none does."""
+    """A chain seen by `inspect`: the rule that would fire on it, or why none does. Made from its nodes, it keeps
+    their names (shown and written to JSON) and their identities as `keys`: names may be '' or repeat (legal
+    ONNX), so blocks are told apart by the nodes (while the graph lives)."""
 
-    names: list[str]
+    names: list[str] = field(init=False)
+    nodes: InitVar[list[gs.Node]]
     slope_range: tuple[float, float] | None
     rule: str | None
     reason: str | None
     shape: tuple[int, int, int] | None = None
     graph: str = ""
     kind: str = "chain"  # or "node": a node rule's single node
+
+    def __post_init__(self, nodes: list[gs.Node]) -> None:
+        self.names = [n.name for n in nodes]
+        self.keys = frozenset(id(n) for n in nodes)  # not a field: the report holds no node
 
 
 @dataclass
@@ -61,29 +68,36 @@ def _graphs(graph: gs.Graph) -> list[tuple[str, gs.Graph]]:
     return [("", graph)] + [(g.name or "subgraph", g) for g in graph.subgraphs(recursive=True)]
 
 
+def _context(g: gs.Graph, tol: float, allow_growth: bool) -> Context:
+    """What the matches in `g` look at: its outputs, and its nodes (a match stays inside the graph it is in)."""
+    return Context({t.name for t in g.outputs}, tol, allow_growth, {id(n) for n in g.nodes})
+
+
 
 def _decide(
-    node: gs.Node, rules: list[Rule], outputs: set[str], tol: float, refused: _Refused
+    node: gs.Node, rules: list[Rule], ctx: Context, refused: _Refused
 ) -> tuple[Rule | None, Candidate | None, Chain | None]:
     """The chain ending at `node` and the first rule that would fire on it, or why none does. The weights are
     not read here (see `_admit`)."""
-    found = find_chain(node, outputs, tol)
+    found = find_chain(node, ctx.outputs, ctx.tol)
     if found is None:
         return None, None, None
     if isinstance(found, Reject):
-        return None, Candidate(found.names, found.slope_range, None, found.reason, found.shape), None
+        return None, Candidate(found.nodes, found.slope_range, None, found.reason, found.shape), None
     shape = (found.first.d_in, found.first.d_out, found.second.d_out)
     why = refused.get(found)
+    if not ctx.inside(found.nodes + [reader for reader, _ in found.shape_readers]):
+        why = "the chain spans a subgraph and the graph around it (no rule rewrites across that boundary)"
     if why:
-        return None, Candidate(found.names, found.slope_range, None, why, shape), None
+        return None, Candidate(found.nodes, found.slope_range, None, why, shape), None
     reasons = []
     for rule in rules:
         reason = rule.check(found)
         if reason is None:
-            return rule, Candidate(found.names, found.slope_range, rule.name, None, shape), found
+            return rule, Candidate(found.nodes, found.slope_range, rule.name, None, shape), found
         reasons.append(reason)
     reason = reasons[0] if reasons else "every rule that could fire is skipped"
-    return None, Candidate(found.names, found.slope_range, None, reason, shape), None
+    return None, Candidate(found.nodes, found.slope_range, None, reason, shape), None
 
 
 def _admit(rule: Rule, chain: Chain, refused: _Refused) -> str | None:
@@ -94,40 +108,39 @@ def _admit(rule: Rule, chain: Chain, refused: _Refused) -> str | None:
     return reason
 
 
-def _fold_later(chain: Chain, rules: list[Rule], outputs: set[str], tol: float, refused: _Refused) -> bool:
+def _fold_later(chain: Chain, rules: list[Rule], ctx: Context, refused: _Refused) -> bool:
     """Whether a weight-folding rule should wait: the chain after this one (sharing its second layer) also
     folds, and folding that one first is the cheaper product. The last chain of a run never waits, so
     every sweep over a run still rewrites."""
-    nxt = next_layer_node(chain.second, outputs)
+    nxt = next_layer_node(chain.second, ctx.outputs)
     if nxt is None:
         return False
-    rule, _, later = _decide(nxt, rules, outputs, tol, refused)
+    rule, _, later = _decide(nxt, rules, ctx, refused)
     if later is None or not rule.folds_weights or later.first.nodes[0] is not chain.second.nodes[0]:
         return False
     return later_pair_first_is_cheaper(chain.first.d_in, chain.first.d_out, later.first.d_out, later.second.d_out)
 
 
-def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names | None, refused: _Refused,
+def _sweep(g: gs.Graph, gname: str, rules: list[Rule], ctx: Context, names: Names | None, refused: _Refused,
            on_rewrite: Callable[[], None] = lambda: None) -> tuple[list, list]:
     """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
 
     A run of layers folds front to back as the pass goes (the fused layer is what the next chain sees), or
     back to front where that is the cheaper product: each chain waits for the one after it, and the layers
     next to each new one are looked at again at once, so a whole run folds in one pass whatever its length."""
-    outputs = {t.name for t in g.outputs}
+    ctx.nodes = {id(n) for n in g.nodes}
     rewrites, candidates = [], []
     todo = deque(g.nodes)
     while todo:
         node = todo.popleft()
         if not node.outputs:
             continue  # died in a rewrite of this pass
-        rule, candidate, chain = _decide(node, rules, outputs, tol, refused)
+        rule, candidate, chain = _decide(node, rules, ctx, refused)
         if candidate is None:
             continue
         candidate.graph = gname
         candidates.append(candidate)
-        if chain is None or (names is not None and rule.folds_weights and _fold_later(chain, rules, outputs, tol,
-                                                                                       refused)):
+        if chain is None or (names is not None and rule.folds_weights and _fold_later(chain, rules, ctx, refused)):
             continue
         reason = _admit(rule, chain, refused)
         if reason:
@@ -135,23 +148,27 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], tol: float, names: Names 
             continue
         if names is None:
             continue
+        before = len(g.nodes)
         done = rule.rewrite(g, names, chain)
+        ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
         done.graph = gname
         done.note = done.note or refused.notes.get(refused._key(chain), "")
         rewrites.append(done)
         on_rewrite()
-        _detach_dead(chain.nodes + [reader for reader, _ in chain.shape_readers], outputs)
-        todo.extendleft(reversed(_around(chain.second.y, outputs)))
+        _detach_dead(chain.nodes + [reader for reader, _ in chain.shape_readers], ctx)
+        todo.extendleft(reversed(_around(chain.second.y, ctx.outputs)))
     return rewrites, candidates
 
 
-def _detach_dead(nodes: list[gs.Node], outputs: set[str]) -> None:
+def _detach_dead(nodes: list[gs.Node], ctx: Context) -> None:
     """Unhook the nodes a rewrite left unread, and the nodes that fed only them, as cleanup would: the rest of
-    the pass then sees no dead reader of a tensor it looks at."""
+    the pass then sees no dead reader of a tensor it looks at. Only the swept graph's: an outer graph's node
+    (a Transpose of a weight a subgraph reads) is not cleaned up with this graph, and its outputs are not known here."""
     todo = list(nodes)
     while todo:
         node = todo.pop()
-        if not (node.inputs or node.outputs) or any(t.outputs or t.name in outputs for t in node.outputs):
+        if (not (node.inputs or node.outputs) or not ctx.inside([node])
+                or any(t.outputs or t.name in ctx.outputs for t in node.outputs)):
             continue
         feeders = [producer(t) for t in node.inputs]
         node.inputs.clear()
@@ -176,7 +193,7 @@ def _plan_shared(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused
     `ctx.allow_growth`), all of it; either way each chain gets a note saying what was chosen and why."""
     chains = []
     for node in list(g.nodes):
-        rule, _, chain = _decide(node, rules, ctx.outputs, ctx.tol, refused)
+        rule, _, chain = _decide(node, rules, ctx, refused)
         if chain is None or not rule.folds_weights:
             continue
         inside = {id(n) for n in chain.nodes}
@@ -227,7 +244,7 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
         for rule in rules:
             m = rule.match(node, ctx)
             if isinstance(m, Reject):
-                left.append(Candidate(m.names, m.slope_range, None, f"{rule.name}: {m.reason}", m.shape, gname))
+                left.append(Candidate(m.nodes, m.slope_range, None, f"{rule.name}: {m.reason}", m.shape, gname))
             elif m is not None:
                 found = rule, m
                 break
@@ -235,7 +252,7 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
             candidates += left
             continue
         rule, m = found
-        candidate = Candidate(m.names, m.slope_range, rule.name, None, m.shape, gname)
+        candidate = Candidate(m.nodes, m.slope_range, rule.name, None, m.shape, gname)
         candidates.append(candidate)
         reason = m.load()
         if reason:
@@ -243,26 +260,27 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
             continue
         if names is None:
             continue
+        before = len(g.nodes)
         done = rule.rewrite(g, names, m)
+        ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
         done.graph = gname
         rewrites.append(done)
         on_rewrite()
-        _detach_dead(m.nodes, ctx.outputs)
+        _detach_dead(m.nodes, ctx)
     return rewrites, candidates
 
 
 def _merge(candidates: list[Candidate]) -> list[Candidate]:
     """One entry per block: a chain left by the chain rules but taken whole by a block rule is not listed as
-    left, and two reasons for the same nodes are joined."""
-    taken = [(c.graph, set(c.names)) for c in candidates if c.rule is not None]
+    left, and two reasons for the same nodes are joined. Blocks are the nodes themselves, not their names."""
+    taken = [c.keys for c in candidates if c.rule is not None]
     out, by = [], {}
     for c in candidates:
-        if c.rule is None and any(g == c.graph and set(c.names) <= names for g, names in taken):
+        if c.rule is None and any(c.keys <= keys for keys in taken):
             continue
-        key = (c.graph, tuple(c.names))
-        prev = by.get(key)
+        prev = by.get(c.keys)
         if prev is None:
-            by[key] = c
+            by[c.keys] = c
             out.append(c)
         elif prev.rule is None and c.rule is None and c.reason not in prev.reason:
             prev.reason += "; " + c.reason
@@ -270,15 +288,15 @@ def _merge(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | None, tol: float,
-                exclude: set[str] = frozenset(),
+                exclude: frozenset[int] = frozenset(),
                 on_rewrite: Callable[[], None] = lambda: None) -> tuple[list[Rewrite], list[Candidate]]:
-    """The node rules on every node not named in `exclude`, rewriting when `names` is given."""
+    """The node rules on every node not in `exclude` (ids of nodes), rewriting when `names` is given."""
     rewrites, candidates = [], []
     for node in list(g.nodes):
-        rule = next((r for r in rules if node.name not in exclude and r.applies(node, tol)), None)
+        rule = next((r for r in rules if id(node) not in exclude and r.applies(node, tol)), None)
         if rule is None:
             continue
-        candidates.append(Candidate([node.name], None, rule.name, None, None, gname, kind="node"))
+        candidates.append(Candidate([node], None, rule.name, None, None, gname, kind="node"))
         if names is not None:
             done = rule.rewrite(g, names, node)
             done.graph = gname
@@ -312,11 +330,11 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
     found = []
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
-            ctx, refused = Context({t.name for t in g.outputs}, tol, allow_growth), _Refused()
+            ctx, refused = _context(g, tol, allow_growth), _Refused()
             _plan_shared(g, rules, ctx, refused)
-            chains = _sweep(g, gname, rules, tol, None, refused)[1]
+            chains = _sweep(g, gname, rules, ctx, None, refused)[1]
             chains = _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
-            collapsed = {n for c in chains if c.rule is not None for n in c.names}
+            collapsed = frozenset().union(*(c.keys for c in chains if c.rule is not None))
             found += chains + _node_sweep(g, gname, node_rules, None, tol, collapsed)[1]
     return found
 
@@ -340,10 +358,10 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
 
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
-            ctx, refused = Context({t.name for t in g.outputs}, tol, allow_growth), _Refused()
+            ctx, refused = _context(g, tol, allow_growth), _Refused()
             _plan_shared(g, rules, ctx, refused)
             for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
-                rewrites, candidates = _sweep(g, gname, rules, tol, names, refused, count)
+                rewrites, candidates = _sweep(g, gname, rules, ctx, names, refused, count)
                 if not rewrites and block_rules:  # chains first; then blocks (fan-out, partial slopes)
                     rewrites, more = _block_sweep(g, gname, block_rules, ctx, names, count)
                     candidates += more
@@ -358,6 +376,8 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
                 result.rewrites += rewrites
                 result.modified = True
                 g.cleanup(remove_unused_graph_inputs=False).toposort()
+    if any(r.graph for r in result.rewrites):  # a subgraph's rewrite may leave a node of a graph around it unread
+        graph.cleanup(remove_unused_graph_inputs=False)
     if result.modified:
         _list_initializers_as_inputs(graph)
     return result

@@ -8,21 +8,38 @@ import math
 import onnx_graphsurgeon as gs
 
 from passes.linear import LinearLayer
-from passes.match import constant, is_op, producer
+from passes.match import constant, is_empty, is_op, producer
 
 VIEWS = ("Identity", "Transpose", "Cast")  # a node that hands a weight on to its reader unchanged in size
 
 
-def weight_root(layer: LinearLayer) -> gs.Tensor:
-    """The tensor the layer's weight is stored in: its Gemm/MatMul's weight input, walked back through VIEWS."""
-    node = next((n for n in layer.nodes if is_op(n, "Gemm", "MatMul", "Conv")), layer.nodes[0])
-    t = node.inputs[1]
+def _root(t: gs.Tensor) -> gs.Tensor:
+    """`t` walked back through VIEWS to the tensor it is stored in."""
     for _ in range(16):
         p = producer(t)
         if p is None or not is_op(p, *VIEWS) or not p.inputs:
             break
         t = p.inputs[0]
     return t
+
+
+def weight_root(layer: LinearLayer) -> gs.Tensor:
+    """The tensor the layer's weight is stored in: its Gemm/MatMul's weight input, walked back through VIEWS."""
+    node = next((n for n in layer.nodes if is_op(n, "Gemm", "MatMul", "Conv")), layer.nodes[0])
+    return _root(node.inputs[1])
+
+
+def bias_root(layer: LinearLayer) -> gs.Tensor | None:
+    """The tensor the layer's bias is stored in (a Gemm's or Conv's third input, or the bias Add's other input),
+    walked back through VIEWS; None where it has no bias, or one folded from a BatchNormalization only."""
+    if layer.bias is None:
+        return None
+    for node in layer.nodes:
+        if is_op(node, "Gemm", "Conv") and len(node.inputs) > 2 and not is_empty(node.inputs[2]):
+            return _root(node.inputs[2])
+        if is_op(node, "Add"):
+            return _root(next(t for t in node.inputs if not any(producer(t) is n for n in layer.nodes)))
+    return None
 
 
 def readers(root: gs.Tensor, outputs: set[str]) -> list[gs.Node] | None:
@@ -58,19 +75,25 @@ def size(root: gs.Tensor) -> int:
 
 
 def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) -> tuple[int, int]:
-    """(params that die with `nodes`, number of weights read by nodes outside them): a layer's weight dies
-    only when every reader of it is among `nodes`; the layers' biases always do (each layer has its own)."""
+    """(params that die with `nodes`, number of weights and biases read by nodes outside them): each stored
+    weight and bias counts once, however many of the layers read it, and dies only when every reader of it is
+    among `nodes`; a bias folded from a BatchNormalization (stored nowhere else) dies with its layer."""
     inside = {id(n) for n in nodes}
     gone, shared, seen = 0, 0, set()
     for layer in layers:
-        root = weight_root(layer)
-        if id(root) in seen:
-            continue
-        seen.add(id(root))
-        users = readers(root, outputs)
-        if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
-            gone += size(root)
-        else:
-            shared += 1
-        gone += 0 if layer.bias is None else layer.bias.size
+        roots = [weight_root(layer)]
+        bias = bias_root(layer)
+        if bias is not None:
+            roots.append(bias)
+        elif layer.bias is not None:
+            gone += layer.bias.size
+        for root in roots:
+            if id(root) in seen:
+                continue
+            seen.add(id(root))
+            users = readers(root, outputs)
+            if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
+                gone += size(root)
+            else:
+                shared += 1
     return gone, shared

@@ -95,20 +95,21 @@ def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
         return None  # a plain collapse (or drop), or no unit to take out: collapse_linear_chain says why
     L, N = np.flatnonzero(unit), np.flatnonzero(~unit)
     freed, shared = sharing.freed([a, b], chain.nodes, ctx.outputs)
-    cost = split_cost(a.d_in, a.d_out, b.d_out, len(N), a.params + b.params, freed)
+    cost = split_cost(a.d_in, a.d_out, b.d_out, len(N), a.params + b.params, freed, bias_in=a.bias is not None,
+                      bias_out=b.bias is not None)
     lo, hi = float(chain.slopes[L].min()), float(chain.slopes[L].max())
     shape = (a.d_in, a.d_out, b.d_out)
     head = f"{len(L)} of {a.d_out} units within tolerance"
     if cost.macs_after >= cost.macs_before:
         need = a.d_in * b.d_out // (a.d_in + b.d_out) + 1
-        return Reject(chain.names, f"{head}: a split ({cost.macs_after} MACs/row) would not save over the block "
+        return Reject(chain.nodes, f"{head}: a split ({cost.macs_after} MACs/row) would not save over the block "
                                    f"({cost.macs_before}); it needs at least {need} linear units", (lo, hi), shape)
     note = f"{head}; the other {len(N)} stay a {a.d_in}>{len(N)}>{b.d_out} MLP beside one {a.d_in}x{b.d_out} map"
     if cost.grows:
         why = f"{head}: the split grows the model by {cost.growth()}" + (
             f" ({shared} weight(s) also read elsewhere stay)" if shared else "")
         if not ctx.allow_growth:
-            return Reject(chain.names, why + "; --allow-growth splits anyway", (lo, hi), shape)
+            return Reject(chain.nodes, why + "; --allow-growth splits anyway", (lo, hi), shape)
         note += "; " + why + ", allowed by --allow-growth"
     return Split(chain, L, N, cost, note)
 

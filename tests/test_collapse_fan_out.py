@@ -160,3 +160,21 @@ def test_heads_inside_a_subgraph_are_not_folded_from_outside():
         feeds = {"cond": np.array(cond), "x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
         result = optimized(model, feeds=feeds, rewrites=0)
         assert rules(result) == ["eliminate_unit_activation"]
+
+
+def test_fan_out_in_a_subgraph_reading_a_weight_through_an_outer_node():
+    """The then-branch's layer reads its weight through a Transpose of the outer graph: once folded, that Transpose
+    is unread but is the outer graph's to clean up (it was unhooked and left there, no inputs, no outputs)."""
+    from tests.test_eliminate_unit_activation import if_feeds, if_model, then_branch
+
+    b = Builder()
+    (wt,) = b.node("Transpose", [b.const(b.weights(32, 8))])
+    at = len(b.nodes)
+    h = b.prelu(b.linear("x", 8, 32, weight=wt), 1.0)
+    (y,) = b.node("Add", [b.linear(h, 32, 8), b.linear(h, 32, 8)])
+    model = if_model(b, at, y)
+    for cond in (True, False):
+        result = optimized(model, rewrites=1, feeds=if_feeds(cond))
+        assert rules(result) == ["collapse_fan_out"]
+    assert count_ops(result.model, "Transpose") == 0  # the outer graph is cleaned up too
+    assert [n.op_type for n in then_branch(result.model).node] == ["Gemm", "Gemm", "Add"]

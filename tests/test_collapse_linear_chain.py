@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
 import lc_onnx
+import passes
 from tests.builder import Builder, mlp
 from tests.harness import count_ops, optimized
 
@@ -352,3 +354,71 @@ def test_fold_in_row_blocks_matches(monkeypatch, trans_b):
     h = b.linear("x", 30, 32, "gemm", trans_b=trans_b, alpha=0.5)
     y = b.linear(b.prelu(h, 1.0), 32, 6, "gemm")
     optimized(b.model([("x", ["N", 30])], [(y, ["N", 6])]), rewrites=1)
+
+
+def residual_blocks(*slopes: float) -> onnx.ModelProto:
+    """x → (x + MLP_i(x)) for each slope: 8 → 32 → 8 blocks with a scalar PRelu, no biases."""
+    b = Builder()
+    x = "x"
+    for s in slopes:
+        y = b.linear(b.prelu(b.linear(x, 8, 32, bias=False), s), 32, 8, bias=False)
+        (x,) = b.node("Add", [x, y])
+    return b.model([("x", ["N", 8])], [(x, ["N", 8])])
+
+
+def test_unnamed_nodes_are_told_apart():
+    """Node names may all be '' (legal ONNX): blocks are told apart by the nodes, not their names."""
+    named = residual_blocks(1.0, 0.5, 0.7)
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(named)
+    for n in unnamed.graph.node:
+        n.name = ""
+
+    def entries(model):  # the passes' own inspect: lc_onnx.inspect may label unnamed nodes before
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+        return [(c.kind, c.rule, c.reason, c.slope_range, c.shape) for c in passes.inspect(graph, 1e-3)]
+
+    found = entries(named)
+    assert [(k, r) for k, r, *_ in found] == [("chain", "collapse_linear_chain"), ("chain", None), ("chain", None),
+                                              ("node", "prelu_to_leaky_relu"), ("node", "prelu_to_leaky_relu")]
+    assert entries(unnamed) == found
+    assert [c.reason for c in lc_onnx.inspect(unnamed)] == [c.reason for c in lc_onnx.inspect(named)]
+    a, b = optimized(named, rewrites=1), optimized(unnamed, rewrites=1)
+    assert [(r.rule, r.slope_range) for r in a.report.rewrites] == [(r.rule, r.slope_range) for r in b.report.rewrites]
+    assert [c.reason for c in a.report.skipped] == [c.reason for c in b.report.skipped] and len(b.report.skipped) == 2
+    assert [n.op_type for n in a.model.graph.node] == [n.op_type for n in b.model.graph.node]
+
+
+@pytest.mark.parametrize("outer_output", [False, True])
+def test_chain_across_a_subgraph_boundary_is_left(outer_output):
+    """First layer and activation outside an If, second layer in its then-branch: no chain rule takes nodes of two
+    graphs (the outer ones were unhooked but left in the outer graph, or an outer graph output lost its producer)."""
+    from tests.test_eliminate_unit_activation import if_feeds, if_model
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    model = if_model(b, len(b.nodes), b.linear(h, 32, 8))
+    if outer_output:
+        model.graph.output.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, [4, 32]))
+    for cond in (True, False):
+        result = optimized(model, rewrites=0, feeds=if_feeds(cond), skip=("eliminate_unit_activation",
+                                                                          "prelu_to_leaky_relu"))
+    (left,) = result.report.skipped
+    assert left.graph == "then" and "subgraph" in left.reason
+    result = optimized(model, rewrites=0, feeds=if_feeds(True))  # the outer activation goes, in the outer graph
+    assert [(r.rule, r.graph) for r in result.report.rewrites] == [("eliminate_unit_activation", "")]
+
+
+def test_chain_in_a_subgraph_reading_a_weight_through_an_outer_node():
+    """The then-branch's chain reads its first weight through a Transpose of the outer graph: once folded, that
+    Transpose is unread but is the outer graph's to clean up (it was unhooked and left there, no inputs, no outputs)."""
+    from tests.test_eliminate_unit_activation import if_feeds, if_model, then_branch
+
+    b = Builder()
+    (wt,) = b.node("Transpose", [b.const(b.weights(32, 8))])
+    at = len(b.nodes)
+    model = if_model(b, at, b.linear(b.prelu(b.linear("x", 8, 32, weight=wt), 1.0), 32, 8))
+    for cond in (True, False):
+        result = optimized(model, rewrites=1, feeds=if_feeds(cond))
+    assert [n.op_type for n in then_branch(result.model).node] == ["Gemm"]
+    assert count_ops(result.model, "Transpose") == 0  # the outer graph is cleaned up too

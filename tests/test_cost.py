@@ -80,6 +80,33 @@ def test_cli_allow_growth(tmp_path):
 
 
 def test_split_cost_arithmetic():
-    c = split_cost(64, 256, 64, 16, 64 * 256 * 2 + 256 + 64, 64 * 256 * 2 + 256 + 64)
+    c = split_cost(64, 256, 64, 16, 64 * 256 * 2 + 256 + 64, 64 * 256 * 2 + 256 + 64, bias_in=True, bias_out=True)
     assert (c.macs_before, c.macs_after) == (256 * 128, 64 * 64 + 16 * 128) and not c.grows
     assert np.isclose(c.macs_before / c.macs_after, 32768 / 6144)
+
+
+def test_split_cost_counts_only_the_biases_there_are():
+    """The direct map has a bias where either layer had one, the narrow MLP where the first had one."""
+    params, n = 64 * 256 * 2, 16
+    weights_and_slopes = 64 * 64 + n * (64 + 64) + n
+    for bias_in, bias_out, biases in ((0, 0, 0), (0, 1, 64), (1, 0, 64 + n), (1, 1, 64 + n)):
+        c = split_cost(64, 256, 64, n, params, params, bias_in=bias_in, bias_out=bias_out)
+        assert c.params_after == weights_and_slopes + biases
+
+
+def test_split_without_biases_reports_the_params_it_writes():
+    slopes = np.ones(32)
+    slopes[[3, 17]] = 0.25
+    b = Builder()
+    y = b.linear(b.prelu(b.linear("x", 8, 32, bias=False), slopes, (32,)), 32, 8, bias=False)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1)
+    (r,) = result.report.rewrites
+    written = sum(int(np.prod(t.dims)) for t in result.model.graph.initializer)
+    assert r.rule == "split_linear_units" and r.params_after == written == 8 * 8 + 2 * (8 + 8) + 2
+
+
+def test_shared_weights_with_per_layer_biases_free_every_bias():
+    # 10 x 8x8 fused (720 params) against 2 x 8x32 shared (512) + 10 x (32 + 8) biases of their own (400): no growth
+    result = optimized(shared_mlp(10, 8, 32), rewrites=10, rtol=1e-4, atol=1e-4)
+    assert all("params 912 -> 720: no growth" in r.note for r in result.report.rewrites)
+    assert result.report.after.params < result.report.before.params

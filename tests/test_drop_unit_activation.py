@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from onnx import TensorProto, helper
+
 import lc_onnx
-from tests.builder import mlp
+from tests.builder import Builder, mlp
 from tests.harness import count_ops, optimized
 
 
@@ -47,3 +50,19 @@ def test_equal_cost_collapses():
     # d_in·d_out == h·(d_in + d_out): collapse does not cost more, and removes nodes
     result = optimized(mlp(d_in=16, hidden=8, d_out=16), rewrites=1)
     assert result.report.rewrites[0].rule == "collapse_linear_chain"
+
+
+@pytest.mark.parametrize("outer_output", [False, True])
+def test_bottleneck_across_a_subgraph_boundary_is_left(outer_output):
+    """A bottleneck whose activation is outside an If and second layer in its then-branch: the outer activation is
+    not unhooked from the subgraph's sweep (it stayed in the outer graph with no inputs, or lost an outer output)."""
+    from tests.test_eliminate_unit_activation import if_feeds, if_model
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 64, 8), 1.0)
+    model = if_model(b, len(b.nodes), b.linear(h, 8, 64), d=64)
+    if outer_output:
+        model.graph.output.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, [4, 8]))
+    for cond in (True, False):
+        result = optimized(model, rewrites=0, feeds=if_feeds(cond, 64), skip=("eliminate_unit_activation",))
+    assert count_ops(result.model, "PRelu") == 1

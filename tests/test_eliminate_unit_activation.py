@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import lc_onnx
 from tests.builder import Builder
@@ -109,3 +111,37 @@ def test_inspect_names_the_rule():
     model = b.model([("x", ["N", 8])], [(h, ["N", 8])])
     (c,) = lc_onnx.inspect(model)
     assert c.kind == "node" and c.rule == "eliminate_unit_activation"
+
+
+def if_model(b: Builder, then_from: int, then_out: str, d: int = 8) -> onnx.ModelProto:
+    """`y = If(cond, then: b's nodes from index `then_from` on, giving then_out; else: Neg(x))` after b's earlier
+    nodes (the initializers are the outer graph's), x and y [4, d] floats."""
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph(b.nodes[then_from:], "then", [], [vi(then_out, TensorProto.FLOAT, [4, d])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_out"], name="neg")], "else", [],
+                               [vi("e_out", TensorProto.FLOAT, [4, d])])
+    nodes = b.nodes[:then_from] + [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g,
+                                                    else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [4, d]), vi("cond", TensorProto.BOOL, [])],
+                              [vi("y", TensorProto.FLOAT, [4, d])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def if_feeds(cond: bool, d: int = 8) -> dict[str, np.ndarray]:
+    return {"cond": np.array(cond), "x": np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)}
+
+
+def then_branch(model: onnx.ModelProto) -> onnx.GraphProto:
+    return next(a.g for a in model.graph.node[-1].attribute if a.name == "then_branch")
+
+
+def test_subgraph_output_whose_input_comes_from_the_outer_graph():
+    """A then-branch output must be written by a node of the branch, not by the outer node producing its input."""
+    b = Builder()
+    h = b.linear("x", 8, 8, bias=False)
+    model = if_model(b, len(b.nodes), b.prelu(h, 1.0))
+    for cond in (True, False):
+        result = optimized(model, rewrites=0, feeds=if_feeds(cond))
+        assert rules(result) == ["eliminate_unit_activation"]
+    (node,) = then_branch(result.model).node
+    assert (node.op_type, list(node.input), list(node.output)) == ("Identity", [h], [then_branch(model).output[0].name])

@@ -118,3 +118,18 @@ def test_shared_weights_that_would_grow_the_model():
 def test_skip_by_name():
     model = mlp(slope=slopes(), slope_shape=(32,))
     assert not lc_onnx.optimize(model, skip=("split_linear_units",), validate=False).report.rewrites
+
+
+def test_split_in_a_subgraph_reading_a_weight_through_an_outer_node():
+    """The then-branch's block reads its first weight through a Transpose of the outer graph: once split, that
+    Transpose is unread but is the outer graph's to clean up (it was unhooked and left there, no inputs, no outputs)."""
+    from tests.test_eliminate_unit_activation import if_feeds, if_model
+
+    b = Builder()
+    (wt,) = b.node("Transpose", [b.const(b.weights(32, 8))])
+    at = len(b.nodes)
+    model = if_model(b, at, b.linear(b.prelu(b.linear("x", 8, 32, weight=wt), slopes(), (32,)), 32, 8))
+    for cond in (True, False):
+        result = optimized(model, rewrites=1, feeds=if_feeds(cond))
+        assert rules(result) == ["split_linear_units"]
+    assert count_ops(result.model, "Transpose") == 0  # the outer graph is cleaned up too
