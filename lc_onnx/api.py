@@ -12,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 import passes
 from lc_onnx import check, io, shapes
 from lc_onnx import validate as validation
 from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.report import Report, Totals
+
+# graphsurgeon prints its own [W] lines on stderr (bfloat16 weights it cannot convert, a missing `colored`
+# module): only its errors, so a run says one line of its own
+G_LOGGER.severity = G_LOGGER.ERROR
 
 DEFAULT_TOL = 1e-3
 RELEASE_ABOVE = 64 * 2**20  # bytes of model: past this, memory is handed back between stages (gc costs ~0.1 s)

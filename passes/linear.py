@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from passes.match import (
@@ -128,8 +129,10 @@ def _weight(tensor: gs.Tensor, owner: gs.Node, conv: bool = False) -> gs.Constan
         return f"{owner.name} is a Conv with kernel {list(c.shape[2:])}, not 1x1"
     if not conv and len(c.shape) != 2:
         return f"weight of {owner.name} has rank {len(c.shape)}, not 2"
-    if _dtype(c) not in FLOAT_DTYPES:
-        return f"weight of {owner.name} has dtype {c.dtype}, not float16/32/64"
+    dtype = _dtype(c)
+    if dtype is None or dtype not in FLOAT_DTYPES:  # not `None in ...`: numpy takes None for float64
+        name = onnx.helper.tensor_dtype_to_string(c.dtype) if isinstance(c.dtype, int) else c.dtype
+        return f"weight of {owner.name} has dtype {name}, not float16/32/64"
     return c
 
 
