@@ -213,12 +213,15 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True, help=TOL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the candidates as JSON.")
+@click.option("--allow-growth", is_flag=True,
+              help="Judge chains that read shared weights as `optimize --allow-growth` would (fold them even "
+                   "where the model's parameters grow).")
 @_skip_option
 @_handle_errors
-def inspect(model, tol, as_json, skip) -> None:
+def inspect(model, tol, as_json, allow_growth, skip) -> None:
     """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not;
     then the single nodes a node rule would change."""
-    found = api.inspect(model, tol=tol, skip=tuple(skip))
+    found = api.inspect(model, tol=tol, skip=tuple(skip), allow_growth=allow_growth)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(c) for c in found], indent=2))
         return

@@ -110,3 +110,14 @@ def test_shared_weights_with_per_layer_biases_free_every_bias():
     result = optimized(shared_mlp(10, 8, 32), rewrites=10, rtol=1e-4, atol=1e-4)
     assert all("params 912 -> 720: no growth" in r.note for r in result.report.rewrites)
     assert result.report.after.params < result.report.before.params
+
+
+def test_cli_inspect_allow_growth(tmp_path):
+    import onnx
+
+    path = tmp_path / "albert.onnx"
+    onnx.save(shared_mlp(12, 16, 32), path)
+    for flag, fire in (([], 0), (["--allow-growth"], 12)):
+        out = CliRunner().invoke(main, ["inspect", str(path), *flag])
+        assert out.exit_code == 0, out.output
+        assert f"{fire} of 12 chain(s) would be rewritten" in out.output
