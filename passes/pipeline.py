@@ -356,26 +356,42 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         if on_rewrite:
             on_rewrite(made)
 
+    def fixed_point(g: gs.Graph, gname: str, refused: _Refused) -> tuple[bool, list[Candidate]]:
+        """The chain and block rules until none fires: whether any did, and what the last pass left."""
+        ctx = _context(g, tol, allow_growth)
+        _plan_shared(g, rules, ctx, refused)  # again after the node rules: chains they opened may share weights
+        fired = False
+        for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
+            rewrites, candidates = _sweep(g, gname, rules, ctx, names, refused, count)
+            if not rewrites and block_rules:  # chains first; then blocks (fan-out, partial slopes)
+                rewrites, more = _block_sweep(g, gname, block_rules, ctx, names, count)
+                candidates += more
+            if not rewrites:
+                return fired, [c for c in _merge(candidates) if c.rule is None]
+            fired = True
+            result.rewrites += rewrites
+            result.modified = True
+            g.cleanup(remove_unused_graph_inputs=False).toposort()
+        return fired, []
+
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
-            ctx, refused = _context(g, tol, allow_growth), _Refused()
-            _plan_shared(g, rules, ctx, refused)
-            for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
-                rewrites, candidates = _sweep(g, gname, rules, ctx, names, refused, count)
-                if not rewrites and block_rules:  # chains first; then blocks (fan-out, partial slopes)
-                    rewrites, more = _block_sweep(g, gname, block_rules, ctx, names, count)
-                    candidates += more
+            skipped: list[Candidate] = []
+            refused = _Refused()  # kept across the looks: a weight found unusable is not read again
+            for again in range(len(g.nodes) + 1):
+                fired, left = fixed_point(g, gname, refused)
+                if again and not fired:
+                    break  # the node rules opened no chain: what the earlier look left stands
+                skipped = left
+                rewrites = _node_sweep(g, gname, node_rules, names, tol, on_rewrite=count)[0]
                 if not rewrites:
-                    result.skipped += [c for c in _merge(candidates) if c.rule is None]
                     break
                 result.rewrites += rewrites
                 result.modified = True
                 g.cleanup(remove_unused_graph_inputs=False).toposort()
-            rewrites = _node_sweep(g, gname, node_rules, names, tol, on_rewrite=count)[0]
-            if rewrites:
-                result.rewrites += rewrites
-                result.modified = True
-                g.cleanup(remove_unused_graph_inputs=False).toposort()
+                # a removed activation may join layers into a chain (two unit PRelus in a row: the walk takes
+                # one), so the chain rules look again; else a second run of optimize would fold it
+            result.skipped += skipped
     if any(r.graph for r in result.rewrites):  # a subgraph's rewrite may leave a node of a graph around it unread
         graph.cleanup(remove_unused_graph_inputs=False)
     if result.modified:

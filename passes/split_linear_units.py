@@ -123,8 +123,12 @@ def rewrite(graph: gs.Graph, names: Names, block: Split) -> Rewrite:
     dtype, gemm = a.dtype, a.x_rank == 2
     base = re.sub(r"_split(_\d+)?$", "", b.nodes[0].name) + "_split"
     y = b.y
-    h_n, a_n, z, lin = (gs.Variable(names(f"{base}.{s}"), dtype=dtype)
-                        for s in ("hidden", "act", "nonlinear", "linear"))
+    # shapes where the input states its own: the narrow PRelu's rank is then known, so prelu_to_leaky_relu
+    # takes a one-unit PRelu in this run, not only in a second one (the run would not be idempotent)
+    lead = None if a.x.shape is None else list(a.x.shape[:-1])
+    h_n, a_n, z, lin = (gs.Variable(names(f"{base}.{s}"), dtype=dtype, shape=None if lead is None else lead + [d])
+                        for s, d in (("hidden", len(block.other)), ("act", len(block.other)), ("nonlinear", b.d_out),
+                                     ("linear", b.d_out)))
     write_linear(graph, names, f"{base}.in", a.x, h_n, w_an, b_an, dtype, gemm=gemm, bias_first=a.bias_first)
     value = const_value(act.inputs[1])
     slope = gs.Constant(names(f"{base}.slope"), np.ascontiguousarray(value[..., block.other]))

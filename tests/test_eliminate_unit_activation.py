@@ -70,6 +70,23 @@ def test_output_read_by_another_node_and_a_graph_output():
     assert rules(result) == ["eliminate_unit_activation"] and count_ops(result.model, "PRelu") == 0
 
 
+@pytest.mark.parametrize("second", ["PRelu", "LeakyRelu", "fan_out"])
+def test_removed_activations_open_a_chain_in_the_same_run(second):
+    """Two unit activations in a row: no chain walks over both, so they are removed; the layers they joined
+    then fold in the same run (before, only a second run of optimize folded them)."""
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 4 if second == "fan_out" else 32), 1.0)
+    if second == "fan_out":  # one head behind a second unit PRelu
+        outs = [(b.linear(h, 4, 3), ["N", 3]), (b.linear(b.prelu(h, 1.0), 4, 2), ["N", 2])]
+    else:
+        (h,) = b.node("PRelu", [h, b.const(np.ones(1))]) if second == "PRelu" else b.node("LeakyRelu", [h], alpha=1.0)
+        outs = [(b.linear(h, 32, 8), ["N", 8])]
+    result = optimized(b.model([("x", ["N", 8])], outs), rewrites=1)
+    assert rules(result)[:2] == ["eliminate_unit_activation"] * 2
+    assert count_ops(result.model, "Gemm") + count_ops(result.model, "MatMul") == len(outs)
+    assert not lc_onnx.optimize(result.model).report.rewrites
+
+
 # --- must not fire --------------------------------------------------------------------------------------
 
 

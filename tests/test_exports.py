@@ -154,7 +154,8 @@ def test_per_channel_prelu_with_one_channel_off(tmp_path, dynamo):
     assert "outside tolerance" in left.reason
     assert left.slope_range == pytest.approx((0.9, 1.0))
     # split_linear_units: the 63 unit channels become one 16x16 map beside a 16>1>16 MLP for channel 7
-    (split,) = optimized(onnx_model, rewrites=1).report.rewrites
+    (split, leaky) = optimized(onnx_model, rewrites=1).report.rewrites  # the 1-unit PRelu left is a LeakyRelu
+    assert leaky.rule == "prelu_to_leaky_relu"
     assert split.rule == "split_linear_units" and split.macs_after == 16 * 16 + 32 < split.macs_before
 
 
