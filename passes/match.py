@@ -83,10 +83,11 @@ class ConstView:
 
     def read(self, keep: bool = True) -> np.ndarray:
         value = read(self.source, keep)
-        for dtype in self.casts:
-            if value.dtype == np.float64 and dtype == np.float16:
-                value = value.astype(np.float32)  # ONNX Runtime casts double to half through float (2 roundings)
-            value = value.astype(dtype)
+        with np.errstate(over="ignore"):  # a cast that overflows gives inf, as in ORT; the rules then leave it
+            for dtype in self.casts:
+                if value.dtype == np.float64 and dtype == np.float16:
+                    value = value.astype(np.float32)  # ORT casts double to half through float (2 roundings)
+                value = value.astype(dtype)
         return value if self.perm is None else np.transpose(value, self.perm)
 
 

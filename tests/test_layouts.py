@@ -4,6 +4,8 @@ and the near misses that must be left, each with its reason."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -353,6 +355,18 @@ def test_double_cast_keeps_the_inner_rounding():
     (w,) = b.node("Cast", [w], to=TensorProto.FLOAT)
     y = b.linear(b.prelu(b.linear("x", 8, 32, weight=w), 1.0), 32, 8)
     optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1, rtol=1e-6, atol=1e-6)
+
+
+def test_a_cast_that_overflows_to_inf_is_left_without_a_warning():
+    """float32 1e6 → float16 is inf, as in ONNX Runtime: the weight is read (quietly) and the chain left for it."""
+    b = Builder()
+    (w,) = b.node("Cast", [b.const(np.full((8, 32), 1e6, np.float32))], to=TensorProto.FLOAT16)
+    (w,) = b.node("Cast", [w], to=TensorProto.FLOAT)
+    y = b.linear(b.prelu(b.linear("x", 8, 32, weight=w), 1.0), 32, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        reasons = left(b.model([("x", ["N", 8])], [(y, ["N", 8])]))
+    assert any("inf" in r or "finite" in r for r in reasons), reasons
 
 
 def test_cast_through_integers_is_left():
