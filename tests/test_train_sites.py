@@ -379,3 +379,14 @@ def test_a_changed_block_names_what_is_there_now():
     model.fc2 = nn.Identity()
     with pytest.raises(RuntimeError, match=r"\(fc2\) is now Identity"):
         train.collapse(model)
+
+
+def test_a_refused_block_leaves_every_block_as_it_was():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.ReLU(), nn.BatchNorm1d(16),
+                          nn.Linear(16, 4)).eval()
+    assert list(train.prepare(model, X, init=1.0)) == ["1", "3"]
+    model[4].train()  # the second block's BatchNorm would fold with batch statistics
+    with pytest.raises(RuntimeError, match="eval"):
+        train.collapse(model)
+    assert [type(m).__name__ for m in model] == ["Linear", "LayerCollapsePReLU", "Linear", "LayerCollapsePReLU",
+                                                 "BatchNorm1d", "Linear"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lc_onnx.train.layers import affine, fused, is_linear
-from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, tag_feeder
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.prepare import fingerprint, set_module
 from lc_onnx.train.regularize import blocks
 
@@ -37,30 +37,34 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None =
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names."""
-    done = []
+    chosen = []
     # in forward order: a block whose second layer is the next block's first must fold before that one
     for name, act in sorted(blocks(model).items(), key=lambda item: item[1].layout.order):
         if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
             continue
-        lay = act.layout
-        base_path = ".".join(name.split(".")[: len(name.split(".")) - lay.up])
-        base = model.get_submodule(base_path) if base_path else model
+        base_path = ".".join(name.split(".")[: len(name.split(".")) - act.layout.up])
+        chosen.append((name, act, model.get_submodule(base_path) if base_path else model))
+    # every block is checked before any is fused, so a refusal leaves the model as it was
+    for name, act, base in chosen:
         _check(name, base, act)
-        first, second = base.get_submodule(lay.first), base.get_submodule(lay.second)
-        norms = [base.get_submodule(p) for p in lay.batchnorms]
-        if any(m.training for m in norms):
+        if any(base.get_submodule(p).training for p in act.layout.batchnorms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
-        w, b = affine(first)
-        for m in (*norms, second):
-            wm, bm = affine(m)
-            w, b = wm @ w, wm @ b + bm
-        layer = fused(w, b, like=second)
-        # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
-        set_module(base, lay.second, layer)
-        for path in (lay.first, *lay.batchnorms, lay.slot):
-            set_module(base, path, nn.Identity())
-        shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None
-        if isinstance(shared, SharedActivation):  # the new feeder must still tell the switch its site
-            tag_feeder(base.get_submodule(lay.feeder), shared, lay.slot.rpartition(".")[2])
-        done.append(name)
-    return done
+    for _, act, base in chosen:
+        _fuse(base, act.layout)
+    return [name for name, _, _ in chosen]
+
+
+def _fuse(base: nn.Module, lay: SiteLayout) -> None:
+    """W = W2·W1 (BatchNorms between folded), in the second layer's place; the rest become identities."""
+    first, second = base.get_submodule(lay.first), base.get_submodule(lay.second)
+    w, b = affine(first)
+    for m in (*(base.get_submodule(p) for p in lay.batchnorms), second):
+        wm, bm = affine(m)
+        w, b = wm @ w, wm @ b + bm
+    # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
+    set_module(base, lay.second, fused(w, b, like=second))
+    for path in (lay.first, *lay.batchnorms, lay.slot):
+        set_module(base, path, nn.Identity())
+    shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None
+    if isinstance(shared, SharedActivation):  # the new feeder must still tell the switch its site
+        tag_feeder(base.get_submodule(lay.feeder), shared, lay.slot.rpartition(".")[2])
