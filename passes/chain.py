@@ -8,10 +8,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.cost import ChainCost, chain_cost
-from passes.linear import LinearLayer, read_linear_ending_at, read_linear_starting_at
+from passes.linear import LinearLayer, fold_input_batchnorm, read_linear_ending_at, read_linear_starting_at
 from passes.match import (
     channel_slope_problem,
     const_value,
+    inference_batchnorm,
     is_const,
     is_default,
     is_explicit_shape,
@@ -116,7 +117,7 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
     if not is_op(node, *LAYER_OPS):
         return None
     between: list[gs.Node] = []
-    activation = None
+    activation = bn = None
     tensor = node.inputs[0]
     for _ in range(MAX_WALK):
         p = producer(tensor)
@@ -126,12 +127,16 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             pass
         elif is_op(p, "PRelu", "LeakyRelu") and activation is None:
             activation = p
+        elif is_op(p, "BatchNormalization") and activation is None and bn is None and p.outputs[0] is tensor:
+            bn, at_bn = p, (tensor, list(between))  # after the activation: the second layer's, if one comes
         else:
             break
         between.insert(0, p)
         tensor = p.inputs[0]
     else:
         return None
+    if bn is not None and activation is None:  # no activation before it: the first layer's own (or no chain)
+        bn, (tensor, between) = None, at_bn
 
     first = read_linear_ending_at(tensor, graph_outputs)
     if first is None:
@@ -174,6 +179,8 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     reason = _shape_problem(first, between, second)
+    if bn is not None and not reason:
+        reason = _input_batchnorm(bn, first, between, second)
     readers = reason or _outside_readers(first, between, second, graph_outputs)
     if isinstance(readers, str):
         return Reject(nodes, readers, srange, shape)
@@ -191,7 +198,7 @@ def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | No
         user = users[0]
         if is_op(user, *LAYER_OPS):
             return user
-        if not (_passes_through(user, graph_outputs) or is_op(user, "PRelu", "LeakyRelu")):
+        if not (_passes_through(user, graph_outputs) or is_op(user, "PRelu", "LeakyRelu", "BatchNormalization")):
             return None
         tensor = user.outputs[0]
     return None
@@ -213,6 +220,23 @@ def _shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLay
         return "a Reshape between two convolutions"
     if reshaped and not (first.x_rank == 2 and second.x_rank == 2):
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
+    return None
+
+
+def _input_batchnorm(bn: gs.Node, first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
+    """Fold the BatchNormalization between the activation and the second layer into the second layer's input
+    side, or say why it cannot be: it must be in inference form and normalize the features (a Conv's channels,
+    a 2-D layer's columns). Exact only because the activation is (within tolerance) the identity."""
+    found = inference_batchnorm(bn)
+    if isinstance(found, str):
+        return found
+    reshaped = any(is_op(n, "Reshape") for n in between) or first.reshape or second.reshape
+    over_features = second.conv_rank or (first.x_rank == 2 and second.x_rank == 2 and not reshaped)
+    if not over_features:
+        return f"{bn.name} normalizes axis 1, and the layers' features are not known to lie on it"
+    if found[0].size != second.d_in:
+        return f"{bn.name} has {found[0].size} channels, the layer after it {second.d_in} input features"
+    fold_input_batchnorm(second, *found)
     return None
 
 

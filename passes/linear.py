@@ -51,6 +51,9 @@ class LinearLayer:
     conv_rank: int | None = None  # a pointwise Conv: its weight's rank (4 for Conv2d); the features are axis 1
     reshape: gs.Node | None = None  # tf2onnx's Reshape between the MatMul and the bias Add (keeps the last dim)
     col_scale: np.ndarray | None = None  # a BatchNormalization's per-feature scale, folded into w (float64)
+    # a BatchNormalization before the layer (after a unit activation), folded into w's rows and the bias
+    row_scale: np.ndarray | None = None
+    row_shift: np.ndarray | None = None
     extra_params: int = 0  # the folded BatchNormalization's
     _w: np.ndarray | None = field(default=None, repr=False)
 
@@ -62,6 +65,10 @@ class LinearLayer:
                 value = value.reshape(value.shape[:2])
             value = value.T if self.transposed else value
             self._w = value if self.col_scale is None else value.astype(np.float64) * self.col_scale
+            if self.row_scale is not None:  # BN(x)·W = x·(diag(s)·W) + t·W, t·W with the output BN's scale
+                with np.errstate(all="ignore"):  # NaN/inf in w: reported below
+                    self.bias = self.bias + self.scale * (self.row_shift @ self._w.astype(np.float64))
+                    self._w = self._w.astype(np.float64) * self.row_scale[:, None]
         if not np.isfinite(self._w).all():
             return f"weight of {self.nodes[0].name} holds NaN or inf"
         return None
@@ -221,6 +228,16 @@ def _with_batchnorm(layer: LinearLayer, graph_outputs: set[str], until: gs.Tenso
     layer.y, layer.bias = bn.outputs[0], bias
     layer.extra_params += 4 * s.size
     return layer
+
+
+def fold_input_batchnorm(layer: LinearLayer, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Fold an inference BatchNormalization on the layer's input features, `y = (s·x + t)·W + b`, into the layer:
+    W' = diag(s)·W, b' = t·W + b (applied to the weight when it is read; the bias is a zero vector until then, so
+    the layer counts as biased)."""
+    layer.row_scale, layer.row_shift = scale, shift
+    if layer.bias is None:
+        layer.bias = np.zeros(layer.d_out)
+    layer.extra_params += 4 * scale.size
 
 
 def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True,

@@ -88,7 +88,7 @@ def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
     dims = list(slope.shape) if slope is not None else []
     if not dims or dims[-1] != a.d_out or any(d != 1 for d in dims[:-1]) or a.d_out < 2:
         return None  # one slope for all units (all in or all out), or not one per unit of the last axis
-    if any(is_op(n, "Reshape") for n in chain.between) or chain.shape_readers:
+    if any(is_op(n, "Reshape", "BatchNormalization") for n in chain.between) or chain.shape_readers:
         return None
     unit = np.abs(chain.slopes - 1.0) <= ctx.tol
     if unit.all() or not unit.any():

@@ -408,3 +408,98 @@ def test_double_to_half_cast_rounds_as_onnx_runtime_does():
         [helper.make_tensor_value_info("b", TensorProto.FLOAT16, [8, 32])]), ir_version=8,
         opset_imports=[helper.make_opsetid("", 17)])
     np.testing.assert_array_equal(view.read(), run(ref, {"a": w})[0])
+
+
+# --- a BatchNormalization after the unit activation, folded into the second layer's input side -----------
+
+
+def bn_after_act_block(kind="conv", slope=1.0, bn_attrs=None, bn_outputs=1, computed=False, bn_is_output=False,
+                       bn_fan_out=False, opset=17):
+    """`Conv1x1 → PRelu → BatchNormalization → Conv1x1` (per-channel slopes), or 2-D `Gemm → PRelu → BN → Gemm`."""
+    b = Builder()
+    conv_ = kind == "conv"
+    h = conv(b, "x", 8, 32) if conv_ else b.linear("x", 8, 32, "gemm")
+    h = b.prelu(h, slope, (32, 1, 1) if conv_ else (32,))
+    params = [b.const(v) for v in (b.rng.uniform(0.5, 2, 32), b.rng.uniform(-1, 1, 32), b.rng.uniform(-1, 1, 32),
+                                   b.rng.uniform(0.5, 2, 32))]
+    if computed:
+        (params[0],) = b.node("Abs", [params[0]])
+    outs = b.node("BatchNormalization", [h] + params, n_out=bn_outputs, **(bn_attrs or {}))
+    h = outs[0]
+    y = conv(b, h, 32, 4) if conv_ else b.linear(h, 32, 4, "gemm", trans_b=True)
+    shape = ["N", 8, 4, 5] if conv_ else ["N", 8]
+    out_shape = ["N", 4, 4, 5] if conv_ else ["N", 4]
+    outputs = [(y, out_shape)]
+    hidden = ["N", 32, 4, 5] if conv_ else ["N", 32]
+    if bn_is_output:
+        outputs.append((h, hidden))
+    if bn_fan_out:
+        outputs.append((b.node("Relu", [h])[0], hidden))
+    return b.model([("x", shape)], outputs, opset=opset)
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+def test_batchnorm_after_the_activation_folds_into_the_second_layer(kind):
+    result = optimized(bn_after_act_block(kind), rewrites=1, seeds=(0, 1, 2), rtol=1e-4)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv" if kind == "conv" else "Gemm"]
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+def test_batchnorm_after_an_activation_outside_tolerance_is_kept(kind):
+    reasons = left(bn_after_act_block(kind, slope=0.7))
+    assert any("outside tolerance" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+@pytest.mark.parametrize("form,why", [
+    (dict(bn_attrs={"training_mode": 1}, bn_outputs=3), "training"),
+    (dict(computed=True), "not a constant"),
+])
+def test_batchnorm_after_the_activation_in_training_form_or_computed_is_left(kind, form, why):
+    model = bn_after_act_block(kind, opset=15, **form)
+    reasons = inspect_reasons(model)
+    assert any(why in r for r in reasons), reasons
+    if not form.get("bn_attrs"):  # ONNX Runtime runs the inference forms only
+        assert not chain_rewrites(optimized(model))
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+@pytest.mark.parametrize("where", ["bn_is_output", "bn_fan_out"])
+def test_batchnorm_after_the_activation_read_elsewhere_is_left(kind, where):
+    model = bn_after_act_block(kind, **{where: True})
+    result = optimized(model)
+    assert count_ops(result.model, "BatchNormalization") == 1
+    assert "collapse_linear_chain" not in chain_rewrites(result)
+
+
+def test_prepared_torch_linear_act_batchnorm1d_linear_exports_and_collapses(tmp_path):
+    """`nn.Linear → GELU → nn.BatchNorm1d → nn.Linear`, prepared by lc_onnx.train (BN after the unit activation,
+    random running statistics), collapses through both exporters into one layer computing what torch does."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from lc_onnx import train
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    for dynamo in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.BatchNorm1d(32), nn.Linear(32, 4)).eval()
+        with torch.no_grad():
+            model[2].running_mean.uniform_(-1, 1)
+            model[2].running_var.uniform_(0.5, 2)
+            model[2].weight.uniform_(0.5, 2)
+            model[2].bias.uniform_(-1, 1)
+        train.prepare(model, (x,), init=1.0)
+        model.eval()
+        with torch.no_grad():
+            expected = model(x).numpy()
+        path = tmp_path / f"bn1d_{dynamo}.onnx"
+        train.export(model, (x,), path, dynamo=dynamo)
+        onnx_model = onnx.load(path)
+        name = onnx_model.graph.input[0].name
+        result = optimized(onnx_model, rewrites=1, feeds={name: x.numpy()}, rtol=1e-4, atol=1e-5)
+        assert count_ops(result.model, "BatchNormalization") == 0
+        assert sum(n.op_type in ("Gemm", "MatMul") for n in result.model.graph.node) == 1
+        got = run(result.model, {name: x.numpy()})[0]
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
