@@ -121,6 +121,15 @@ def _fold_later(chain: Chain, rules: list[Rule], ctx: Context, refused: _Refused
     return later_pair_first_is_cheaper(chain.first.d_in, chain.first.d_out, later.first.d_out, later.second.d_out)
 
 
+def _apply(rule: Rule | BlockRule, g: gs.Graph, names, match, gname: str, ctx: Context) -> Rewrite:
+    """One rewrite in graph `g` (named `gname`): the nodes it appends join those the sweep may touch."""
+    before = len(g.nodes)
+    done = rule.rewrite(g, names, match)
+    ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
+    done.graph = gname
+    return done
+
+
 def _sweep(g: gs.Graph, gname: str, rules: list[Rule], ctx: Context, names: Names | None, refused: _Refused,
            on_rewrite: Callable[[], None] = lambda: None) -> tuple[list, list]:
     """One pass over the nodes in topological order, rewriting as it goes when `names` is given.
@@ -148,10 +157,7 @@ def _sweep(g: gs.Graph, gname: str, rules: list[Rule], ctx: Context, names: Name
             continue
         if names is None:
             continue
-        before = len(g.nodes)
-        done = rule.rewrite(g, names, chain)
-        ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
-        done.graph = gname
+        done = _apply(rule, g, names, chain, gname, ctx)
         done.note = done.note or refused.notes.get(refused._key(chain), "")
         rewrites.append(done)
         on_rewrite()
@@ -260,11 +266,7 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
             continue
         if names is None:
             continue
-        before = len(g.nodes)
-        done = rule.rewrite(g, names, m)
-        ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
-        done.graph = gname
-        rewrites.append(done)
+        rewrites.append(_apply(rule, g, names, m, gname, ctx))
         on_rewrite()
         _detach_dead(m.nodes, ctx)
     return rewrites, candidates

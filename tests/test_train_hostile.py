@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-from test_train_sites import SharedAct  # noqa: E402
+from test_train_sites import SharedAct, collapses_exactly  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import parametrizations  # noqa: E402
 
@@ -32,16 +32,6 @@ class Block(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
-
-def collapses_exactly(model: nn.Module, inputs=X, count: int = 1) -> None:
-    model.eval()
-    found = train.prepare(model, inputs, init=1.0)
-    assert len(found) == count, list(found)
-    with torch.no_grad():
-        prepared = model(*inputs)
-        assert train.collapse(model) == list(found)
-        torch.testing.assert_close(model(*inputs), prepared, rtol=1e-5, atol=1e-5)
 
 
 def no_site(model: nn.Module, inputs=X) -> train.Prepared:
