@@ -264,6 +264,17 @@ def test_conv_then_matmul_is_left():
     assert any("map different axes" in r for r in reasons), reasons
 
 
+def exported_and_optimized(model, x, path, dynamo: bool):
+    """A torch model prepared by lc_onnx.train, exported and optimized (one rewrite, checked in ORT on `x`);
+    returns the result and the feeds by the exported input's name."""
+    from lc_onnx import train
+
+    train.export(model, (x,), path, dynamo=dynamo)
+    exported = onnx.load(path)
+    feeds = {exported.graph.input[0].name: x.numpy()}
+    return optimized(exported, rewrites=1, feeds=feeds, rtol=1e-4, atol=1e-5), feeds
+
+
 def test_prepared_torch_conv_block_exports_and_collapses(tmp_path):
     """What lc_onnx.train prepares on the torch side (Conv2d 1x1 → BatchNorm2d → act → Conv2d 1x1) collapses
     here, through both exporters, per-channel slopes included."""
@@ -285,13 +296,9 @@ def test_prepared_torch_conv_block_exports_and_collapses(tmp_path):
                 if isinstance(m, nn.PReLU):
                     m.weight.fill_(1.0)
             expected = model(x).numpy()
-        path = tmp_path / f"conv_{dynamo}.onnx"
-        train.export(model, (x,), path, dynamo=dynamo)
-        onnx_model = onnx.load(path)
-        name = onnx_model.graph.input[0].name
-        result = optimized(onnx_model, rewrites=1, feeds={name: x.numpy()}, rtol=1e-4, atol=1e-5)
+        result, feeds = exported_and_optimized(model, x, tmp_path / f"conv_{dynamo}.onnx", dynamo)
         assert [n.op_type for n in result.model.graph.node] == ["Conv"]
-        np.testing.assert_allclose(run(result.model, {name: x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run(result.model, feeds)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 # --- weights behind Transpose / Cast / Identity ---------------------------------------------------------
@@ -494,12 +501,8 @@ def test_prepared_torch_linear_act_batchnorm1d_linear_exports_and_collapses(tmp_
         model.eval()
         with torch.no_grad():
             expected = model(x).numpy()
-        path = tmp_path / f"bn1d_{dynamo}.onnx"
-        train.export(model, (x,), path, dynamo=dynamo)
-        onnx_model = onnx.load(path)
-        name = onnx_model.graph.input[0].name
-        result = optimized(onnx_model, rewrites=1, feeds={name: x.numpy()}, rtol=1e-4, atol=1e-5)
+        result, feeds = exported_and_optimized(model, x, tmp_path / f"bn1d_{dynamo}.onnx", dynamo)
         assert count_ops(result.model, "BatchNormalization") == 0
         assert sum(n.op_type in ("Gemm", "MatMul") for n in result.model.graph.node) == 1
-        got = run(result.model, {name: x.numpy()})[0]
+        got = run(result.model, feeds)[0]
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
