@@ -316,6 +316,7 @@ def spinning_check(paths: list[Path], feeds, threads: int, rounds: int = 6, bloc
 DTYPES = {"fp32": None, "fp16": torch.float16}
 DEVICE_MODELS = ("ViT-T/16", "BERT-base", "GPT-2 small")
 SECTION = {"cuda": "## CUDA", "cpu": "## CPU provider, device study path"}
+GRAPH_SECTION = "## CUDA graphs"  # --cuda-graph: every run a replayed CUDA graph, inputs pinned to the batch's shapes
 
 
 def device_variants(spec: Spec, folder: Path, dtypes: list[str]) -> dict[str, dict[str, Path]]:
@@ -396,11 +397,14 @@ class DeviceRow:
 
 def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, ...] = (1, 8, 32),
                  dtypes: tuple[str, ...] = ("fp32", "fp16"), models: tuple[str, ...] = DEVICE_MODELS,
-                 runs: int = 100, warmup: int = 10, threads: int = 0, io_binding: bool = True) -> list[DeviceRow]:
+                 runs: int = 100, warmup: int = 10, threads: int = 0, io_binding: bool = True,
+                 cuda_graph: bool = False) -> list[DeviceRow]:
     """original vs lc-onnx vs ideal on `provider` (`cpu` or `cuda`, exit 2 where it cannot be had), each row
     interleaved through `lc_onnx.bench.interleaved` (IOBinding on the device unless `io_binding` is off),
-    with the analytic MAC share of the chains lc-onnx collapses (`lc_onnx.bench.mac_share`)."""
+    with the analytic MAC share of the chains lc-onnx collapses (`lc_onnx.bench.mac_share`). With `cuda_graph`
+    (CUDA only) each run replays a captured CUDA graph of the model pinned to the batch's input shapes."""
     providers = [bench.provider(provider)]
+    timed = [(providers[0], {"enable_cuda_graph": "1"})] if cuda_graph else providers
     rows = []
     for spec in specs(quick):
         if spec.name not in models:
@@ -415,26 +419,33 @@ def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, .
             for batch in batches:
                 feeds = device_feeds(spec, batch, dtype)
                 macs = bench.mac_share(head, {k: list(a.shape) for k, a in feeds.items()}, candidates, feeds)
-                lat = bench.interleaved(paths, feeds, runs=runs, warmup=warmup, threads=threads,
-                                        providers=providers, io_binding=io_binding)
+                shapes = {k: list(a.shape) for k, a in feeds.items()}
+                models = [bench.pinned(p, shapes) for p in paths] if cuda_graph else paths
+                lat = bench.interleaved(models, feeds, runs=runs, warmup=warmup, threads=threads,
+                                        providers=timed, io_binding=io_binding or cuda_graph,
+                                        names=[str(p) for p in paths])
                 rows.append(DeviceRow(spec.name, dtype, batch, runs, [x.median_ms for x in lat], max_err, rel_err,
                                       macs.share, macs.mac_ratio))
                 print(rows[-1].line(), flush=True)
     return rows
 
 
-def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, command: str) -> str:
+def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, command: str,
+                   cuda_graph: bool = False) -> str:
     """The RESULTS.md section of a device study: the rows, and the issue's summary (speedup per batch)."""
     name = device_name(provider)
     binding = ("inputs and outputs bound on the device (ORT IOBinding; each run writes into the same output "
-               "buffers, and its time includes waiting for the device)") if io_binding \
+               "buffers, and its time includes waiting for the device)") if io_binding or cuda_graph \
         else "`sess.run` with numpy inputs"
+    if cuda_graph:
+        binding += (", each run a replay of the CUDA graph ONNX Runtime captured (`enable_cuda_graph`) of the "
+                    "model with its inputs pinned to the batch's shapes (`lc_onnx.bench.pinned`)")
     summary = {}
     for r in rows:
         summary.setdefault((r.model, r.dtype), []).append(r)
     batches = sorted({r.batch for r in rows})
     lines = [
-        SECTION[provider],
+        GRAPH_SECTION if cuda_graph else SECTION[provider],
         "",
         f"Command: `{command}`  ",
         f"Machine: {name}; onnxruntime {ort.__version__} ({bench.PROVIDERS[provider]}), onnx {onnx.__version__}, "
@@ -497,21 +508,35 @@ def device_main(args) -> None:
         except Exception:  # an older onnxruntime, or the libraries are on the path already
             pass
     try:
+        bench.check_options(args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
         bench.provider(args.provider)
     except bench.InputError as e:
         raise SystemExit(f"error: {e}") from None
     quick = args.quick
     rows = device_study(args.provider, quick, WORK / f"device_{args.provider}", batches=(1, 2) if quick else (1, 8, 32),
                         runs=3 if quick else args.runs, warmup=1 if quick else 10, threads=args.threads,
-                        io_binding=not args.no_io_binding)
-    command = "python benchmarks/study.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
-    body = device_section(args.provider, rows, not args.no_io_binding, command.strip())
+                        io_binding=not args.no_io_binding, cuda_graph=args.cuda_graph)
+    body = device_section(args.provider, rows, not args.no_io_binding, shown_command(sys.argv[1:]), args.cuda_graph)
     out = Path(args.out) if args.out else (None if quick else HERE / "RESULTS.md")
     if out is None:
         print(body)
         return
-    out.write_text(replace_section(out.read_text() if out.exists() else "", SECTION[args.provider], body))
-    print(f"wrote the {SECTION[args.provider]!r} section of {out}")
+    heading = GRAPH_SECTION if args.cuda_graph else SECTION[args.provider]
+    out.write_text(replace_section(out.read_text() if out.exists() else "", heading, body))
+    print(f"wrote the {heading!r} section of {out}")
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command as RESULTS.md shows it: without `--out FILE` / `--out=FILE`, which says where, not what."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return " ".join(["python benchmarks/study.py", *kept])
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -526,6 +551,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100, help="device study: timed runs per model and row (default 100)")
     ap.add_argument("--threads", type=int, default=0, help="device study: intra-op threads (default: ORT's choice)")
     ap.add_argument("--no-io-binding", action="store_true", help="device study: time sess.run with numpy inputs")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="device study, --provider cuda only: replay captured CUDA graphs (inputs pinned to each "
+                         "batch's shapes); writes the `## CUDA graphs` section")
     ap.add_argument("--out", help="device study: the RESULTS file whose section to replace (default "
                                   "benchmarks/RESULTS.md; with --quick, print unless given)")
     args = ap.parse_args()

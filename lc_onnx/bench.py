@@ -42,19 +42,23 @@ def interleaved(
     progress: Callable[[int], None] | None = None,
     io_binding: bool = False,
     given: Collection[str] = (),
+    names: list[str] | None = None,
 ) -> list[Latency]:
     """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
     worker threads, which would take the cores from the model that runs next) for all. `providers` as ONNX
     Runtime takes them (names, or (name, options) pairs). With `io_binding` the inputs are copied to the
     provider's device once and every run writes into the same output buffers there (ORT IOBinding): a run is
-    device work, not host copies (what CUDA graphs need too)."""
+    device work, not host copies (what CUDA graphs need too). `names` label the models in errors."""
+    names = names or [_name(m) for m in models]
     want = _provider_name(providers[0]) if providers else None
     sessions = []
-    for m in models:
+    for m, name in zip(models, names, strict=True):
         try:
             sessions.append(session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False))
         except Exception as e:  # ORT's errors are of many kinds; all mean it cannot load this model
-            raise InputError(f"ONNX Runtime cannot load {_name(m)} ({one_line(e)})") from None
+            hint = "; some nodes stay outside CUDA even with the inputs' shapes fixed: bench without --cuda-graph" \
+                if "graph capture" in str(e) else ""
+            raise InputError(f"ONNX Runtime cannot load {name} ({one_line(e)}){hint}") from None
     if want:
         for s in sessions:
             if s.get_providers()[0] != want:  # ORT falls back to the CPU when a provider fails to load
@@ -87,7 +91,7 @@ def interleaved(
                  else f"the inputs given with --inputs and random ones for {', '.join(drawn)}")
         hint = "pass real data with --inputs" if not given else "give all of them with --inputs" if drawn else \
             "check the data in --inputs"
-        raise InputError(f"ONNX Runtime failed running {_name(models[j])} on {where} ({one_line(e)}); {hint}") from None
+        raise InputError(f"ONNX Runtime failed running {names[j]} on {where} ({one_line(e)}); {hint}") from None
     return [
         Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs)
         for t in times
@@ -355,6 +359,19 @@ class BenchResult:
         return json.dumps(data, indent=2) + "\n"
 
 
+def pinned(path: Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """The model at `path` with its inputs' dims fixed to `shapes`. A captured CUDA graph replays fixed shapes
+    anyway; fixed, ONNX Runtime folds the Shape -> Gather -> Concat subgraphs that compute reshape targets from
+    open dims. Left open, those run on the CPU and feed CUDA nodes through Memcpy, and ORT refuses to capture."""
+    model, _ = io.read(path)
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            for d, v in zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=True):
+                d.Clear()
+                d.dim_value = v
+    return model
+
+
 def check_options(provider_name: str = "cpu", threads: int = 0, batch: int | None = None, runs: int = 50,
                   warmup: int = 10, seed: int = 0, cuda_graph: bool = False) -> None:
     """InputError for options `bench_files` cannot take; the CLI asks before any work (reading the models)."""
@@ -404,8 +421,9 @@ def bench_files(
         macs = mac_share(heads[0], shapes_used, candidates, feeds, folder)
     del heads
     entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
-    lat = interleaved(list(paths), feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph,
-                      given=[k for k, what in drawn.items() if what == "given"])
+    models = [pinned(p, shapes_used) for p in paths] if cuda_graph else list(paths)
+    lat = interleaved(models, feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph,
+                      given=[k for k, what in drawn.items() if what == "given"], names=[str(p) for p in paths])
     result = BenchResult(provider_name, threads, runs, warmup, shapes_used, io_binding=io_binding or cuda_graph,
                          cuda_graph=cuda_graph, macs=macs)
     for p, latency in zip(paths, lat, strict=True):

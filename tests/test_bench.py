@@ -167,14 +167,46 @@ def test_cuda_graph_asks_cuda_for_it_and_binds_on_the_device(pair, monkeypatch):
 
     def session(m, providers, *a, **k):
         seen["providers"] = providers
+        seen.setdefault("dims", []).append([d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim])
         return Fake()
 
     monkeypatch.setattr(bench.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(bench, "session", session)
     monkeypatch.setattr(bench, "_Bound", lambda s, feeds, device: seen.setdefault("device", device) and (lambda: None))
-    result = bench.bench_files(list(pair), "cuda", runs=2, warmup=1, cuda_graph=True)
+    result = bench.bench_files(list(pair), "cuda", batch=4, runs=2, warmup=1, cuda_graph=True)
     assert seen["providers"] == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
     assert seen["device"] == "cuda" and result.io_binding and result.cuda_graph
+    assert seen["dims"] == [[4, 3, 8]] * 2  # each model's inputs pinned to the shapes it is fed
+
+
+def test_pinned_inputs_let_ort_fold_the_shape_subgraphs(tmp_path):
+    """What --cuda-graph needs: with the dynamic batch fixed, ORT folds the Shape -> Gather -> Concat reshape
+    targets (left open they run on the CPU and feed CUDA through Memcpy, and ORT refuses to capture)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    class Flatten(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x.reshape(x.shape[0], -1)) * x.shape[0]
+
+    path = tmp_path / "flat.onnx"
+    torch.onnx.export(Flatten(), (torch.randn(2, 3, 4),), path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+
+    def optimized(model):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(tmp_path / "opt.onnx"), sess
+
+    model = bench.pinned(path, {"x": [5, 3, 4]})
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [5, 3, 4]
+    assert "Shape" in {n.op_type for n in optimized(onnx.load(path))[0].graph.node}
+    folded, sess = optimized(model)
+    assert "Shape" not in {n.op_type for n in folded.graph.node}
+    x = np.random.default_rng(0).standard_normal((5, 3, 4), dtype=np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.maximum(x.reshape(5, -1), 0) * 5)
 
 
 def test_mac_share_of_the_collapsible_chain(pair, tmp_path):

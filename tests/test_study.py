@@ -47,3 +47,30 @@ def test_replace_section_appends_where_there_is_none_and_keeps_the_rest():
     assert study.section(text, "## CUDA") == "## CUDA\n\nold table\n"
     assert study.section("# A\n\n## CUDA\n\nt\n\n## B\n", "## CUDA") == "## CUDA\n\nt\n"
     assert study.section(text, "## CPU") is None
+
+
+def test_cuda_graph_rows_time_pinned_models_with_graph_capture_asked(tmp_path, monkeypatch):
+    """--cuda-graph's path up to ONNX Runtime (no GPU here): each batch's models pinned to its input shapes,
+    the provider asked for `enable_cuda_graph`, inputs bound on the device; its own RESULTS heading."""
+    seen = []
+
+    def interleaved(models, feeds, runs, warmup, threads, providers, io_binding, names):
+        dims = [[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] for m in models]
+        seen.append((dims, providers, io_binding, names))
+        return [bench.Latency(1.0, 1.0, 1.0, runs)] * len(models)
+
+    from lc_onnx import bench
+
+    monkeypatch.setattr(study.bench, "interleaved", interleaved)
+    rows = study.device_study("cpu", quick=True, folder=tmp_path / "work", batches=(1, 3), models=("BERT-base",),
+                              dtypes=("fp32",), runs=2, cuda_graph=True)
+    assert [r.batch for r in rows] == [1, 3]
+    for (dims, providers, io_binding, names), batch in zip(seen, (1, 3), strict=True):
+        assert dims == [[batch, 16]] * 3 and io_binding
+        assert providers == [("CPUExecutionProvider", {"enable_cuda_graph": "1"})]
+        assert [Path(n).name for n in names] == ["original.onnx", "lc.onnx", "ideal.onnx"]
+    body = study.device_section("cpu", rows, False, study.shown_command(["--provider", "cuda", "--cuda-graph",
+                                                                         "--out", "/x/R.md"]), cuda_graph=True)
+    assert body.startswith(study.GRAPH_SECTION + "\n\nCommand: `python benchmarks/study.py --provider cuda "
+                                                 "--cuda-graph`")
+    assert "CUDA graph" in body and "IOBinding" in body
