@@ -420,8 +420,8 @@ def device_study(provider: str, quick: bool, folder: Path, batches: tuple[int, .
                 feeds = device_feeds(spec, batch, dtype)
                 macs = bench.mac_share(head, {k: list(a.shape) for k, a in feeds.items()}, candidates, feeds)
                 shapes = {k: list(a.shape) for k, a in feeds.items()}
-                models = [bench.pinned(p, shapes) for p in paths] if cuda_graph else paths
-                lat = bench.interleaved(models, feeds, runs=runs, warmup=warmup, threads=threads,
+                timed_models = [bench.pinned(p, shapes) for p in paths] if cuda_graph else paths
+                lat = bench.interleaved(timed_models, feeds, runs=runs, warmup=warmup, threads=threads,
                                         providers=timed, io_binding=io_binding or cuda_graph,
                                         names=[str(p) for p in paths])
                 rows.append(DeviceRow(spec.name, dtype, batch, runs, [x.median_ms for x in lat], max_err, rel_err,

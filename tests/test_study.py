@@ -62,11 +62,12 @@ def test_cuda_graph_rows_time_pinned_models_with_graph_capture_asked(tmp_path, m
     from lc_onnx import bench
 
     monkeypatch.setattr(study.bench, "interleaved", interleaved)
-    rows = study.device_study("cpu", quick=True, folder=tmp_path / "work", batches=(1, 3), models=("BERT-base",),
-                              dtypes=("fp32",), runs=2, cuda_graph=True)
-    assert [r.batch for r in rows] == [1, 3]
-    for (dims, providers, io_binding, names), batch in zip(seen, (1, 3), strict=True):
-        assert dims == [[batch, 16]] * 3 and io_binding
+    rows = study.device_study("cpu", quick=True, folder=tmp_path / "work", batches=(1, 3),
+                              models=("ViT-T/16", "BERT-base"), dtypes=("fp32",), runs=2, cuda_graph=True)
+    assert [(r.model, r.batch) for r in rows] == [("ViT-T/16", 1), ("ViT-T/16", 3), ("BERT-base", 1), ("BERT-base", 3)]
+    shapes = [[1, 3, 64, 64], [3, 3, 64, 64], [1, 16], [3, 16]]
+    for (dims, providers, io_binding, names), shape in zip(seen, shapes, strict=True):
+        assert dims == [shape] * 3 and io_binding
         assert providers == [("CPUExecutionProvider", {"enable_cuda_graph": "1"})]
         assert [Path(n).name for n in names] == ["original.onnx", "lc.onnx", "ideal.onnx"]
     body = study.device_section("cpu", rows, False, study.shown_command(["--provider", "cuda", "--cuda-graph",
