@@ -744,10 +744,10 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
         *peer_lines,
         "",
     ]
-    # the device sections (`--provider cuda`) are measured elsewhere: kept as they are
+    # the device sections (`--provider cuda [--cuda-graph]`) are measured elsewhere: kept as they are
     results = HERE / "RESULTS.md"
     out = "\n".join(text) + "\n"
-    for heading in SECTION.values():
+    for heading in (*SECTION.values(), GRAPH_SECTION):
         kept = section(results.read_text(), heading) if results.exists() else None
         if kept:
             out = replace_section(out, heading, kept)
