@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,10 +206,15 @@ def optimize(
     # sizes read string fields: only once they are checked
     report = Report(tol=tol, before=totals(original), allow_growth=allow_growth)
     step("rewriting")
+    for node, label in _node_labels(graph):
+        if not node.name:
+            node.name = _Unnamed(label)
     result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None),
                         allow_growth=allow_growth)
     shapes.unannotate(annotated)
     del annotated  # it holds graph tensors, and through them the graph and the input's weights
+    for done in [*result.rewrites, *result.skipped]:
+        done.names = [name.label if isinstance(name, _Unnamed) else name for name in done.names]
     report.rewrites, report.skipped = result.rewrites, result.skipped
     if not result.modified:
         report.after = report.before
@@ -259,9 +264,8 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = 
     named by `node_label` (`#` and its place in its graph), so that candidates tell unnamed nodes apart."""
     check_limit("--tol", tol)
     graph = _import(_open(model_or_path))[0]
-    for g in [graph, *graph.subgraphs(recursive=True)]:
-        for i, n in enumerate(g.nodes):
-            n.name = node_label(n.name, i)
+    for node, label in _node_labels(graph):
+        node.name = label
     try:
         return passes.inspect(graph, tol, frozenset(skip), allow_growth)
     except ValueError as e:
@@ -272,3 +276,24 @@ def node_label(name: str, index: int) -> str:
     """A node's name, or `#index` (its place in its graph) where it has none: unnamed nodes are legal and all
     named '', so `inspect`'s candidates and `bench`'s per-node MACs both use this."""
     return name or f"#{index}"
+
+
+def _node_labels(graph: gs.Graph) -> Iterator[tuple[gs.Node, str]]:
+    """Every node of the graph and its subgraphs with its `node_label`, numbered as imported (before any
+    rewrite), so that `inspect` and `optimize`'s report give a node the same label."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for i, n in enumerate(g.nodes):
+            yield n, node_label(n.name, i)
+
+
+class _Unnamed(str):
+    """The name of an unnamed node during `optimize`: it equals '' wherever the passes or the export read it, so
+    the written model keeps the node unnamed and the names derived from it stay as they were; it carries the
+    node's `label` for the report."""
+
+    label: str
+
+    def __new__(cls, label: str) -> _Unnamed:
+        name = super().__new__(cls, "")
+        name.label = label
+        return name
