@@ -54,12 +54,17 @@ class Snapshot(transformers.TrainerCallback):
         self.model = copy.deepcopy(model)
 
 
-def run(tmp_path, callback, steps=100, extra=()):
+def trainer_for(tmp_path, callbacks, steps=100, logging_steps=20):
     model, names = tiny_bert()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=steps,
-                                          per_device_train_batch_size=8, logging_steps=20, save_strategy="no",
-                                          disable_tqdm=True, seed=0, data_seed=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[*extra, callback])
+                                          per_device_train_batch_size=8, logging_steps=logging_steps,
+                                          save_strategy="no", disable_tqdm=True, seed=0, data_seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+    return model, names, trainer
+
+
+def run(tmp_path, callback, steps=100, extra=()):
+    model, names, trainer = trainer_for(tmp_path, [*extra, callback], steps)
     trainer.train()
     return model, names, trainer
 
@@ -105,6 +110,41 @@ def test_callback_steps_the_slopes_alone_at_slope_lr(tmp_path):
     assert set(map(id, callback._optimizer.state)) == slopes
     for s in train.slopes(model).values():
         assert s != 0.01 and abs(s - 0.01) <= 20 * 2e-2 * 1.05
+
+
+class Integration(transformers.TrainerCallback):
+    """Shaped like the `report_to` integrations (TensorBoardCallback, WandbCallback): records what on_log gets."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("how", ["callbacks", "callbacks_and_attach", "attach"])
+def test_report_to_integrations_see_the_slope_stats_after_attach(tmp_path, monkeypatch, how):
+    # added as report_to adds its integrations: the Trainer puts them before the user's callbacks
+    monkeypatch.setattr("transformers.trainer.get_reporting_integration_callbacks", lambda report_to: [Integration])
+    callback = train.LayerCollapseCallback(lam=1.0)
+    _, _, trainer = trainer_for(tmp_path, [callback] if how != "attach" else None, steps=20, logging_steps=10)
+    if how != "callbacks":
+        assert callback.attach(trainer) is trainer
+        callback.attach(trainer)  # a second attach changes nothing
+    callbacks = trainer.callback_handler.callbacks
+    integration = next(cb for cb in callbacks if isinstance(cb, Integration))
+    assert [cb for cb in callbacks if cb is callback] == [callback]
+    assert callbacks.index(integration) < callbacks.index(callback)  # attach() leaves the callback in its place
+    trainer.train()
+
+    assert len(integration.logs) == 3  # two logging steps and the end-of-training summary
+    logged = [h for h in trainer.state.log_history if "lc_slope_mean" in h]
+    assert len(logged) == 3
+    if how == "callbacks":  # the limitation attach() lifts: the integration ran before the callback's on_log
+        assert not any("lc_slope_mean" in logs for logs in integration.logs)
+    else:
+        assert [{k: v for k, v in h.items() if k != "step"} for h in logged] == integration.logs
+        assert integration.logs[0]["lc_slope_mean"] < integration.logs[1]["lc_slope_mean"]
 
 
 def test_decoupled_mode_follows_the_papers_update(tmp_path):

@@ -11,12 +11,18 @@ step (a torch optimizer skips a parameter whose `.grad` is None). With Adam a pa
 step whatever the gradient, so at the Trainer's lr (5e-5 by default) a slope could not travel from 0.01 to 1;
 at the default `slope_lr=2e-2` (λ=1) it gets within 0.05 of 1 in about 70 steps and stays there (Adam's
 second moment remembers the early, large pulls, so the step shrinks as the slope nears 1).
+
+That Adam's state goes into each checkpoint folder as `lc_slope_optimizer.pt` (on `on_save`, next to the
+Trainer's `optimizer.pt`), and `trainer.train(resume_from_checkpoint=...)` picks it up again. The `report_to`
+integrations run before user callbacks, so they see the slope stats only with `callback.attach(trainer)`.
 transformers is imported only when the callback is built.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 
 import torch
 from torch import nn
@@ -26,20 +32,30 @@ from lc_onnx.train.regularize import blocks, decoupled_step, regularizer, slope_
 
 logger = logging.getLogger(__name__)
 
+SLOPE_STATE_NAME = "lc_slope_optimizer.pt"  # in each checkpoint folder, with mode="adam"
+
 _BOUND: dict[str, type] = {}
 
 
-def _with_transformers() -> type:
-    """LayerCollapseCallback with transformers.TrainerCallback as a base (built once, on first use)."""
-    if "cls" not in _BOUND:
+def _with_transformers(cls: type | None = None) -> type:
+    """`cls` (LayerCollapseCallback by default) with transformers.TrainerCallback as a base (built once)."""
+    cls = cls or LayerCollapseCallback
+    if cls.__name__ not in _BOUND:
         try:
             from transformers import TrainerCallback
         except ImportError:
             raise ImportError("LayerCollapseCallback needs transformers: pip install transformers accelerate") \
                 from None
-        _BOUND["cls"] = type("LayerCollapseCallback", (LayerCollapseCallback, TrainerCallback),
-                             {"__module__": __name__, "__doc__": LayerCollapseCallback.__doc__})
-    return _BOUND["cls"]
+        _BOUND[cls.__name__] = type(cls.__name__, (cls, TrainerCallback),
+                                    {"__module__": __name__, "__doc__": cls.__doc__})
+    return _BOUND[cls.__name__]
+
+
+def _checkpoint_folder(output_dir: str, step: int) -> str:
+    """Where the Trainer writes the checkpoint of `step` (outside a hyperparameter search)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
 class LayerCollapseCallback:
@@ -51,7 +67,9 @@ class LayerCollapseCallback:
     α ← α − slope_lr·λ·2(α−1) after each step, the Trainer's optimizer stepping the task gradient as usual.
     `collapse_threshold`: at the end of training, collapse the blocks whose slopes are within it of 1
     (names in `.collapsed`). Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
-    `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs."""
+    `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs; `attach(trainer)`
+    gets them to the `report_to` integrations too. With mode="adam" each checkpoint gets the slopes' Adam state
+    (`lc_slope_optimizer.pt`), which `trainer.train(resume_from_checkpoint=...)` continues."""
 
     def __new__(cls, *args, **kwargs):
         if cls is LayerCollapseCallback:
@@ -73,6 +91,22 @@ class LayerCollapseCallback:
         self.collapsed: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
+        self._warned_unsaved = False
+
+    def attach(self, trainer):
+        """Add this callback to `trainer` so that its `report_to` integrations (TensorBoard, wandb, ...) log the
+        slope stats too; returns the trainer.
+
+        The Trainer puts the integrations before user callbacks and hands one `logs` dict to each in turn, and
+        no hook gets the callback list; so a small callback that only adds the stats in `on_log` goes first in
+        `trainer.callback_handler.callbacks`. This callback keeps its place for every other event (the collapse
+        still runs after the callbacks listed before it)."""
+        callbacks = trainer.callback_handler.callbacks
+        if not any(cb is self for cb in callbacks):
+            trainer.add_callback(self)
+        if not any(getattr(cb, "owner", None) is self for cb in callbacks):
+            callbacks.insert(0, _with_transformers(_SlopeStatsFirst)(self))
+        return trainer
 
     # ---- the regularization ------------------------------------------------------------------------------
 
@@ -86,6 +120,8 @@ class LayerCollapseCallback:
                              "DeepSpeed/FSDP shard; pass mode='decoupled'")
         if self.mode == "adam":
             self._optimizer = torch.optim.Adam(self._params, lr=self.slope_lr, betas=self.betas, weight_decay=0.0)
+            if state.global_step > 0:  # the Trainer resumed from a checkpoint: it loaded global_step from there
+                self._resume_optimizer(args, state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         """After clipping, before the Trainer's step: step the slopes here and hide them from that step."""
@@ -110,6 +146,72 @@ class LayerCollapseCallback:
         if self.mode == "decoupled":
             decoupled_step(model, self.slope_lr, self.lam)
 
+    # ---- the slopes' Adam in checkpoints -----------------------------------------------------------------
+
+    def on_save(self, args, state, control, **kwargs):
+        """The Trainer just wrote checkpoint-<global_step>: add the slopes' Adam state (its optimizer.pt
+        leaves the slopes out, as they are not stepped by it). A file, not transformers' `ExportableState`:
+        that keeps JSON in trainer_state.json, and with `restore_callback_states_from_checkpoint` the Trainer
+        would replace this callback by a new object, leaving the user's `.collapsed` empty."""
+        if self._optimizer is None or not args.should_save or getattr(args, "save_only_model", False):
+            return  # save_only_model: the Trainer saves no optimizer either, and cannot resume from it
+        folder = _checkpoint_folder(args.output_dir, state.global_step)
+        if not os.path.isdir(folder):
+            self._warn_unsaved(folder)
+            return
+        torch.save({"global_step": state.global_step, "slopes": [p.detach().cpu() for p in self._params],
+                    "optimizer": self._optimizer.state_dict()}, os.path.join(folder, SLOPE_STATE_NAME))
+
+    def _warn_unsaved(self, folder: str) -> None:
+        if not self._warned_unsaved:
+            self._warned_unsaved = True
+            warnings.warn(f"LayerCollapseCallback: no checkpoint folder {folder} (a hyperparameter search or a "
+                          f"custom checkpoint layout?); the slopes' Adam state is not saved, and a run resumed "
+                          f"from these checkpoints restarts it", stacklevel=2)
+
+    def _resume_optimizer(self, args, step: int) -> None:
+        """Continue the slopes' Adam from the checkpoint the Trainer resumed from; warn and start it afresh
+        when that checkpoint has none (mode="decoupled", an older lc-onnx) or one of another state."""
+        saved, reasons = self._saved_state(args, step)
+        if saved is None:
+            warnings.warn(f"LayerCollapseCallback: resuming at step {step} without the slopes' Adam state "
+                          f"({'; '.join(reasons)}), so it starts afresh and the slopes take another path than "
+                          f"in an uninterrupted run. A checkpoint outside output_dir is found when "
+                          f"TrainingArguments(resume_from_checkpoint=...) names it too", stacklevel=2)
+            return
+        self._optimizer.load_state_dict(saved["optimizer"])
+        for group in self._optimizer.param_groups:  # this run's slope_lr and betas, should they have changed
+            group.update(lr=self.slope_lr, betas=self.betas)
+
+    def _saved_state(self, args, step: int) -> tuple[dict | None, list[str]]:
+        """The state saved at `step` with exactly the slopes the Trainer just loaded, and why others were not.
+        The folder is args.resume_from_checkpoint when set, else output_dir/checkpoint-<step>: the hooks are
+        not told which folder `trainer.train(resume_from_checkpoint=...)` got."""
+        named = getattr(args, "resume_from_checkpoint", None)
+        folders = [named] if isinstance(named, str) else []
+        folders.append(_checkpoint_folder(args.output_dir, step))
+        reasons = []
+        for folder in dict.fromkeys(folders):
+            path = os.path.join(folder, SLOPE_STATE_NAME)
+            if not os.path.isfile(path):
+                reasons.append(f"no {path}")
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("global_step") != step:
+                reasons.append(f"{path} was saved at step {saved.get('global_step')}")
+            elif not self._same_slopes(saved.get("slopes")):
+                reasons.append(f"{path} holds other slopes than the checkpoint's model")
+            else:
+                return saved, reasons
+        return None, reasons
+
+    def _same_slopes(self, saved: list[torch.Tensor] | None) -> bool:
+        """Whether `saved` holds exactly the slopes the Trainer loaded, i.e. it belongs to this checkpoint."""
+        if saved is None or len(saved) != len(self._params):
+            return False
+        return all(s.shape == p.shape and torch.equal(s.to(p.dtype), p.detach().cpu())
+                   for s, p in zip(saved, self._params, strict=True))
+
     # ---- logging and the collapse ------------------------------------------------------------------------
 
     def stats(self, model: nn.Module) -> dict[str, float]:
@@ -126,7 +228,7 @@ class LayerCollapseCallback:
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         """Add the slope stats to this log: to `logs` (callbacks after this one: progress bar, printer) and to
         the entry the Trainer just put in `state.log_history` (it copies `logs` before the callbacks run)."""
-        if logs is None or model is None:
+        if logs is None or model is None or "lc_slope_min" in logs:  # already added by attach()'s first callback
             return
         extra = self.stats(model)
         logs.update(extra)
@@ -145,3 +247,14 @@ class LayerCollapseCallback:
         left = len(blocks(model))
         logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
                     len(self.collapsed), self.collapse_threshold, left)
+
+
+class _SlopeStatsFirst:
+    """Put first in the Trainer's callbacks by `LayerCollapseCallback.attach`: adds `owner`'s slope stats to
+    each log before the `report_to` integrations see it, and does nothing else."""
+
+    def __init__(self, owner: LayerCollapseCallback):
+        self.owner = owner
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        self.owner.on_log(args, state, control, model=model, logs=logs)
