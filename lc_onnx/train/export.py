@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 
-def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLike, *, dynamo: bool = False,
-           attn_implementation: str | None = "eager", dtype: torch.dtype | None = None, **kw) -> None:
+def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: str | os.PathLike, *,
+           dynamo: bool = False, attn_implementation: str | None = "eager", dtype: torch.dtype | None = None,
+           **kw) -> None:
     """torch.onnx.export in eval mode: opset 17 for the legacy exporter, one file (no external data) for the
-    new one unless asked. `example_inputs` is a tuple of positional inputs or a dict of keyword inputs (HF style).
+    new one unless asked. `example_inputs` is, as `prepare` takes it, a tuple (or list) of positional inputs, a
+    dict of keyword inputs (HF style) or one tensor.
 
     `dtype` (torch.float16, torch.bfloat16, ...) exports the model in that floating dtype: its floating
     parameters and buffers, and the floating example inputs, are cast for the export only (the model gets its
@@ -27,6 +29,7 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
     Llama, in the legacy exporter; None keeps the model's); with `dynamo=False` transformers' packed-sequence
     check (torch.diff on position ids, which opset 17 cannot export, reached when no attention_mask is given) is
     off, so each row is one sequence."""
+    example_inputs = _as_inputs(example_inputs)
     if isinstance(example_inputs, dict) and "kwargs" in kw:
         raise TypeError("export: pass keyword inputs either as the example_inputs dict or as kwargs=, not both")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -41,7 +44,7 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
         kw.setdefault("opset_version", 17)
     try:
         with _hf_settings(model, dynamo, attn_implementation), _cast_model(model, dtype):
-            target, args = model, tuple(example_inputs) if not isinstance(example_inputs, dict) else ()
+            target, args = model, example_inputs if not isinstance(example_inputs, dict) else ()
             if isinstance(example_inputs, dict):
                 names = _output_names(model, example_inputs)
                 if names is not None:
@@ -64,6 +67,13 @@ def export(model: nn.Module, example_inputs: tuple | dict, path: str | os.PathLi
                                    f"with {impl} attention ({first}); pass attn_implementation='eager'") from e
     finally:
         model.train(training)
+
+
+def _as_inputs(example_inputs) -> tuple | dict:
+    """A dict of keyword inputs or a tuple of positional ones; one tensor is one input (not its rows)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return example_inputs if isinstance(example_inputs, dict) else tuple(example_inputs)
 
 
 def _cast_inputs(inputs: tuple | dict, dtype: torch.dtype) -> tuple | dict:
