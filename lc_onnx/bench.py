@@ -6,12 +6,14 @@ import functools
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from lc_onnx import io
@@ -19,6 +21,8 @@ from lc_onnx import shapes as inference
 from lc_onnx.api import node_label
 from lc_onnx.errors import InputError, one_line
 from lc_onnx.validate import check_seed, draw_inputs, session
+from passes.cost import fan_out_cost, split_cost
+from passes.match import const_value
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # OrtValue device of each provider
@@ -164,21 +168,22 @@ LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 @dataclass
 class MacShare:
     """Analytic multiply-accumulates of the first model at the benchmark's input shapes: MatMul, Gemm and Conv
-    nodes of the main graph, and the part held by the chains `inspect` says a chain rule would rewrite (a run of
-    chains that share a layer counts once). `after` is
-    the total once those chains are folded (a collapsed chain costs d_in·d_out per row, a bottleneck whose
-    activation is only dropped costs what it did); `mac_ratio = total / after` is the speedup if time followed
-    MACs. It is a yardstick, not a bound: the collapse also removes the PRelu nodes and the h-wide intermediate
-    tensors, so on the CPU the measured speedup of a prepared model exceeds it (ViT-T/16: 2.3-2.8x measured,
-    MAC ratio 1.95x), while on a GPU at small batch launches and attention keep it well below."""
+    nodes of the main graph, and the part held by the chains and blocks `inspect` says a rule would rewrite (a run
+    of chains that share a layer counts once). `after` is the total once they are rewritten (per row: a collapsed
+    chain costs d_in·d_out, a bottleneck whose activation is only dropped what it did, a fan-out d_in·Σd_i for its
+    folded layers, a split d_in·d_out + n·(d_in+d_out) for its direct map and the narrow MLP of its n other
+    units); `mac_ratio = total / after` is the speedup if time followed MACs. It is a yardstick, not a bound: the
+    collapse also removes the PRelu nodes and the h-wide intermediate tensors, so on the CPU the measured speedup
+    of a prepared model exceeds it (ViT-T/16: 2.3-2.8x measured, MAC ratio 1.95x), while on a GPU at small batch
+    launches and attention keep it well below."""
 
     total: int
     by_op: dict[str, int]
-    chains: int  # MACs of the linear layers of the chains a rule would rewrite
-    chain_count: int  # runs of chains (chains that share a layer are one)
+    chains: int  # MACs of the linear layers of the chains and blocks a rule would rewrite
+    chain_count: int  # runs of chains (chains that share a layer are one); a fan-out or split block is one
     after: int
     unknown: list[str] = field(default_factory=list)  # linear nodes whose shapes inference could not tell
-    blocks: int = 0  # collapse_fan_out / split_linear_units candidates: not counted, their saving is not known
+    unsaved: int = 0  # fan-out/split runs whose saving is not told (see `mac_share`): in the share, saving 0
 
     @property
     def share(self) -> float:
@@ -197,8 +202,8 @@ class MacShare:
                 f"({self.mac_ratio:.2f}x fewer)")
         if self.unknown:
             text += f" ({len(self.unknown)} linear node(s) of unknown shape left out)"
-        if self.blocks:
-            text += f" ({self.blocks} fan-out/split block(s) not counted)"
+        if self.unsaved:
+            text += f" ({self.unsaved} fan-out/split run(s) counted with no saving)"
         return text
 
     def to_dict(self) -> dict:
@@ -277,21 +282,22 @@ def _probe(model: onnx.ModelProto, names: set[str], feeds: dict[str, np.ndarray]
 
 def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: list,
               feeds: dict[str, np.ndarray] | None = None, source: Path | None = None) -> MacShare:
-    """The MAC share of the chains among `candidates` (from `lc_onnx.inspect`) that a chain rule would rewrite
-    (`feeds`, `source`: see `node_macs`). Chains that share a layer (A→B→C gives A·B and B·C) are one run,
+    """The MAC share of the chains and blocks among `candidates` (from `lc_onnx.inspect`) that a rule would
+    rewrite (`feeds`, `source`: see `node_macs`). Chains that share a layer (A→B→C gives A·B and B·C) are one run,
     counted once; a run of collapse_linear_chain folds to one d_in·d_out layer, the first layer's d_in to the
-    last's d_out (or stays as it is, if that costs more). The block rules' candidates (collapse_fan_out,
-    split_linear_units) are not counted: `inspect` does not say what they would save."""
+    last's d_out (or stays as it is, if that costs more). A collapse_fan_out or split_linear_units block costs
+    what its rule's cost model says it leaves. Counted with no saving (`unsaved`): a block that shares a layer
+    with other chains (what the run leaves depends on the order the rules fire in), and a split whose PRelu cannot
+    be told by its name (names repeat) or read."""
     per_node, unknown = node_macs(model, inputs, feeds, source)
     by_op = {op: 0 for op in LINEAR_OPS}
     for op, m in per_node.values():
         by_op[op] += m
     total = sum(by_op.values())
-    chains = saved = count = 0
+    chains = saved = count = unsaved = 0
     linear = set(per_node) | set(unknown)
-    counted = [c for c in candidates if c.kind == "chain" and c.rule in CHAIN_RULES and not c.graph]
-    blocks = sum(c.kind == "chain" and c.rule is not None and c.rule not in CHAIN_RULES and not c.graph
-                 for c in candidates)
+    counted = [c for c in candidates if c.kind == "chain" and c.rule in CHAIN_RULES + BLOCK_RULES and not c.graph]
+    units = _LinearUnits(model, source)
     for run in _runs([(c, [n for n in c.names if n in linear]) for c in counted]):
         layers = {k for _, keys in run for k in keys}
         macs = sum(per_node[k][1] for k in layers if k in per_node)
@@ -299,21 +305,21 @@ def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: 
             continue
         count += 1
         chains += macs
-        if all(c.rule == "collapse_linear_chain" and c.shape and len(keys) == 2 for c, keys in run) \
-                and layers <= set(per_node):
-            dims = {}  # layer -> (d_in, d_out)
-            for c, (first, second) in run:
-                dims[first], dims[second] = c.shape[:2], c.shape[1:]
-            seconds = {keys[1] for _, keys in run}
-            firsts = {keys[0] for _, keys in run}
-            head = next(k for k in firsts if k not in seconds)
-            tail = next(k for k in seconds if k not in firsts)
-            rows = per_node[head][1] / (dims[head][0] * dims[head][1])
-            saved += max(0, macs - round(rows * dims[head][0] * dims[tail][1]))
-    return MacShare(total, by_op, chains, count, total - saved, unknown, blocks)
+        if not layers <= set(per_node):
+            continue
+        if any(c.rule in BLOCK_RULES for c, _ in run):
+            after = _block_after(run[0], per_node, units) if len(run) == 1 else None
+            if after is None:
+                unsaved += 1
+            else:
+                saved += macs - after
+        elif all(c.rule == "collapse_linear_chain" and c.shape and len(keys) == 2 for c, keys in run):
+            saved += max(0, macs - _chain_run_after(run, per_node))
+    return MacShare(total, by_op, chains, count, total - saved, unknown, unsaved)
 
 
-CHAIN_RULES = ("collapse_linear_chain", "drop_unit_activation")  # the rules whose MACs after mac_share knows
+CHAIN_RULES = ("collapse_linear_chain", "drop_unit_activation")
+BLOCK_RULES = ("collapse_fan_out", "split_linear_units")
 
 
 def _runs(chains: list[tuple]) -> list[list[tuple]]:
@@ -323,6 +329,69 @@ def _runs(chains: list[tuple]) -> list[list[tuple]]:
         apart = [r for r in runs if not any(set(chain[1]) & set(keys) for _, keys in r)]
         runs = apart + [[chain] + [c for r in runs if not any(r is a for a in apart) for c in r]]
     return runs
+
+
+def _rows(first: str, d_in: int, d_out: int, per_node: dict[str, tuple[str, int]]) -> float:
+    """Input rows of a d_in→d_out layer, from its MACs."""
+    return per_node[first][1] / (d_in * d_out)
+
+
+def _chain_run_after(run: list[tuple], per_node: dict[str, tuple[str, int]]) -> int:
+    """MACs of the one d_in·d_out layer a run of collapse_linear_chain pairs folds to."""
+    dims = {}  # layer -> (d_in, d_out)
+    for c, (first, second) in run:
+        dims[first], dims[second] = c.shape[:2], c.shape[1:]
+    seconds = {keys[1] for _, keys in run}
+    firsts = {keys[0] for _, keys in run}
+    head = next(k for k in firsts if k not in seconds)
+    tail = next(k for k in seconds if k not in firsts)
+    return round(_rows(head, *dims[head], per_node) * dims[head][0] * dims[tail][1])
+
+
+def _block_after(block: tuple, per_node: dict[str, tuple[str, int]], units: _LinearUnits) -> int | None:
+    """MACs a fan-out or split block leaves, from its rule's cost per row (params play no part here) times the
+    rows its first layer (its first linear node) computes; None where a split's linear units cannot be told."""
+    c, keys = block
+    d_in, hidden, d_out = c.shape
+    if c.rule == "collapse_fan_out":  # shape's d_out is the heads' Σd_i
+        per_row = fan_out_cost(d_in, hidden, [d_out], 0, 0, 0).macs_after
+    else:
+        linear = units.count(c.names, c.slope_range)
+        if linear is None:
+            return None
+        per_row = split_cost(d_in, hidden, d_out, hidden - linear, 0, 0, bias_in=False, bias_out=False).macs_after
+    return round(_rows(keys[0], d_in, hidden, per_node) * per_row)
+
+
+class _LinearUnits:
+    """How many units of a split block's PRelu the split takes as linear. The candidate gives only their slope
+    range (lo, hi): a unit is linear exactly when its slope lies in it, since both ends are within tol of 1 and
+    every linear unit's slope is between them. The slopes are read as the chain match reads them (flat, float64,
+    through Identity, Cast, Transpose of a constant); the main graph is imported once, at the first split."""
+
+    def __init__(self, model: onnx.ModelProto, source: Path | None):
+        self.model, self.source, self.nodes = model, source, None
+
+    def count(self, names: list[str], slope_range: tuple[float, float]) -> int | None:
+        """The linear units of the split block of nodes `names`; None where its PRelu or slopes cannot be had."""
+        if self.nodes is None:
+            self.nodes = self._by_label()
+        acts = [self.nodes[n] for n in names if n in self.nodes and self.nodes[n].op == "PRelu"]
+        value = const_value(acts[0].inputs[1]) if len(acts) == 1 else None
+        if value is None:
+            return None
+        slopes = np.asarray(value, np.float64).reshape(-1)
+        lo, hi = slope_range
+        return int(np.count_nonzero((lo <= slopes) & (slopes <= hi)))
+
+    def _by_label(self) -> dict[str, gs.Node]:
+        """The main graph's nodes by `node_label`, but for labels that repeat (names may: legal ONNX)."""
+        graph = gs.import_onnx(self.model)
+        if self.source is not None:
+            io.attach_external(graph, self.source)
+        labels = [node_label(n.name, i) for i, n in enumerate(graph.nodes)]
+        seen = Counter(labels)
+        return {label: n for label, n in zip(labels, graph.nodes, strict=True) if seen[label] == 1}
 
 
 @dataclass

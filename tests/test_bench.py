@@ -305,3 +305,145 @@ def test_run_failure_on_given_inputs_does_not_blame_random_ones(tmp_path):
     assert "on the inputs given with --inputs" in result.stderr and "random" not in result.stderr
     result = invoke(path, "--runs", 1, "--warmup", 0)
     assert "on the random inputs" in result.stderr and "pass real data with --inputs" in result.stderr
+
+
+def _fan_out(tail: bool = False) -> onnx.ModelProto:
+    """x[N,3,8] → 8→32 → PRelu(1) → two heads 32→8 and 32→4 (collapse_fan_out); with `tail`, the 8-wide head
+    goes on through Tanh into a 8→16 layer that no rule folds."""
+    from onnx import helper
+
+    from tests.builder import Builder
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y1, y2 = b.linear(h, 32, 8), b.linear(h, 32, 4)
+    outputs = [(y1, ["N", 3, 8]), (y2, ["N", 3, 4])]
+    if tail:
+        (t,) = b.node("Tanh", [y1])
+        outputs[0] = (b.linear(t, 8, 16), ["N", 3, 16])
+    for i, (y, _) in enumerate(outputs):
+        b.nodes.append(helper.make_node("Identity", [y], [f"y{i}"], name=f"out{i}"))
+    return b.model([("x", ["N", 3, 8])], [(f"y{i}", s) for i, (_, s) in enumerate(outputs)])
+
+
+def _split(slopes, slope_shape=(32,)) -> onnx.ModelProto:
+    """x[N,3,8] → 8→32 → PRelu(one slope per unit) → 32→8 → Tanh → 8→16: the block splits, the last layer stays."""
+    from onnx import helper
+
+    from tests.builder import Builder
+
+    b = Builder()
+    y = b.linear(b.prelu(b.linear("x", 8, 32), slopes, slope_shape), 32, 8)
+    (t,) = b.node("Tanh", [y])
+    b.nodes.append(helper.make_node("Identity", [b.linear(t, 8, 16)], ["y"], name="out"))
+    return b.model([("x", ["N", 3, 8])], [("y", ["N", 3, 16])])
+
+
+def _share_and_optimized_macs(model: onnx.ModelProto, tmp_path, shapes=None):
+    """mac_share of the model at x [4, 3, 8] (12 rows), and the MACs node_macs counts on its optimized form."""
+    import lc_onnx
+    from lc_onnx import api
+
+    shapes = shapes or {"x": [4, 3, 8]}
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    share = bench.mac_share(onnx.load(path), shapes, api.inspect(path))
+    found, unknown = bench.node_macs(lc_onnx.optimize(path).model, shapes)
+    assert unknown == []
+    return share, sum(m for _, m in found.values())
+
+
+def test_mac_share_counts_a_fan_out_block_as_its_folded_heads(tmp_path):
+    share, optimized = _share_and_optimized_macs(_fan_out(), tmp_path)
+    rows = 12
+    assert share.total == share.chains == rows * (8 * 32 + 32 * 8 + 32 * 4) and share.chain_count == 1
+    assert share.after == rows * 8 * (8 + 4) == optimized  # two folded heads: 8→8 and 8→4
+    assert share.share == 1.0 and share.unsaved == 0
+    assert "1 collapsible chain(s) hold 100.0%" in share.line() and "no saving" not in share.line()
+
+
+@pytest.mark.parametrize("slope_shape", [(32,), (1, 1, 32)])
+def test_mac_share_counts_a_split_block_as_its_direct_map_and_narrow_mlp(tmp_path, slope_shape):
+    import numpy as np
+
+    slopes = np.ones(32)
+    slopes[[3, 17]] = 0.25  # 30 linear units, 2 others
+    share, optimized = _share_and_optimized_macs(_split(slopes, slope_shape), tmp_path)
+    rows, tail = 12, 12 * 8 * 16
+    assert share.total == rows * (8 * 32 + 32 * 8) + tail and share.chains == rows * 512 and share.chain_count == 1
+    assert share.after == rows * (8 * 8 + 2 * (8 + 8)) + tail == optimized  # direct 8x8, narrow 8>2>8; tail kept
+    assert share.share == pytest.approx(512 / (512 + 128))
+
+
+def test_mac_share_of_a_split_tells_linear_units_by_their_slope_range(tmp_path):
+    """Linear units with slopes spread within tol, and one unit just outside it: the range inspect gives picks
+    exactly the linear ones (29 of 32)."""
+    import numpy as np
+
+    slopes = 1 + np.linspace(-9e-4, 9e-4, 32)
+    slopes[[3, 17]] = 0.25
+    slopes[30] = 1.002
+    share, optimized = _share_and_optimized_macs(_split(slopes), tmp_path)
+    assert share.after == 12 * (8 * 8 + 3 * (8 + 8)) + 12 * 8 * 16 == optimized
+
+
+def test_mac_share_of_a_fan_out_beside_other_chains_counts_no_saving(tmp_path):
+    """A head that starts a chain of its own: the run's fold depends on the order the rules fire, so its
+    MACs are in the share but no saving is counted, and the line says so."""
+    from lc_onnx import api
+    from tests.builder import Builder
+
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32), 1.0)
+    y1 = b.linear(b.prelu(b.linear(h, 32, 32), 1.0), 32, 4)
+    y2 = b.linear(h, 32, 8)
+    path = tmp_path / "mixed.onnx"
+    onnx.save(b.model([("x", ["N", 8])], [(y1, ["N", 4]), (y2, ["N", 8])]), path)
+    share = bench.mac_share(onnx.load(path), {"x": [2, 8]}, api.inspect(path))
+    assert share.chains == share.total == share.after == 2 * (8 * 32 + 32 * 32 + 32 * 4 + 32 * 8)
+    assert share.unsaved == 1 and share.chain_count == 1
+    assert "(1 fan-out/split run(s) counted with no saving)" in share.line()
+
+
+def test_bench_json_counts_the_fan_out(tmp_path):
+    path, out = tmp_path / "fan.onnx", tmp_path / "fan.json"
+    onnx.save(_fan_out(tail=True), path)
+    result = invoke(path, "--runs", 1, "--warmup", 0, "--batch", 4, "--json", out)
+    assert result.exit_code == 0, result.output
+    macs = json.loads(out.read_text())["macs"]
+    tail = 12 * 8 * 16
+    assert macs["total"] == 12 * (8 * 32 + 32 * 8 + 32 * 4) + tail and macs["after"] == 12 * 8 * 12 + tail
+    assert macs["unsaved"] == 0 and "not counted" not in result.stdout
+
+
+def test_bench_reads_a_split_slope_kept_as_external_data(tmp_path, monkeypatch):
+    """The slopes are read from the model's own folder, not the current directory."""
+    import numpy as np
+
+    slopes = np.ones(32)
+    slopes[[3, 17]] = 0.25
+    path, out = tmp_path / "split.onnx", tmp_path / "split.json"
+    onnx.save(_split(slopes), path, save_as_external_data=True, location="split.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path.parent)
+    result = invoke(path, "--runs", 1, "--warmup", 0, "--batch", 4, "--json", out)
+    assert result.exit_code == 0, result.output
+    macs = json.loads(out.read_text())["macs"]
+    assert macs["after"] == 12 * (8 * 8 + 2 * (8 + 8)) + 12 * 8 * 16
+
+
+def test_split_whose_prelu_name_repeats_is_counted_with_no_saving(tmp_path):
+    """Names may repeat (legal ONNX): a PRelu that its name does not single out is not guessed at."""
+    import numpy as np
+
+    from lc_onnx import api
+
+    slopes = np.ones(32)
+    slopes[[3, 17]] = 0.25
+    model = _split(slopes)
+    for n in model.graph.node:
+        if n.op_type in ("PRelu", "Tanh"):
+            n.name = "dup"
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, path)
+    share = bench.mac_share(onnx.load(path), {"x": [4, 3, 8]}, api.inspect(path))
+    assert share.chains == 12 * 512 and share.after == share.total and share.unsaved == 1
