@@ -46,3 +46,29 @@ def test_export_takes_one_tensor_as_prepare_does(tmp_path, dtype):
         want = model(X).numpy()
     np.testing.assert_allclose(onnx_output(tmp_path / "m.onnx", x), want, rtol=1e-2 if dtype else 1e-5,
                                atol=1e-2 if dtype else 1e-6)
+
+
+def prepared_at_one() -> nn.Module:
+    model = Block().eval()
+    train.prepare(model, (X,), init=1.0)
+    return model
+
+
+def test_a_nan_slope_is_not_collapsed():
+    # NaN > threshold is False, so a diverged block was fused as if its slope were 1
+    model = prepared_at_one()
+    with torch.no_grad():
+        model.act.weight.fill_(float("nan"))
+    assert train.collapse(model, threshold=0.05) == [] and train.collapse(model, threshold=float("inf")) == []
+    assert isinstance(model.act, train.LayerCollapsePReLU)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), -0.1, None], ids=["nan", "negative", "none"])
+def test_a_threshold_that_is_no_distance_is_one_clear_error(threshold):
+    # threshold=nan fused every block whatever its slope; None failed inside a comparison
+    model = prepared_at_one()
+    with torch.no_grad():
+        model.act.weight.fill_(0.2)
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        train.collapse(model, threshold=threshold)
+    assert isinstance(model.act, train.LayerCollapsePReLU)

@@ -3,6 +3,8 @@ exactly the modules `prepare` recorded, and refuses a site whose modules changed
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -36,11 +38,17 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
 def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None = None) -> list[str]:
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
-    collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names."""
+    collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names.
+    A NaN slope is never within the threshold."""
+    if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
+        raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
+                         f"got {threshold!r}")
     chosen = []
     # in forward order: a block whose second layer is the next block's first must fold before that one
     for name, act in sorted(blocks(model).items(), key=lambda item: item[1].layout.order):
-        if float((act.weight.detach() - 1).abs().max()) > threshold or (only is not None and name not in only):
+        # written so that NaN (a diverged slope) compares as outside
+        within = float((act.weight.detach() - 1).abs().max()) <= threshold
+        if not within or (only is not None and name not in only):
             continue
         base_path = ".".join(name.split(".")[: len(name.split(".")) - act.layout.up])
         chosen.append((name, act, model.get_submodule(base_path) if base_path else model))
