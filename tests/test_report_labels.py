@@ -83,3 +83,30 @@ def test_named_nodes_keep_their_names_in_the_report():
     report = lc_onnx.optimize(model).report
     assert report.rewrites[0].names == ["#0", "bias1", "#2", "#3", "#4"]
     assert "#0 > ... > #4 (5 nodes)" in report.table()
+
+
+def test_unnamed_nodes_of_a_subgraph_are_labelled_in_their_graph():
+    from onnx import TensorProto
+
+    inner = Builder(seed=1)
+    y = inner.linear(inner.prelu(inner.linear("x", 8, 32), 1.0), 32, 8)
+    then_g = helper.make_graph(inner.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 8])],
+                               inner.inits)
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4, 8])])
+    for n in then_g.node:
+        n.name = ""
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (seen,) = [c for c in lc_onnx.inspect(model) if c.rule == "collapse_linear_chain"]
+    result = lc_onnx.optimize(model)
+    (done,) = result.report.rewrites
+    assert done.names == seen.names == ["#0", "#1", "#2", "#3", "#4"] and done.graph == seen.graph == "then"
+    assert "[then] #0 > ... > #4 (5 nodes)" in result.report.table()
+    (node,) = result.model.graph.node
+    then_out = next(a.g for a in node.attribute if a.name == "then_branch")
+    assert node.name == "" and not any("#" in n.name for n in then_out.node)
