@@ -72,3 +72,25 @@ def test_a_threshold_that_is_no_distance_is_one_clear_error(threshold):
     with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         train.collapse(model, threshold=threshold)
     assert isinstance(model.act, train.LayerCollapsePReLU)
+
+
+class Nested(nn.Module):
+    """Blocks named 'act' and 'inner.act': the first name is a substring of the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.inner = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), Block()
+
+    def forward(self, x):
+        return self.inner(self.fc2(self.act(self.fc1(x))))
+
+
+def test_one_string_is_one_pattern_or_name():
+    # a string was iterated: include="inner.*" matched every name (its '*'), exclude="inner.*" excluded all,
+    # and only="inner.act" tested substrings, so it also fused the block "act"
+    assert list(train.prepare(Nested().eval(), (X,), include="inner.*")) == ["inner.act"]
+    assert list(train.prepare(Nested().eval(), (X,), exclude="inner.*")) == ["act"]
+    model = Nested().eval()
+    assert list(train.prepare(model, (X,), init=1.0)) == ["act", "inner.act"]
+    assert train.collapse(model, only="inner.act") == ["inner.act"]
+    assert list(train.blocks(model)) == ["act"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
-from lc_onnx.train.prepare import fingerprint, set_module
+from lc_onnx.train.prepare import fingerprint, one_or_many, set_module
 from lc_onnx.train.regularize import blocks
 
 
@@ -35,14 +35,16 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
 
 
 @torch.no_grad()
-def collapse(model: nn.Module, threshold: float = 0.05, only: list[str] | None = None) -> list[str]:
+def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | None = None) -> list[str]:
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
-    collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to those block names.
+    collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to that block name or
+    those.
     A NaN slope is never within the threshold."""
     if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
+    only = one_or_many(only)
     chosen = []
     # in forward order: a block whose second layer is the next block's first must fold before that one
     for name, act in sorted(blocks(model).items(), key=lambda item: item[1].layout.order):

@@ -23,7 +23,14 @@ class Prepared(list):
         self.sites, self.unswappable, self.verified = sites_, unswappable, verified
 
 
+def one_or_many(value: str | list[str] | None) -> list[str] | None:
+    """A list of names or patterns; one string is one (iterating it would give its characters, and a '*' among
+    them matches every name)."""
+    return [value] if isinstance(value, str) else value
+
+
 def _selected(name: str, include, exclude) -> bool:
+    include, exclude = one_or_many(include), one_or_many(exclude)
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
@@ -84,7 +91,7 @@ def layout(site: Site, model: nn.Module) -> SiteLayout:
 
 
 def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,
-            include: list[str] | None = None, exclude: list[str] | None = None) -> Prepared:
+            include: str | list[str] | None = None, exclude: str | list[str] | None = None) -> Prepared:
     """Replace, in place, the activation of every LayerCollapse site with a LayerCollapsePReLU (slope `init`;
     one per hidden unit with `per_channel`) and return the names of the prepared blocks.
 
@@ -92,7 +99,7 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
     layer's output and whose output feeds exactly one linear layer and nothing else (see `sites`). Without
     them, sites are guessed from names, with a warning. `include`/`exclude` are fnmatch patterns on the
-    names. Blocks prepared before are kept as they are."""
+    names (one pattern or a list). Blocks prepared before are kept as they are."""
     if example_inputs is None:
         warnings.warn("prepare() without example_inputs finds sites by module names, which cannot show that "
                       "the forward pass really chains them; pass example_inputs to verify them", stacklevel=2)
