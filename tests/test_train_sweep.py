@@ -94,3 +94,15 @@ def test_one_string_is_one_pattern_or_name():
     assert list(train.prepare(model, (X,), init=1.0)) == ["act", "inner.act"]
     assert train.collapse(model, only="inner.act") == ["inner.act"]
     assert list(train.blocks(model)) == ["act"]
+
+
+def test_a_model_or_inputs_on_the_meta_device_are_one_clear_error():
+    # meta inputs failed inside prepare's own layer check (Tensor.item() on meta), reported as the inputs' fault
+    with torch.device("meta"):
+        empty = Block()
+    with pytest.raises(ValueError, match=r"weights are on the meta device \(no values; fc1.weight and 3 more\)"):
+        train.prepare(empty, (X.to("meta"),))
+    model = Block()
+    with pytest.raises(ValueError, match="example_inputs are on the meta device"):
+        train.prepare(model, (X.to("meta"),))
+    assert isinstance(model.act, nn.GELU)

@@ -84,12 +84,26 @@ class _OpRecorder(TorchDispatchMode):
         return out
 
 
+def _check_not_meta(model: nn.Module, example_inputs) -> None:
+    """A meta tensor has a shape and no values: the pass would fail inside a layer, or in our own checks."""
+    held = [*model.named_parameters(), *model.named_buffers()]
+    meta = [name for name, t in held if t.is_meta]
+    if meta:
+        raise ValueError(f"prepare() runs the model once, and its weights are on the meta device (no values; "
+                         f"{meta[0]} and {len(meta) - 1} more): load them first (model.to_empty(device=...) and "
+                         "load_state_dict, or from_pretrained without a meta device)")
+    if any(t.is_meta for t in tensors(example_inputs)):
+        raise ValueError("prepare() runs the model once, and example_inputs are on the meta device (no values): "
+                         "pass real tensors on the model's device")
+
+
 @torch.no_grad()
 def record(model: nn.Module, example_inputs) -> Record:
     """Run `model` once in eval mode on `example_inputs` (a tuple of positional inputs, a dict of keyword
     inputs, or one tensor) and return what ran. The model's train/eval modes are restored."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError("prepare() records an eager model's forward pass; call it before torch.jit.script/trace")
+    _check_not_meta(model, example_inputs)
     paths: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(n)
