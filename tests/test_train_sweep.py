@@ -106,3 +106,14 @@ def test_a_model_or_inputs_on_the_meta_device_are_one_clear_error():
     with pytest.raises(ValueError, match="example_inputs are on the meta device"):
         train.prepare(model, (X.to("meta"),))
     assert isinstance(model.act, nn.GELU)
+
+
+def test_prepare_again_keeps_a_block_whose_per_channel_slopes_were_trained_apart():
+    # distinct slopes fail the elementwise probe, so a second prepare() dropped the block from its names
+    model = nn.Sequential(Block(), Block()).eval()
+    assert list(train.prepare(model, (X,), per_channel=True)) == ["0.act", "1.act"]
+    with torch.no_grad():
+        model[0].act.weight.copy_(torch.linspace(0.5, 1.0, 32))
+    again = train.prepare(model, (X,), per_channel=True)
+    assert list(again) == ["0.act", "1.act"] and [s.first for s in again.sites] == ["0.fc1", "1.fc1"]
+    assert train.slopes(model)["0.act"] == 0.5

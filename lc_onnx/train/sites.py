@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from lc_onnx.train import layers
-from lc_onnx.train.prelu import SharedActivation
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
 from lc_onnx.train.trace import Call, Record
 
 
@@ -138,6 +138,12 @@ def elementwise(module: nn.Module, x: torch.Tensor) -> bool:
     return moved.shape == base.shape and torch.allclose(moved, base[perm], rtol=1e-4, atol=1e-6)
 
 
+def is_activation(module: nn.Module, x: torch.Tensor) -> bool:
+    """Elementwise, or a PReLU an earlier `prepare` put there: per-channel slopes, once trained apart, are no
+    longer one function of each element, yet they act on the layers' features alone, so the site stays."""
+    return isinstance(module, LayerCollapsePReLU) or elementwise(module, x)
+
+
 def find(rec: Record) -> tuple[list[Site], list[str]]:
     """Sites in the record, and one line for each site that cannot be prepared: an activation called as a
     function between two linear layers (no module to swap), a module of a site registered under two names
@@ -182,7 +188,7 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
             continue
         act = occ.act.module
         if id(act) not in probed:
-            probed[id(act)] = elementwise(act, occ.act.inputs[0])
+            probed[id(act)] = is_activation(act, occ.act.inputs[0])
         if probed[id(act)]:
             sites_of_act.setdefault(id(act), []).extend(occs)
     sites = []
