@@ -326,19 +326,39 @@ def _list_initializers_as_inputs(graph: gs.Graph) -> None:
 def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
             allow_growth: bool = False) -> list[Candidate]:
     """Every candidate chain in the graph and its subgraphs, and every node a node rule would change
-    once the chains are collapsed, without changing anything."""
+    once the chains are collapsed, without changing `graph`. As `run` does, the chains are looked for again
+    after the node rules, on a copy of the graph: a removed activation may join layers into a chain (two unit
+    PRelus in a row), and inspect lists what optimize will fold."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     block_rules = active_block_rules(skip, graph.opset)
+    trial = graph.copy()  # nodes and tensors copied, the weights shared: the node rules change only the copy
+    names = Names(trial)
     found = []
-    with one_run(_defaults(graph)):
-        for gname, g in _graphs(graph):
-            ctx, refused = _context(g, tol, allow_growth), _Refused()
-            _plan_shared(g, rules, ctx, refused)
-            chains = _sweep(g, gname, rules, ctx, None, refused)[1]
-            chains = _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
-            collapsed = frozenset().union(*(c.keys for c in chains if c.rule is not None))
-            found += chains + _node_sweep(g, gname, node_rules, None, tol, collapsed)[1]
+    with one_run(_defaults(trial)):
+        for gname, g in _graphs(trial):
+            chains, nodes = _look(g, gname, rules, block_rules, tol, allow_growth), []
+            for _ in range(len(g.nodes) + 1):
+                folding = frozenset().union(*(c.keys for c in chains if c.rule is not None))
+                rewrites, changed = _node_sweep(g, gname, node_rules, names, tol, folding)
+                nodes += changed
+                if not rewrites:
+                    break
+                g.cleanup(remove_unused_graph_inputs=False).toposort()
+                again = _look(g, gname, rules, block_rules, tol, allow_growth)
+                if not any(c.rule is not None and not c.keys <= folding for c in again):
+                    break  # as in `run`: the node rules opened no chain, what the earlier look left stands
+                chains = again
+            found += chains + nodes
     return found
+
+
+def _look(g: gs.Graph, gname: str, rules: list[Rule], block_rules: list[BlockRule], tol: float,
+          allow_growth: bool) -> list[Candidate]:
+    """The chains and blocks of `g` and the rule that would fire on each, or why none does; nothing changed."""
+    ctx, refused = _context(g, tol, allow_growth), _Refused()
+    _plan_shared(g, rules, ctx, refused)
+    chains = _sweep(g, gname, rules, ctx, None, refused)[1]
+    return _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),

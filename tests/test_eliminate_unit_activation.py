@@ -162,3 +162,32 @@ def test_subgraph_output_whose_input_comes_from_the_outer_graph():
         assert rules(result) == ["eliminate_unit_activation"]
     (node,) = then_branch(result.model).node
     assert (node.op_type, list(node.input), list(node.output)) == ("Identity", [h], [then_branch(model).output[0].name])
+
+
+def test_inspect_lists_the_chain_two_unit_activations_in_a_row_open():
+    """The chain walk takes one activation, so layer > PRelu(1) > PRelu(1) > layer is a chain only once the
+    node rule has removed them: inspect looks again after the node rules (on a copy), as optimize does."""
+    b = Builder()
+    h = b.prelu(b.prelu(b.linear("x", 8, 32), 1.0), 1.0)
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 8])], [(y, ["N", 8])])
+    before = model.SerializeToString()
+    found = lc_onnx.inspect(model)
+    assert model.SerializeToString() == before
+    (chain,) = [c for c in found if c.kind == "chain"]
+    assert chain.rule == "collapse_linear_chain" and chain.shape == (8, 32, 8)
+    assert [c.rule for c in found if c.kind == "node"] == ["eliminate_unit_activation"] * 2
+    result = optimized(model)
+    assert rules(result) == ["eliminate_unit_activation"] * 2 + ["collapse_linear_chain"]
+    assert set(result.report.rewrites[-1].names) == set(chain.names)
+
+
+def test_inspect_keeps_the_first_look_when_the_node_rules_open_no_chain():
+    """A chain left for a reason keeps that reason even where a node rule then removes its activation."""
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, weight="w_in"), 1.0)
+    y = b.linear(h, 32, 8)
+    found = lc_onnx.inspect(b.model([("x", ["N", 8]), ("w_in", [8, 32])], [(y, ["N", 8])]))
+    (chain,) = [c for c in found if c.kind == "chain"]
+    assert chain.rule is None and "not a constant" in chain.reason
+    assert [c.rule for c in found if c.kind == "node"] == ["eliminate_unit_activation"]
