@@ -117,3 +117,31 @@ def test_prepare_again_keeps_a_block_whose_per_channel_slopes_were_trained_apart
     again = train.prepare(model, (X,), per_channel=True)
     assert list(again) == ["0.act", "1.act"] and [s.first for s in again.sites] == ["0.fc1", "1.fc1"]
     assert train.slopes(model)["0.act"] == 0.5
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_per_channel_slopes_on_3d_inputs_export_as_one_prelu_that_lc_onnx_folds(tmp_path, dynamo):
+    # they exported as GreaterOrEqual/Mul/Where, which `lc-onnx optimize` cannot fold: every transformer MLP
+    import onnx
+
+    import lc_onnx
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    model = Block().eval()
+    train.prepare(model, (x,), per_channel=True)
+    with torch.no_grad():
+        model.act.weight.copy_(torch.linspace(0.2, 1.0, 32))
+        want = model(x).numpy()
+    train.export(model, (x,), tmp_path / "m.onnx", dynamo=dynamo)
+    exported = onnx.load(tmp_path / "m.onnx")
+    assert [n.op_type for n in exported.graph.node if n.op_type not in ("MatMul", "Add", "Gemm")] == ["PRelu"]
+    np.testing.assert_allclose(onnx_output(tmp_path / "m.onnx", x), want, rtol=1e-5, atol=1e-6)
+    assert not model.act.exporting  # eager forward (with autograd) again
+    with torch.no_grad():
+        model.act.weight.fill_(1.0)
+        want = model(x).numpy()
+    train.export(model, (x,), tmp_path / "one.onnx", dynamo=dynamo)
+    folded = lc_onnx.optimize(str(tmp_path / "one.onnx")).model
+    assert "PRelu" not in [n.op_type for n in folded.graph.node]
+    onnx.save(folded, tmp_path / "folded.onnx")
+    np.testing.assert_allclose(onnx_output(tmp_path / "folded.onnx", x), want, rtol=1e-4, atol=1e-5)

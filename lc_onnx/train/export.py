@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lc_onnx.train.prelu import LayerCollapsePReLU
+
 
 def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: str | os.PathLike, *,
            dynamo: bool = False, attn_implementation: str | None = "eager", dtype: torch.dtype | None = None,
@@ -43,7 +45,7 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
     else:
         kw.setdefault("opset_version", 17)
     try:
-        with _hf_settings(model, dynamo, attn_implementation), _cast_model(model, dtype):
+        with _hf_settings(model, dynamo, attn_implementation), _cast_model(model, dtype), _prelu_ops(model):
             target, args = model, example_inputs if not isinstance(example_inputs, dict) else ()
             if isinstance(example_inputs, dict):
                 names = _output_names(model, example_inputs)
@@ -57,6 +59,8 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
                     # HF's `logits_to_keep` would become graph inputs: call with exactly these keywords
                     target, args = _KeywordCall(model, list(example_inputs)), tuple(example_inputs.values())
             try:
+                if dynamo:
+                    kw["custom_translation_table"] = {**_prelu_translation(), **kw.get("custom_translation_table", {})}
                 torch.onnx.export(target, args, str(path), dynamo=dynamo, **kw)
             except Exception as e:
                 impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -104,6 +108,34 @@ def _cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     finally:
         for t, data in kept.values():
             t.data = data
+
+
+@contextlib.contextmanager
+def _prelu_ops(model: nn.Module) -> Iterator[None]:
+    """Per-channel slopes on the last dim (a Linear site on 3-D or larger inputs) export as one ONNX PRelu while
+    the block runs, not as Where(x >= 0, x, x * slope)."""
+    acts = [m for m in model.modules() if isinstance(m, LayerCollapsePReLU)]
+    torch.onnx.register_custom_op_symbolic("lc_onnx::prelu_last_dim", _prelu_symbolic, 9)  # the legacy exporter
+    for act in acts:
+        act.exporting = True
+    try:
+        yield
+    finally:
+        for act in acts:
+            act.exporting = False
+
+
+def _prelu_symbolic(g, x, slope):
+    return g.op("PRelu", x, slope)
+
+
+def _prelu_translation() -> dict:
+    """The dynamo exporter's translation of the op (onnxscript comes with that exporter)."""
+    from onnxscript import opset18 as op
+
+    def prelu(x, slope):
+        return op.PRelu(x, slope)
+    return {torch.ops.lc_onnx.prelu_last_dim.default: prelu}
 
 
 def _summary(e: Exception) -> str:

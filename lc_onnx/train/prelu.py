@@ -29,9 +29,23 @@ class SiteLayout:
     order: int = 0  # where the forward pass reaches the block: `collapse` goes in this order
 
 
+@torch.library.custom_op("lc_onnx::prelu_last_dim", mutates_args=())
+def prelu_last_dim(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """PReLU with one slope per entry of the last dim. Used only while `export` runs, which writes it as one
+    ONNX PRelu (the slope broadcasts to the last dim there); torch's own prelu takes channels from dim 1."""
+    return torch.where(x >= 0, x, x * slope)
+
+
+@prelu_last_dim.register_fake
+def _(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class LayerCollapsePReLU(nn.PReLU):
     """nn.PReLU that remembers the linear layers around it, so `collapse` can fuse them. Scalar slope as in
     the paper; per-channel slopes act on the layers' feature dim: the last (Linear), or 1 (pointwise Conv2d)."""
+
+    exporting = False  # set by `export` while it runs (a class default, so models pickled before have it)
 
     def __init__(self, num_parameters: int, init: float, layout: SiteLayout, verified: bool = True,
                  channel_dim: int = -1):
@@ -42,6 +56,8 @@ class LayerCollapsePReLU(nn.PReLU):
         x = input
         if self.num_parameters == 1 or x.dim() == 2 or self.channel_dim == 1:
             return super().forward(x)
+        if self.exporting:  # torch.where would export as Where/Mul, which `lc-onnx optimize` cannot fold
+            return prelu_last_dim(x, self.weight)
         return torch.where(x >= 0, x, x * self.weight)  # nn.PReLU's channels are dim 1; ours the last dim
 
     def extra_repr(self) -> str:
