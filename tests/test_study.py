@@ -21,7 +21,7 @@ def test_device_study_on_the_cpu_provider_writes_only_its_section(tmp_path):
     assert [(r.model, r.dtype, r.batch) for r in rows] == [
         ("BERT-base", "fp32", 1), ("BERT-base", "fp32", 2), ("BERT-base", "fp16", 1), ("BERT-base", "fp16", 2)]
     for r in rows:
-        assert len(r.ms) == 3 and all(m > 0 for m in r.ms) and r.runs == 2
+        assert len(r.ms) == 4 and all(m > 0 for m in r.ms) and r.runs == 2
         assert 0.5 < r.share < 1 and r.mac_ratio > 1  # the tiny BERT's MLPs hold most of its MACs
     fp32, fp16 = rows[0], rows[2]
     assert fp32.rel_err < 1e-5 and fp16.rel_err < 1e-2  # lc-onnx against the original on the provider
@@ -36,8 +36,8 @@ def test_device_study_on_the_cpu_provider_writes_only_its_section(tmp_path):
     assert text.startswith("# Latency study\n\n| cpu table |\n\n## CPU provider, device study path\n")
     assert "OLD-BODY" not in text and text.endswith("\n## Later\n\nkept\n")
     assert "| BERT-base | fp16 | " in text and "IOBinding" in text and "onnxruntime" in text
-    summary = [x for x in text.splitlines() if x.startswith("| BERT-base | fp32 | ") and x.count("|") == 7]
-    assert len(summary) == 1  # model, dtype, batch 1, batch 2, ideal / lc-onnx, MAC share
+    summary = [x for x in text.splitlines() if x.startswith("| BERT-base | fp32 | ") and x.count("|") == 8]
+    assert len(summary) == 1  # model, dtype, batch 1, batch 2, ideal / lc-onnx, vs own activation, MAC share
 
 
 def test_replace_section_appends_where_there_is_none_and_keeps_the_rest():
@@ -67,9 +67,9 @@ def test_cuda_graph_rows_time_pinned_models_with_graph_capture_asked(tmp_path, m
     assert [(r.model, r.batch) for r in rows] == [("ViT-T/16", 1), ("ViT-T/16", 3), ("BERT-base", 1), ("BERT-base", 3)]
     shapes = [[1, 3, 64, 64], [3, 3, 64, 64], [1, 16], [3, 16]]
     for (dims, providers, io_binding, names), shape in zip(seen, shapes, strict=True):
-        assert dims == [shape] * 3 and io_binding
+        assert dims == [shape] * 4 and io_binding
         assert providers == [("CPUExecutionProvider", {"enable_cuda_graph": "1"})]
-        assert [Path(n).name for n in names] == ["original.onnx", "lc.onnx", "ideal.onnx"]
+        assert [Path(n).name for n in names] == ["original.onnx", "lc.onnx", "ideal.onnx", "own.onnx"]
     body = study.device_section("cpu", rows, False, study.shown_command(["--provider", "cuda", "--cuda-graph",
                                                                          "--out", "/x/R.md"]), cuda_graph=True)
     assert body.startswith(study.GRAPH_SECTION + "\n\nCommand: `python benchmarks/study.py --provider cuda "
