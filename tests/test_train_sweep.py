@@ -145,3 +145,12 @@ def test_per_channel_slopes_on_3d_inputs_export_as_one_prelu_that_lc_onnx_folds(
     assert "PRelu" not in [n.op_type for n in folded.graph.node]
     onnx.save(folded, tmp_path / "folded.onnx")
     np.testing.assert_allclose(onnx_output(tmp_path / "folded.onnx", x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_model_exports_with_the_legacy_exporter(tmp_path):
+    # torch.compile's wrapper failed in the legacy exporter: "using FX to torch.jit.trace a dynamo-optimized function"
+    model = Block().eval()
+    train.prepare(model, (X,), init=0.5)
+    train.export(torch.compile(model), (X,), tmp_path / "m.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_output(tmp_path / "m.onnx", X), model(X).numpy(), rtol=1e-5, atol=1e-6)

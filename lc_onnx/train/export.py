@@ -32,6 +32,7 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
     check (torch.diff on position ids, which opset 17 cannot export, reached when no attention_mask is given) is
     off, so each row is one sequence."""
     example_inputs = _as_inputs(example_inputs)
+    model = _uncompiled(model)
     if isinstance(example_inputs, dict) and "kwargs" in kw:
         raise TypeError("export: pass keyword inputs either as the example_inputs dict or as kwargs=, not both")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -71,6 +72,12 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
                                    f"with {impl} attention ({first}); pass attn_implementation='eager'") from e
     finally:
         model.train(training)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped: the legacy exporter cannot trace the wrapper ("using FX to
+    torch.jit.trace a dynamo-optimized function"), and both exporters trace the eager code anyway."""
+    return model._orig_mod if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod") else model
 
 
 def _as_inputs(example_inputs) -> tuple | dict:
