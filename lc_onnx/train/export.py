@@ -61,7 +61,8 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
                     target, args = _KeywordCall(model, list(example_inputs)), tuple(example_inputs.values())
             try:
                 if dynamo:
-                    kw["custom_translation_table"] = {**_prelu_translation(), **kw.get("custom_translation_table", {})}
+                    kw["custom_translation_table"] = {**_prelu_translation(),
+                                                      **(kw.get("custom_translation_table") or {})}
                 torch.onnx.export(target, args, str(path), dynamo=dynamo, **kw)
             except Exception as e:
                 impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
