@@ -413,15 +413,7 @@ def write_fused(graph: gs.Graph, names: Names, base: str, a: LinearLayer, b: Lin
     """Make `b.y` the output of one layer on `a.x` computing `x·weight + bias`, in the second layer's layout: a
     pointwise Conv for convolutions, `MatMul → Reshape(b's target) → Add` for tf2onnx's dense, else `write_linear`."""
     if b.conv_rank:
-        b.y.inputs.clear()
-        w = weight.T.reshape(weight.shape[1], weight.shape[0], *([1] * (b.conv_rank - 2)))
-        inputs = [a.x, gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(w, dtype=b.dtype))]
-        if bias is not None:
-            inputs.append(gs.Constant(names(f"{base}.bias"), bias.astype(b.dtype)))
-        node = gs.Node("Conv", names(base), attrs={"kernel_shape": [1] * (b.conv_rank - 2)}, inputs=inputs,
-                       outputs=[b.y])
-        graph.nodes.append(node)
-        return [node]
+        return [write_conv(graph, names, base, a.x, b.y, weight, bias, b.dtype, b.conv_rank)]
     if b.reshape is not None:
         mid = gs.Variable(names(f"{base}.flat"), dtype=b.dtype)
         nodes = write_linear(graph, names, base, a.x, mid, weight, None, b.dtype, gemm=False)
@@ -441,3 +433,28 @@ def write_fused(graph: gs.Graph, names: Names, base: str, a: LinearLayer, b: Lin
         return nodes
     return write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2,
                         bias_first=b.bias_first)
+
+
+def write_conv(graph: gs.Graph, names: Names, base: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
+               bias: np.ndarray | None, dtype: np.dtype, conv_rank: int) -> gs.Node:
+    """Make `y` the output of one pointwise Conv on `x` computing `x·weight + bias` over the channels: its weight
+    (C_out, C_in, 1, ..., 1) of rank `conv_rank`, no stride, padding or groups."""
+    y.inputs.clear()
+    w = weight.T.reshape(weight.shape[1], weight.shape[0], *([1] * (conv_rank - 2)))
+    inputs = [x, gs.Constant(names(f"{base}.weight"), np.ascontiguousarray(w, dtype=dtype))]
+    if bias is not None:
+        inputs.append(gs.Constant(names(f"{base}.bias"), bias.astype(dtype)))
+    node = gs.Node("Conv", names(base), attrs={"kernel_shape": [1] * (conv_rank - 2)}, inputs=inputs, outputs=[y])
+    graph.nodes.append(node)
+    return node
+
+
+def write_layer(graph: gs.Graph, names: Names, base: str, like: LinearLayer, x: gs.Tensor, y: gs.Tensor,
+                weight: np.ndarray, bias: np.ndarray | None, bias_first: bool = False) -> list[gs.Node]:
+    """Make `y` the output of one new layer on `x` (a tensor laid out as `like`'s input) computing
+    `x·weight + bias`, in `like`'s layout and dtype: a pointwise Conv of its rank for a convolution, else a Gemm
+    for 2-D inputs and MatMul(+Add) otherwise. Not tf2onnx's Reshape layout: a caller checks `like.reshape`."""
+    if like.conv_rank:
+        return [write_conv(graph, names, base, x, y, weight, bias, like.dtype, like.conv_rank)]
+    return write_linear(graph, names, base, x, y, weight, bias, like.dtype, gemm=like.x_rank == 2,
+                        bias_first=bias_first)

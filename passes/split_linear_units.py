@@ -4,7 +4,11 @@ split into a direct map for those units beside a narrower MLP for the others N:
     y = x·(W_A[:,L]·W_B[L,:]) + (b_B + b_A[L]·W_B[L,:])  +  PRelu_N(x·W_A[:,N] + b_A[N])·W_B[N,:]
 
 exact but for the L units' (α − 1)·min(0, h) terms, where d_in·d_out + |N|·(d_in + d_out) MACs per row are
-fewer than the block's h·(d_in + d_out): more than d_in·d_out/(d_in + d_out) units must be linear."""
+fewer than the block's h·(d_in + d_out): more than d_in·d_out/(d_in + d_out) units must be linear.
+
+Written in the block's layout: Gemm/MatMul(+Add), or pointwise Convs (units = channels, the slope per channel on
+its axis 1, `[C, 1, 1]` or `[1, C, 1, 1]`); a BatchNormalization after either layer or after the activation is
+folded in (it is affine per feature, so exact whatever the slopes)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes import sharing
-from passes.chain import Chain, Reject, find_chain
+from passes.chain import LAYER_OPS, Chain, Reject, find_chain
 from passes.cost import Cost, split_cost
-from passes.linear import Names, write_linear
+from passes.linear import LinearLayer, Names, write_layer
 from passes.match import const_value, constant, is_op
 from passes.rule import BlockRule, Context, Rewrite
 
@@ -73,27 +77,62 @@ class Split:
         return None
 
 
+def unit_axis(act: gs.Node, layer: LinearLayer) -> int | str | None:
+    """The axis of the PRelu's slope array that holds one slope per unit of `layer`'s output: the channels (axis 1
+    of the Conv's input, counted from the right as the slope broadcasts) for a pointwise Conv, the last axis for a
+    matrix product; every other slope dim must be 1. None where the slope is one value (all units in or all out);
+    a reason where its values cannot be told apart by unit (another axis, or several)."""
+    slope = constant(act.inputs[1])
+    dims = list(slope.shape) if slope is not None else []
+    if math.prod(dims) <= 1 or layer.d_out < 2:
+        return None
+    axis = len(dims) - (layer.conv_rank - 1) if layer.conv_rank else len(dims) - 1
+    if 0 <= axis < len(dims) and dims[axis] == layer.d_out and all(d == 1 for i, d in enumerate(dims) if i != axis):
+        return axis
+    where = f"its {layer.d_out} channels (axis 1 of a rank-{layer.conv_rank} input)" if layer.conv_rank else \
+        f"its {layer.d_out} units (the last axis)"
+    return f"slope of {act.name} has shape {dims}, which is not one slope per unit of {where}: no split"
+
+
+def layout_problem(chain: Chain) -> str | None:
+    """Why the split cannot be written in the block's layout, or None: it writes pointwise Convs for Conv layers
+    and Gemm/MatMul(+Add) for matrix products (a BatchNormalization folded in either way), not tf2onnx's
+    Reshape → MatMul → Reshape → Add, and does not rewire a Shape that reads the hidden tensor."""
+    a, b = chain.first, chain.second
+    if a.reshape is not None or b.reshape is not None:
+        return "tf2onnx's Reshape → MatMul → Reshape layout is not split (only whole chains fold in it)"
+    if chain.shape_readers:
+        return f"{chain.shape_readers[0][0].name} (Shape) reads a tensor inside the block"
+    return None
+
+
 def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
-    if not is_op(node, "Gemm", "MatMul"):
+    if not is_op(node, *LAYER_OPS):
         return None
     chain = find_chain(node, ctx.outputs, math.inf)  # any finite slopes: which units are linear is decided here
     if not isinstance(chain, Chain) or chain.activation is None or not is_op(chain.activation, "PRelu"):
         return None
-    a, b = chain.first, chain.second
     if not ctx.inside(chain.nodes):
-        return None
-    if not (sharing.plain(a) and sharing.plain(b)):
-        return None  # pointwise Conv and tf2onnx layouts: written back by their own helper, not split here
-    slope = constant(chain.activation.inputs[1])
-    dims = list(slope.shape) if slope is not None else []
-    if not dims or dims[-1] != a.d_out or any(d != 1 for d in dims[:-1]) or a.d_out < 2:
-        return None  # one slope for all units (all in or all out), or not one per unit of the last axis
-    if any(is_op(n, "Reshape", "BatchNormalization") for n in chain.between) or chain.shape_readers:
         return None
     unit = np.abs(chain.slopes - 1.0) <= ctx.tol
     if unit.all() or not unit.any():
         return None  # a plain collapse (or drop), or no unit to take out: collapse_linear_chain says why
-    L, N = np.flatnonzero(unit), np.flatnonzero(~unit)
+    a, b = chain.first, chain.second
+    lo, hi = float(chain.slopes[unit].min()), float(chain.slopes[unit].max())
+    shape = (a.d_in, a.d_out, b.d_out)
+    axis = unit_axis(chain.activation, a)
+    why = axis if isinstance(axis, str) else layout_problem(chain)
+    if why:
+        return Reject(chain.nodes, why, (lo, hi), shape)
+    if axis is None:
+        return None
+    return _priced(chain, np.flatnonzero(unit), np.flatnonzero(~unit), ctx)
+
+
+def _priced(chain: Chain, L: np.ndarray, N: np.ndarray, ctx: Context) -> Split | Reject:
+    """The split of units L (linear) and N, where it saves MACs and, unless --allow-growth, does not grow the
+    model; else why not."""
+    a, b = chain.first, chain.second
     freed, shared = sharing.freed([a, b], chain.nodes, ctx.outputs)
     cost = split_cost(a.d_in, a.d_out, b.d_out, len(N), a.params + b.params, freed, bias_in=a.bias is not None,
                       bias_out=b.bias is not None)
@@ -114,27 +153,41 @@ def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
     return Split(chain, L, N, cost, note)
 
 
+def _narrow_slope(act: gs.Node, layer: LinearLayer, units: np.ndarray) -> np.ndarray:
+    """The PRelu's slope array keeping only `units`, on the axis that holds them (its shape otherwise kept)."""
+    value = const_value(act.inputs[1])
+    return np.ascontiguousarray(np.take(value, units, axis=unit_axis(act, layer)))
+
+
+def _hidden_shape(layer: LinearLayer, width: int) -> list | None:
+    """The shape of a tensor laid out as the layer's input with `width` features, where the input states its own:
+    the features on axis 1 for a Conv, on the last axis otherwise."""
+    dims = layer.x.shape
+    if dims is None or not dims:
+        return None
+    dims = list(dims)
+    dims[1 if layer.conv_rank else -1] = width
+    return dims
+
+
 def rewrite(graph: gs.Graph, names: Names, block: Split) -> Rewrite:
     if block.parts is None:
         block.load()
     w_lin, b_lin, w_an, b_an, w_bn = block.parts
     chain = block.chain
     a, b, act = chain.first, chain.second, chain.activation
-    dtype, gemm = a.dtype, a.x_rank == 2
     base = re.sub(r"_split(_\d+)?$", "", b.nodes[0].name) + "_split"
     y = b.y
     # shapes where the input states its own: the narrow PRelu's rank is then known, so prelu_to_leaky_relu
     # takes a one-unit PRelu in this run, not only in a second one (the run would not be idempotent)
-    lead = None if a.x.shape is None else list(a.x.shape[:-1])
-    h_n, a_n, z, lin = (gs.Variable(names(f"{base}.{s}"), dtype=dtype, shape=None if lead is None else lead + [d])
+    h_n, a_n, z, lin = (gs.Variable(names(f"{base}.{s}"), dtype=a.dtype, shape=_hidden_shape(a, d))
                         for s, d in (("hidden", len(block.other)), ("act", len(block.other)), ("nonlinear", b.d_out),
                                      ("linear", b.d_out)))
-    write_linear(graph, names, f"{base}.in", a.x, h_n, w_an, b_an, dtype, gemm=gemm, bias_first=a.bias_first)
-    value = const_value(act.inputs[1])
-    slope = gs.Constant(names(f"{base}.slope"), np.ascontiguousarray(value[..., block.other]))
+    write_layer(graph, names, f"{base}.in", a, a.x, h_n, w_an, b_an, bias_first=a.bias_first)
+    slope = gs.Constant(names(f"{base}.slope"), _narrow_slope(act, a, block.other))
     graph.nodes.append(gs.Node("PRelu", names(act.name), inputs=[h_n, slope], outputs=[a_n]))
-    write_linear(graph, names, f"{base}.out", a_n, z, w_bn, None, dtype, gemm=gemm)
-    write_linear(graph, names, f"{base}.direct", a.x, lin, w_lin, b_lin, dtype, gemm=gemm, bias_first=b.bias_first)
+    write_layer(graph, names, f"{base}.out", a, a_n, z, w_bn, None)
+    write_layer(graph, names, f"{base}.direct", a, a.x, lin, w_lin, b_lin, bias_first=b.bias_first)
     y.inputs.clear()
     graph.nodes.append(gs.Node("Add", names(f"{base}.sum"), inputs=[lin, z], outputs=[y]))
     off = float(np.abs(chain.slopes[block.linear] - 1.0).max())

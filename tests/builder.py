@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -51,6 +53,20 @@ class Builder:
         b = self.const(self.rng.standard_normal(c_shape or (d_out,)) * 0.1)
         return self.node("Add", [b, y] if bias_first else [y, b])[0]
 
+    def conv(self, x: str, c_in: int, c_out: int, spatial: int = 2, bias: bool = True, kernel: int = 1,
+             weight: str | None = None, **attrs) -> str:
+        """A Conv of rank spatial + 2, weight (c_out, c_in / group, k, ..., k); pointwise at the defaults."""
+        group = attrs.get("group", 1)
+        w = weight or self.const(self.weights(c_out, c_in // group, *([kernel] * spatial)) * np.sqrt(c_out / c_in))
+        inputs = [x, w] + ([self.const(self.rng.standard_normal(c_out) * 0.1)] if bias else [])
+        return self.node("Conv", inputs, **attrs)[0]
+
+    def batchnorm(self, x: str, c: int) -> str:
+        """An inference BatchNormalization over axis 1 with random (valid) parameters."""
+        params = [self.rng.uniform(0.5, 2, c), self.rng.uniform(-1, 1, c), self.rng.uniform(-1, 1, c),
+                  self.rng.uniform(0.5, 2, c)]
+        return self.node("BatchNormalization", [x] + [self.const(p) for p in params])[0]
+
     def prelu(self, x: str, slope, shape=(1,)) -> str:
         value = np.broadcast_to(np.asarray(slope, dtype=self.dtype), shape)
         return self.node("PRelu", [x, self.const(value)])[0]
@@ -79,3 +95,26 @@ def mlp(d_in=8, hidden=32, d_out=8, rank=3, slope=1.0, slope_shape=(1,), kind="m
     y = b.linear(h, hidden, d_out, kind, bias, **linear_kw)
     b.nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
     return b.model([("x", lead + [d_in])], [("y", lead + [d_out])], opset)
+
+
+def conv_mlp(c_in=8, hidden=32, c_out=8, spatial=2, slope=1.0, slope_shape=None, dtype=np.float32, opset=17,
+             bias=True, size=(4, 5, 3), bn=None, first=None, second=None) -> onnx.ModelProto:
+    """x → Conv1x1 → PRelu(slope) → Conv1x1 → y on NCHW-style input of `spatial` dims (sizes from `size`), the
+    slope per channel ((hidden, 1, ..., 1)) unless `slope_shape` says otherwise; `bn` "before" or "after" the
+    activation adds an inference BatchNormalization there; `first`/`second`: the Convs' extra attributes
+    (kernel, strides, pads, group, dilations)."""
+    b = Builder(dtype)
+    dims = list(size[:spatial])
+    h = b.conv("x", c_in, hidden, spatial, bias, **(first or {}))
+    if bn == "before":
+        h = b.batchnorm(h, hidden)
+    if slope is not None:
+        shape = slope_shape or (hidden,) + (1,) * spatial
+        value = np.asarray(slope)
+        h = b.prelu(h, value.reshape(shape) if value.size == math.prod(shape) else value, shape)
+    if bn == "after":
+        h = b.batchnorm(h, hidden)
+    y = b.conv(h, hidden, c_out, spatial, bias, **(second or {}))
+    b.nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
+    out = ["N", c_out] + ([None] * spatial if first or second else dims)
+    return b.model([("x", ["N", c_in] + dims)], [("y", out)], opset)

@@ -4,10 +4,12 @@ units beside a narrower MLP for the rest, where that costs fewer MACs than the b
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import lc_onnx
-from tests.builder import Builder, mlp
+from tests.builder import Builder, conv_mlp, mlp
 from tests.harness import count_ops, optimized
 
 
@@ -137,3 +139,213 @@ def test_split_in_a_subgraph_reading_a_weight_through_an_outer_node():
         result = optimized(model, rewrites=1, feeds=if_feeds(cond))
         assert rules(result) == ["split_linear_units"]
     assert count_ops(result.model, "Transpose") == 0  # the outer graph is cleaned up too
+
+
+# --- pointwise convolutions (units = channels) and BatchNormalization ---------------------------------------
+
+
+def conv_slopes(h=32, off=(3, 17), value=0.25):
+    return slopes(h, off, value)
+
+
+def conv_ops(result) -> list[str]:
+    return [n.op_type for n in result.model.graph.node]
+
+
+@pytest.mark.parametrize("spatial,slope_shape,bias,bn,opset", [
+    (2, None, True, None, 17), (2, (1, 32, 1, 1), True, None, 13), (2, None, False, None, 21),
+    (1, None, True, None, 17), (1, (1, 32, 1), False, None, 13), (3, None, True, None, 18),
+    (2, None, True, "before", 17), (2, None, False, "after", 17), (2, (1, 32, 1, 1), True, "after", 13),
+    (1, None, False, "before", 21),
+])
+def test_conv_block_splits_and_stays_exact(spatial, slope_shape, bias, bn, opset):
+    """Conv1x1 → PRelu(per channel) → Conv1x1 (1-, 2-, 3-D; a BatchNormalization before or after the activation
+    folded in): three pointwise Convs and the sum, equal to the block in ONNX Runtime."""
+    model = conv_mlp(spatial=spatial, slope=conv_slopes(), slope_shape=slope_shape, bias=bias, bn=bn, opset=opset)
+    result = optimized(model, rewrites=1, seeds=(0, 1, 2))
+    (r,) = result.report.rewrites
+    assert r.rule == "split_linear_units" and r.error_coefficient == 0 and r.shape == (8, 32, 8)
+    assert (r.macs_before, r.macs_after) == (32 * 16, 8 * 8 + 2 * 16)
+    assert conv_ops(result) == ["Conv", "Conv", "PRelu", "Conv", "Add", "Identity"]
+    prelu = next(n for n in result.model.graph.node if n.op_type == "PRelu")
+    kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == prelu.input[1]))
+    want = list(slope_shape or (32,) + (1,) * spatial)
+    want[want.index(32)] = 2
+    assert list(kept.shape) == want and kept.reshape(-1).tolist() == [0.25, 0.25]  # channels 3 and 17, in place
+    (left,) = result.report.skipped
+    assert left.shape == (8, 2, 8) and "outside tolerance" in left.reason
+
+
+def test_conv_split_channels_in_order():
+    """Off channels with distinct slopes: the narrow PRelu gets each channel's own slope (read on axis 1), and the
+    direct map takes exactly the others; checked against ONNX Runtime."""
+    s = np.ones(32)
+    s[[0, 9, 30]] = [0.1, -0.3, 0.6]
+    result = optimized(conv_mlp(slope=s), rewrites=1, seeds=(0, 1, 2))
+    prelu = next(n for n in result.model.graph.node if n.op_type == "PRelu")
+    kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == prelu.input[1]))
+    np.testing.assert_allclose(kept.reshape(-1), [0.1, -0.3, 0.6], rtol=1e-6)
+
+
+def test_conv_float16():
+    optimized(conv_mlp(slope=conv_slopes(), dtype=np.float16), rewrites=1, rtol=2e-2, atol=2e-2)
+    optimized(conv_mlp(slope=conv_slopes(), dtype=np.float16, bn="after", opset=13), rewrites=1, rtol=3e-2,
+              atol=3e-2)
+
+
+def test_conv_near_one_channels_state_their_error():
+    s = conv_slopes() + np.where(conv_slopes() == 1, 4e-4, 0)
+    (r, *_) = optimized(conv_mlp(slope=s), rewrites=1, rtol=1e-2, atol=1e-2).report.rewrites
+    assert r.rule == "split_linear_units" and r.slope_range == pytest.approx((1.0004, 1.0004))
+    assert r.error_coefficient > 0
+
+
+def test_conv_one_channel_left():
+    """One channel left: its PRelu (slope [1, 1, 1]) becomes a LeakyRelu in the same run; a second run changes
+    nothing."""
+    result = optimized(conv_mlp(slope=conv_slopes(off=(5,))), rewrites=1)
+    assert rules(result) == ["split_linear_units", "prelu_to_leaky_relu"]
+    assert count_ops(result.model, "LeakyRelu") == 1
+    assert not lc_onnx.optimize(result.model).report.rewrites
+
+
+def test_conv_dilation_of_a_1x1_kernel_is_no_near_miss():
+    """A dilated 1x1 kernel reads one position, as an undilated one does (the chain rule takes it too)."""
+    model = conv_mlp(slope=conv_slopes(), first={"dilations": [2, 2]}, second={"dilations": [3, 3]})
+    assert rules(optimized(model, rewrites=1)) == ["split_linear_units"]
+
+
+@pytest.mark.parametrize("bn", ["before", "after"])
+def test_gemm_with_batchnorm1d_splits(bn):
+    """2-D Gemm → [BN] → PRelu → [BN] → Gemm (torch's BatchNorm1d beside the activation)."""
+    b = Builder()
+    h = b.linear("x", 8, 32, "gemm")
+    h = b.batchnorm(h, 32) if bn == "before" else h
+    h = b.prelu(h, slopes(), (32,))
+    h = b.batchnorm(h, 32) if bn == "after" else h
+    y = b.linear(h, 32, 8, "gemm", trans_b=True)
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1, seeds=(0, 1, 2))
+    assert rules(result) == ["split_linear_units"] and count_ops(result.model, "BatchNormalization") == 0
+
+
+def test_reshape_between_2d_layers_splits():
+    b = Builder()
+    h = b.prelu(b.linear("x", 8, 32, "gemm"), slopes(), (32,))
+    (h,) = b.node("Reshape", [h, b.const([-1, 32], dtype=np.int64)])
+    y = b.linear(h, 32, 8, "gemm")
+    result = optimized(b.model([("x", ["N", 8])], [(y, ["N", 8])]), rewrites=1, seeds=(0, 1, 2))
+    assert rules(result) == ["split_linear_units"]
+
+
+def test_inspect_lists_the_conv_split(tmp_path):
+    from click.testing import CliRunner
+
+    from lc_onnx.cli import main
+
+    model = conv_mlp(slope=conv_slopes(), bn="after")
+    found = [c for c in lc_onnx.inspect(model) if c.kind == "chain"]
+    assert [c.rule for c in found] == ["split_linear_units"] and found[0].shape == (8, 32, 8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = CliRunner().invoke(main, ["inspect", str(path)]).output
+    assert "split_linear_units" in out
+
+
+@pytest.mark.parametrize("bn", [None, "before"])
+def test_mac_share_of_a_conv_split(tmp_path, bn):
+    """bench's MAC share counts a Conv split as its direct map and narrow MLP: what the optimized model holds."""
+    from lc_onnx import bench
+
+    model = conv_mlp(slope=conv_slopes(), bn=bn)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    shapes = {"x": [2, 8, 4, 5]}
+    share = bench.mac_share(onnx.load(path), shapes, lc_onnx.inspect(path))
+    found, unknown = bench.node_macs(lc_onnx.optimize(path).model, shapes)
+    rows = 2 * 4 * 5
+    assert unknown == [] and share.unsaved == 0 and share.chain_count == 1
+    assert share.total == rows * 512 and share.after == rows * (64 + 2 * 16) == sum(m for _, m in found.values())
+
+
+# --- Conv near misses: must not fire ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first,second,why", [
+    ({"kernel": 3}, None, "kernel"),
+    (None, {"kernel": 3}, "kernel"),
+    ({"strides": [2, 2]}, None, "strides"),
+    (None, {"strides": [2, 2]}, "strides"),
+    ({"pads": [1, 1, 1, 1]}, None, "pads"),
+    ({"group": 2}, None, "2 groups"),
+    (None, {"group": 4}, "4 groups"),
+    ({"kernel": 3, "dilations": [2, 2]}, None, "kernel"),
+])
+def test_conv_that_is_not_pointwise_is_not_split(first, second, why):
+    model = conv_mlp(slope=conv_slopes(), first=first, second=second, size=(7, 8))
+    result = optimized(model, rewrites=0, skip=("prelu_to_leaky_relu",))
+    assert not result.report.rewrites
+    assert any(why in c.reason for c in result.report.skipped), [c.reason for c in result.report.skipped]
+
+
+@pytest.mark.parametrize("slope_shape,size", [
+    ((32,), (4, 32)),  # on W (axis 3), which is 32 wide: it fits the input, but not the channels
+    ((32, 1), (32, 5)),  # on H
+    ((32, 4, 5), (4, 5)),  # per channel and position
+    ((1, 1, 1, 32), (4, 32)),
+])
+def test_conv_slope_on_another_axis_is_refused_with_a_reason(slope_shape, size, tmp_path):
+    from click.testing import CliRunner
+
+    from lc_onnx.cli import main
+
+    s = np.ones(int(np.prod(slope_shape)))
+    s[[3, 17]] = 0.25
+    model = conv_mlp(slope=s, slope_shape=slope_shape, size=size)
+    result = optimized(model, rewrites=0, skip=("prelu_to_leaky_relu",))
+    reasons = [c.reason for c in result.report.skipped]
+    assert any("split_linear_units" in r and "not one slope per unit" in r and "axis 1" in r for r in reasons), reasons
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert "not one slope per unit" in CliRunner().invoke(main, ["inspect", str(path)]).output
+
+
+def test_matmul_slope_on_another_axis_is_refused_with_a_reason():
+    b = Builder()
+    h = b.linear("x", 8, 32)
+    (h,) = b.node("PRelu", [h, b.const(np.where(np.arange(3) == 0, 0.5, 1.0).reshape(3, 1))])
+    y = b.linear(h, 32, 8)
+    model = b.model([("x", ["N", 3, 8])], [(y, ["N", 3, 8])])
+    reasons = [c.reason for c in lc_onnx.inspect(model) if c.kind == "chain"]
+    assert any("not one slope per unit" in r and "the last axis" in r for r in reasons), reasons
+
+
+def test_conv_hidden_read_elsewhere():
+    b = Builder()
+    h = b.prelu(b.conv("x", 8, 32), conv_slopes().reshape(32, 1, 1), (32, 1, 1))
+    y = b.conv(h, 32, 8)
+    (side,) = b.node("Neg", [h])
+    model = b.model([("x", ["N", 8, 4, 5])], [(y, ["N", 8, 4, 5]), (side, ["N", 32, 4, 5])])
+    assert not optimized(model, rewrites=0, skip=("prelu_to_leaky_relu",)).report.rewrites
+
+
+def test_conv_weight_is_a_graph_input():
+    from onnx import TensorProto, helper
+
+    b = Builder()
+    h = b.prelu(b.node("Conv", ["x", "w"])[0], conv_slopes().reshape(32, 1, 1), (32, 1, 1))
+    y = b.conv(h, 32, 8)
+    model = b.model([("x", ["N", 8, 4, 5])], [(y, ["N", 8, 4, 5])])
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [32, 8, 1, 1]))
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 4, 5)).astype(np.float32),
+             "w": np.random.default_rng(1).standard_normal((32, 8, 1, 1)).astype(np.float32)}
+    result = optimized(model, rewrites=0, feeds=feeds, skip=("prelu_to_leaky_relu",))
+    assert not result.report.rewrites
+    assert any("not a constant" in c.reason for c in result.report.skipped)
+
+
+def test_conv_then_matmul_is_not_split():
+    b = Builder()
+    h = b.prelu(b.conv("x", 8, 8), slopes(8, off=(1,)).reshape(8, 1, 1), (8, 1, 1))
+    y = b.linear(h, 8, 8)  # over the last axis (W), not the channels
+    model = b.model([("x", ["N", 8, 4, 8])], [(y, ["N", 8, 4, 8])])
+    assert "split_linear_units" not in rules(optimized(model, skip=("prelu_to_leaky_relu",)))
