@@ -1,5 +1,6 @@
 """`collapse`: fuse each prepared block whose slope is within a threshold of 1 into one layer. It fuses
-exactly the modules `prepare` recorded, and refuses a site whose modules changed since."""
+exactly the modules `prepare` recorded, and refuses a site whose modules changed since, or one found by names
+alone that no recorded forward pass proves."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numbers
 import torch
 from torch import nn
 
+from lc_onnx.train import sites, trace
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.prepare import fingerprint, one_or_many, set_module
@@ -34,13 +36,52 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
                                "changed since prepare(), so the block cannot be collapsed safely")
 
 
+def _paths(name: str, act: LayerCollapsePReLU) -> tuple[str, tuple[str, ...]]:
+    """The block's base module path and its (first, second, *batchnorms) paths, all relative to the model."""
+    base = ".".join(name.split(".")[: len(name.split(".")) - act.layout.up])
+    lay = act.layout
+    return base, tuple(f"{base}.{p}" if base else p for p in (lay.first, lay.second, *lay.batchnorms))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], example_inputs,
+            trust_names: bool) -> None:
+    """Blocks `prepare` found by names alone: a norm or a residual between their layers would make the fused
+    layer compute something else, so they are fused only where a forward pass on `example_inputs` shows the same
+    site (recorded as `prepare` does), or when the user trusts the names."""
+    if not unverified or trust_names and example_inputs is None:
+        return
+    names = [name for name, _ in unverified]
+    if example_inputs is None:
+        raise RuntimeError(f"collapse: {_listed(names)}: prepared by module names (no example inputs), which do "
+                           "not show that the forward pass runs their layers in a row; pass example_inputs to "
+                           "collapse() or prepare() to verify them, or trust_names=True to fuse them as named")
+    found = sites.find(trace.record(model, example_inputs))[0]
+    proven = {(s.name, (s.first, s.second, *s.batchnorms)) for s in found}
+    chains = {name: _paths(name, act)[1] for name, act in unverified}
+    wrong = [f"{p[0]} -> {name} -> {p[1]}" for name, p in chains.items() if (name, p) not in proven]
+    if wrong:
+        raise RuntimeError(f"collapse: the forward pass on example_inputs does not run {_listed(wrong)} alone "
+                           "(something else uses or changes the tensors between them), so fusing would change the "
+                           "model; leave them out with only=[...]")
+    for _, act in unverified:
+        act.verified = True
+
+
 @torch.no_grad()
-def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | None = None) -> list[str]:
+def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | None = None, *,
+             example_inputs=None, trust_names: bool = False) -> list[str]:
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to that block name or
     those.
-    A NaN slope is never within the threshold."""
+    A NaN slope is never within the threshold.
+    Blocks `prepare` found by names (no example inputs) are verified first on `example_inputs` (as `prepare`
+    takes them) and refused if the recorded pass does not show them; without example inputs they are refused
+    unless `trust_names=True`. A refusal raises before anything is fused."""
     if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
@@ -52,9 +93,10 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         within = float((act.weight.detach() - 1).abs().max()) <= threshold
         if not within or (only is not None and name not in only):
             continue
-        base_path = ".".join(name.split(".")[: len(name.split(".")) - act.layout.up])
+        base_path = _paths(name, act)[0]
         chosen.append((name, act, model.get_submodule(base_path) if base_path else model))
     # every block is checked before any is fused, so a refusal leaves the model as it was
+    _verify(model, [(name, act) for name, act, _ in chosen if not act.verified], example_inputs, trust_names)
     for name, act, base in chosen:
         _check(name, base, act)
         if any(base.get_submodule(p).training for p in act.layout.batchnorms):

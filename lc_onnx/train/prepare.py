@@ -98,11 +98,13 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
     layer's output and whose output feeds exactly one linear layer and nothing else (see `sites`). Without
-    them, sites are guessed from names, with a warning. `include`/`exclude` are fnmatch patterns on the
-    names (one pattern or a list). Blocks prepared before are kept as they are."""
+    them, sites are guessed from names, with a warning, and `collapse` refuses them until verified.
+    `include`/`exclude` are fnmatch patterns on the names (one pattern or a list). Blocks prepared before are
+    kept as they are; one found by names before is marked verified if the recorded pass shows the same site."""
     if example_inputs is None:
         warnings.warn("prepare() without example_inputs finds sites by module names, which cannot show that "
-                      "the forward pass really chains them; pass example_inputs to verify them", stacklevel=2)
+                      "the forward pass really chains them (collapse() refuses them unless it gets example_inputs "
+                      "or trust_names=True); pass example_inputs to verify them", stacklevel=2)
         found, unswappable = names.find(model), []
     else:
         found, unswappable = sites.find(trace.record(model, example_inputs))
@@ -118,9 +120,15 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
 
 
+def _same_modules(a: SiteLayout, b: SiteLayout) -> bool:
+    return (a.up, a.first, a.second, a.batchnorms) == (b.up, b.first, b.second, b.batchnorms)
+
+
 def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verified: bool) -> None:
     current = model.get_submodule(site.act)
     if isinstance(current, LayerCollapsePReLU):
+        if verified and _same_modules(current.layout, layout(site, model)):  # found by names before, proven now
+            current.verified = True
         return
     first = model.get_submodule(site.first)
     ref = first.weight
