@@ -1,6 +1,7 @@
 """Rule: one layer A whose (nearly) linear output feeds k linear layers B_i (two heads on one hidden layer)
 becomes k layers W_i = W_A·W_Bi, b_i = b_A·W_Bi + b_Bi, where that costs fewer MACs and, unless
---allow-growth, no more parameters than A and the B_i it replaces.
+--allow-growth, no more parameters than A and the B_i it replaces. The layers are Gemm/MatMul(+Add) or pointwise
+Convs of one rank (each with a BatchNormalization after it folded in), written back in that layout.
 
 Where it does not pay, the unit activation is still the identity: eliminate_unit_activation removes it."""
 
@@ -13,12 +14,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes import sharing
-from passes.chain import MAX_WALK, Reject
+from passes.chain import LAYER_OPS, MAX_WALK, Reject
 from passes.collapse_linear_chain import fold
 from passes.cost import Cost, fan_out_cost
 from passes.eliminate_unit_activation import slopes as read_slopes
-from passes.linear import LinearLayer, Names, read_linear_starting_at, write_linear
-from passes.match import is_const, is_inference_dropout, is_op, slope_problem
+from passes.linear import LinearLayer, Names, read_linear_starting_at, write_layer
+from passes.match import channel_slope_problem, is_const, is_inference_dropout, is_op, slope_problem
 from passes.rule import BlockRule, Context, Rewrite
 
 NAME = "collapse_fan_out"
@@ -90,16 +91,40 @@ def _walk(t: gs.Tensor, outputs: set[str]) -> tuple[list[gs.Node], gs.Node | Non
     return None
 
 
+def _layer_end(node: gs.Node, outputs: set[str]) -> gs.Tensor:
+    """Where the layer starting at `node` may end, from the shape of the graph only: after a bias Add of a
+    constant, then after a BatchNormalization, each where it is the tensor's one reader."""
+    t = node.outputs[0]
+    for ops in (("Add",), ("BatchNormalization",)):
+        user = t.outputs[0] if len(t.outputs) == 1 and t.name not in outputs else None
+        if user is not None and is_op(user, *ops) and user.outputs and (ops != ("Add",) or any(
+                is_const(i) for i in user.inputs)):
+            t = user.outputs[0]
+    return t
+
+
+def _writable(layer: LinearLayer | str | None, like: LinearLayer | None = None) -> bool:
+    """A layer write_layer can write in its own layout (not tf2onnx's Reshape), in `like`'s (the same axis:
+    pointwise Convs of one rank, or matrix products)."""
+    return (isinstance(layer, LinearLayer) and layer.reshape is None
+            and (like is None or layer.conv_rank == like.conv_rank))
+
+
+def _slope_problem(act: gs.Node, first: LinearLayer) -> str | None:
+    """Why a PRelu's slope may change its input's shape, read as the layer's layout lays the features out."""
+    if first.conv_rank:
+        return channel_slope_problem(act, first.d_out, first.conv_rank)
+    return slope_problem(act, first.d_out, first.x_rank)
+
+
 def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
-    if not is_op(node, "Gemm", "MatMul") or not node.outputs:
+    if not is_op(node, *LAYER_OPS) or not node.outputs:
         return None
-    t = node.outputs[0]  # first the shape of the graph (no value is read for a layer that does not fan out)
-    if len(t.outputs) == 1 and is_op(t.outputs[0], "Add") and t.name not in ctx.outputs:
-        t = t.outputs[0].outputs[0] if any(is_const(i) for i in t.outputs[0].inputs) else t
-    if _walk(t, ctx.outputs) is None:
+    # first the shape of the graph (no value is read for a layer that does not fan out)
+    if _walk(_layer_end(node, ctx.outputs), ctx.outputs) is None:
         return None
     first = read_linear_starting_at(node, ctx.outputs)
-    if not isinstance(first, LinearLayer) or not sharing.plain(first):
+    if not _writable(first):
         return None
     walked = _walk(first.y, ctx.outputs)
     if walked is None:
@@ -107,12 +132,11 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
     between, act, t = walked
     heads = []
     for user in t.outputs:
-        if (not is_op(user, "Gemm", "MatMul") or user.inputs[0] is not t or any(user is h.nodes[0] for h in heads)
+        if (not is_op(user, *LAYER_OPS) or user.inputs[0] is not t or any(user is h.nodes[0] for h in heads)
                 or not ctx.inside([user])):
             return None  # a fan-out into a non-linear node: nothing to fold into it
         head = read_linear_starting_at(user, ctx.outputs)
-        if (not isinstance(head, LinearLayer) or not sharing.plain(head) or head.d_in != first.d_out
-                or head.dtype != first.dtype):
+        if not _writable(head, first) or head.d_in != first.d_out or head.dtype != first.dtype:
             return None
         heads.append(head)
     nodes = first.nodes + between + [n for h in heads for n in h.nodes]
@@ -124,7 +148,7 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
         slopes = read_slopes(act)
         if slopes is None or not np.isfinite(slopes).all():
             return None
-        if is_op(act, "PRelu") and slope_problem(act, first.d_out, first.x_rank):
+        if is_op(act, "PRelu") and _slope_problem(act, first):
             return None
         off = float(np.abs(slopes - 1.0).max())
         if off > ctx.tol:
@@ -157,8 +181,7 @@ def rewrite(graph: gs.Graph, names: Names, block: FanOut) -> Rewrite:
         block.load()
     for head, (weight, bias) in zip(block.heads, block.folded, strict=True):
         base = re.sub(r"_collapsed(_\d+)?$", "", head.nodes[0].name) + "_collapsed"
-        write_linear(graph, names, base, a.x, head.y, weight, bias, head.dtype, gemm=a.x_rank == 2,
-                     bias_first=head.bias_first)
+        write_layer(graph, names, base, a, a.x, head.y, weight, bias, bias_first=head.bias_first)
     off = 0.0 if block.slopes is None else float(np.abs(block.slopes - 1.0).max())
     norm = float(np.sqrt(sum(h.frobenius ** 2 for h in block.heads)))
     c = block.cost

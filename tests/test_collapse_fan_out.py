@@ -178,3 +178,104 @@ def test_fan_out_in_a_subgraph_reading_a_weight_through_an_outer_node():
         assert rules(result) == ["collapse_fan_out"]
     assert count_ops(result.model, "Transpose") == 0  # the outer graph is cleaned up too
     assert [n.op_type for n in then_branch(result.model).node] == ["Gemm", "Gemm", "Add"]
+
+
+# --- pointwise convolutions ----------------------------------------------------------------------------
+
+
+def conv_heads(spatial=2, d_outs=(8, 4), slope=1.0, slope_shape=None, act="prelu", bias=True, bn=False,
+               head_bn=False, dtype=np.float32, opset=17, head=None, first=None, hidden_out=False):
+    """x → Conv1x1 8→32 [→ BN] → act → k Conv1x1 heads 32→d_i [→ BN], each a graph output; `head`/`first`: extra
+    attributes of the first head / the first layer (kernel, strides, group)."""
+    b = Builder(dtype)
+    dims = [4, 5, 3][:spatial]
+    h = b.conv("x", 8, 32, spatial, bias, **(first or {}))
+    h = b.batchnorm(h, 32) if bn else h
+    if act == "prelu":
+        h = b.prelu(h, slope, slope_shape or (32,) + (1,) * spatial)
+    elif act == "leaky":
+        (h,) = b.node("LeakyRelu", [h], alpha=slope)
+    ys = []
+    for i, d in enumerate(d_outs):
+        y = b.conv(h, 32, d, spatial, bias, **(head or {} if i == 0 else {}))
+        ys.append(b.batchnorm(y, d) if head_bn else y)
+    open_dims = [None] * spatial if head or first else dims
+    outputs = [(y, ["N", d] + open_dims) for y, d in zip(ys, d_outs, strict=True)]
+    if hidden_out:
+        outputs.append((h, ["N", 32] + open_dims))
+    return b.model([("x", ["N", 8] + dims)], outputs, opset)
+
+
+@pytest.mark.parametrize("spatial,act,bias,bn,head_bn,opset", [
+    (2, "prelu", True, False, False, 17), (2, "prelu", False, True, False, 13), (2, "leaky", True, False, True, 21),
+    (1, "none", True, True, True, 17), (3, "prelu", False, False, False, 18), (1, "prelu", True, False, False, 13),
+])
+def test_conv_heads_fold(spatial, act, bias, bn, head_bn, opset):
+    model = conv_heads(spatial, act=act, bias=bias, bn=bn, head_bn=head_bn, opset=opset)
+    result = optimized(model, rewrites=1, seeds=(0, 1, 2), rtol=1e-4)
+    (r,) = result.report.rewrites
+    assert r.rule == "collapse_fan_out" and r.shape == (8, 32, 12)
+    assert r.macs_after == 8 * 12 < r.macs_before == 32 * (8 + 12)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv"]
+
+
+@pytest.mark.parametrize("slope_shape", [(1,), (1, 32, 1, 1)])
+def test_conv_heads_slope_shapes_and_within_tol(slope_shape):
+    (r,) = optimized(conv_heads(slope=0.9995, slope_shape=slope_shape), rewrites=1, rtol=1e-2,
+                     atol=1e-2).report.rewrites
+    assert r.rule == "collapse_fan_out" and r.error_coefficient > 0
+
+
+def test_conv_heads_float16():
+    optimized(conv_heads(dtype=np.float16), rewrites=1, rtol=3e-2, atol=3e-2)
+    optimized(conv_heads(dtype=np.float16, bn=True, opset=13), rewrites=1, rtol=3e-2, atol=3e-2)
+
+
+def test_inspect_lists_the_conv_fan_out():
+    found = lc_onnx.inspect(conv_heads(bn=True))
+    assert [c.rule for c in found if c.kind == "chain"] == ["collapse_fan_out"]
+
+
+def test_mac_share_of_a_conv_fan_out(tmp_path):
+    import onnx
+
+    from lc_onnx import bench
+
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_heads(), path)
+    shapes = {"x": [2, 8, 4, 5]}
+    share = bench.mac_share(onnx.load(path), shapes, lc_onnx.inspect(path))
+    found, _ = bench.node_macs(lc_onnx.optimize(path).model, shapes)
+    assert share.after == 40 * 8 * 12 == sum(m for _, m in found.values()) and share.unsaved == 0
+
+
+@pytest.mark.parametrize("form", [
+    dict(head={"kernel": 3}), dict(head={"strides": [2, 2]}), dict(head={"pads": [1, 1, 1, 1]}),
+    dict(head={"group": 2}), dict(head={"kernel": 3, "dilations": [1, 2]}), dict(first={"group": 2}),
+    dict(first={"kernel": 3}), dict(hidden_out=True), dict(slope=0.5),
+])
+def test_conv_fan_out_near_misses_are_left(form):
+    result = optimized(conv_heads(**form), skip=("prelu_to_leaky_relu",))
+    assert "collapse_fan_out" not in rules(result)
+
+
+def test_conv_head_beside_a_matmul_head_is_left():
+    b = Builder()
+    h = b.prelu(b.conv("x", 8, 8), 1.0)
+    ys = [b.conv(h, 8, 4), b.linear(h, 8, 4)]  # the MatMul maps the last axis (W), not the channels
+    model = b.model([("x", ["N", 8, 4, 8])], [(ys[0], ["N", 4, 4, 8]), (ys[1], ["N", 8, 4, 4])])
+    assert "collapse_fan_out" not in rules(optimized(model))
+
+
+def test_conv_fan_out_with_a_weight_that_is_a_graph_input_is_left():
+    from onnx import TensorProto, helper
+
+    b = Builder()
+    h = b.prelu(b.node("Conv", ["x", "w"])[0], 1.0)
+    ys = [b.conv(h, 32, 8), b.conv(h, 32, 4)]
+    model = b.model([("x", ["N", 8, 4, 5])], [(ys[0], ["N", 8, 4, 5]), (ys[1], ["N", 4, 4, 5])])
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [32, 8, 1, 1]))
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 8, 4, 5)).astype(np.float32),
+             "w": rng.standard_normal((32, 8, 1, 1)).astype(np.float32)}
+    assert "collapse_fan_out" not in rules(optimized(model, feeds=feeds))

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from tests.builder import Builder
+from tests.builder import Builder, conv_mlp
 from tests.harness import optimized
 
 TOL = 1e-3
@@ -181,3 +181,33 @@ def test_random_layouts_stay_equivalent(case):
     assert after <= layers
     if unit and one_layer:  # two layers joined by the identity, where one layer is cheaper: always one
         assert after == 1, [r.reason for r in result.report.skipped]
+
+
+@st.composite
+def conv_split_blocks(draw):
+    """Conv1x1 → [BN] → PRelu(one slope per channel, some exactly 1, some within tol, some off) → [BN] → Conv1x1,
+    1- to 3-D, the slope as (C, 1, ...) or (1, C, 1, ...)."""
+    spatial = draw(st.integers(1, 3))
+    c_in, hidden, c_out = (draw(st.integers(1, 12)) for _ in range(3))
+    dtype = draw(st.sampled_from([np.float32, np.float32, np.float16]))
+    values = [1.0, 1.0, 1 + TOL / 2, 0.5, -0.25]
+    slope = np.array(draw(st.lists(st.sampled_from(values), min_size=hidden, max_size=hidden)))
+    shape = draw(st.sampled_from([(hidden,) + (1,) * spatial, (1, hidden) + (1,) * spatial]))
+    bn = draw(st.sampled_from([None, None, "before", "after"]))
+    model = conv_mlp(c_in, hidden, c_out, spatial, slope, shape, dtype, draw(st.integers(13, 21)),
+                     draw(st.booleans()), bn=bn)
+    exact = bool(np.all((slope == 1.0) | (np.abs(slope - 1) > TOL)))
+    return model, exact, dtype
+
+
+@settings(max_examples=LAYOUT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_split_blocks())
+def test_random_conv_splits_stay_equivalent(case):
+    model, exact, dtype = case
+    tol = (1e-4 if exact else 1e-2) if dtype == np.float32 else 3e-2
+    result = optimized(model, tol=TOL, rtol=tol, atol=tol, validate=False)
+    for r in result.report.rewrites:
+        assert r.macs_after <= r.macs_before
+        if r.rule == "split_linear_units":
+            assert r.macs_after < r.macs_before and exact == (r.error_coefficient == 0)
+    assert sum(n.op_type == "Conv" for n in result.model.graph.node) <= 3
