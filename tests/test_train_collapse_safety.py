@@ -131,3 +131,22 @@ def test_a_verified_block_collapses_without_example_inputs():
     before = output(model)
     assert train.collapse(model) == ["act"]
     torch.testing.assert_close(output(model), before, rtol=1e-5, atol=1e-5)
+
+
+def two_blocks() -> nn.Module:
+    model = nn.Sequential(Mlp(), Mlp()).eval()
+    assert list(train.prepare(model, X, init=1.0)) == ["0.act", "1.act"]
+    return model
+
+
+def test_an_only_name_that_matches_no_block_is_an_error_naming_the_closest():
+    model = two_blocks()
+    with pytest.raises(ValueError, match=r"'0.acts' \(closest: 0\.act, 1\.act\); the prepared blocks are 0\.act, "
+                                         r"1\.act$"):
+        train.collapse(model, only=["1.act", "0.acts"])
+    assert len(train.blocks(model)) == 2  # nothing fused
+    with pytest.raises(ValueError, match=r"'mlp'; the prepared blocks are 0\.act, 1\.act$"):
+        train.collapse(model, only="mlp")
+    assert train.collapse(model, only="1.act") == ["1.act"]
+    with pytest.raises(ValueError, match=r"'1.act'.*; the prepared blocks are 0\.act$"):  # collapsed already
+        train.collapse(model, only="1.act")

@@ -4,6 +4,7 @@ alone that no recorded forward pass proves."""
 
 from __future__ import annotations
 
+import difflib
 import numbers
 
 import torch
@@ -43,8 +44,19 @@ def _paths(name: str, act: LayerCollapsePReLU) -> tuple[str, tuple[str, ...]]:
     return base, tuple(f"{base}.{p}" if base else p for p in (lay.first, lay.second, *lay.batchnorms))
 
 
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def _listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _check_only(only: list[str], known: list[str]) -> None:
+    """A name in `only` that no block has (a typo, a block collapsed before) would silently fuse nothing."""
+    unknown = [n for n in only if n not in known]
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], known, n=3)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    now = f"the prepared blocks are {_listed(known, 8)}" if known else "the model has no prepared blocks"
+    raise ValueError(f"collapse: only names no prepared block: {_listed([repr(n) for n in unknown])}{hint}; {now}")
 
 
 def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], example_inputs,
@@ -77,7 +89,7 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to that block name or
-    those.
+    those (a name that is no prepared block is an error).
     A NaN slope is never within the threshold.
     Blocks `prepare` found by names (no example inputs) are verified first on `example_inputs` (as `prepare`
     takes them) and refused if the recorded pass does not show them; without example inputs they are refused
@@ -86,6 +98,8 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
     only = one_or_many(only)
+    if only is not None:
+        _check_only(list(only), list(blocks(model)))
     chosen = []
     # in forward order: a block whose second layer is the next block's first must fold before that one
     for name, act in sorted(blocks(model).items(), key=lambda item: item[1].layout.order):
