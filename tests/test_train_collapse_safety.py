@@ -3,6 +3,7 @@ pass proves them (or the user says to trust the names), and an `only` name that 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lc_onnx import train  # noqa: E402
+from lc_onnx.train import layers  # noqa: E402
 
 X = (torch.randn(4, 16, generator=torch.Generator().manual_seed(7)),)
 
@@ -150,3 +152,51 @@ def test_an_only_name_that_matches_no_block_is_an_error_naming_the_closest():
     assert train.collapse(model, only="1.act") == ["1.act"]
     with pytest.raises(ValueError, match=r"'1.act'.*; the prepared blocks are 0\.act$"):  # collapsed already
         train.collapse(model, only="1.act")
+
+
+# the check that a layer computes its weights' map: as tight as the dtype and device allow
+
+
+def conv_block() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_sites_are_found_in_every_floating_dtype(dtype):
+    assert list(train.prepare(Mlp().eval().to(dtype), (X[0].to(dtype),))) == ["act"]
+    model = conv_block().eval().to(dtype)
+    assert list(train.prepare(model, (torch.randn(2, 4, 3, 3, dtype=dtype),))) == ["2"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_hook_that_nudges_a_layer_by_1e_4_is_seen_in_float32_and_float64(dtype):
+    model = Mlp().eval().to(dtype)
+    model.fc2.register_forward_hook(lambda module, args, out: out * (1 + 1e-4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list(train.prepare(model, (X[0].to(dtype),))) == []
+
+
+def tolerance(module: nn.Module, device: str = "cpu", dtype=torch.float32) -> float:
+    return layers.tolerance(module, dtype, torch.device(device))
+
+
+@contextlib.contextmanager
+def precision(flag, mode: str):
+    before = flag.fp32_precision
+    flag.fp32_precision = mode
+    try:
+        yield
+    finally:
+        flag.fp32_precision = before
+
+
+def test_the_tolerance_follows_the_precision_float32_products_may_use():
+    linear, conv, norm = nn.Linear(2, 2), nn.Conv2d(2, 2, 1), nn.BatchNorm1d(2)
+    assert tolerance(linear) == tolerance(conv) == tolerance(linear, "cuda") == tolerance(norm, "cuda") == 1e-5
+    assert tolerance(linear, dtype=torch.float64) < 1e-5 < tolerance(linear, dtype=torch.bfloat16)
+    with precision(torch.backends.cudnn.conv, "tf32"), precision(torch.backends.cuda.matmul, "tf32"):
+        assert tolerance(conv, "cuda") == tolerance(linear, "cuda") == 5e-3 and tolerance(linear) == 1e-5
+    with precision(torch.backends.mkldnn.matmul, "bf16"):  # set_float32_matmul_precision("medium") on the CPU
+        assert tolerance(linear) > 1e-2 and tolerance(conv) == 1e-5
+    assert tolerance(linear) == 1e-5

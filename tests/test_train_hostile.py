@@ -50,6 +50,11 @@ def scaled_output(model):
     return model
 
 
+def nudged_output(model):  # 1e-4 relative: far below 16-bit rounding, far above float32's
+    model.fc1.register_forward_hook(lambda module, args, out: out + 1e-4 * out)
+    return model
+
+
 def scaled_input(model):
     model.fc1.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
     return model
@@ -69,7 +74,7 @@ def batch_statistics(model):  # without running stats a BatchNorm uses the batch
     return nn.Sequential(model.fc1, nn.BatchNorm1d(32, track_running_stats=False), model.act, model.fc2)
 
 
-@pytest.mark.parametrize("change", [scaled_output, scaled_input, subclass, batch_statistics],
+@pytest.mark.parametrize("change", [scaled_output, nudged_output, scaled_input, subclass, batch_statistics],
                          ids=lambda f: f.__name__)
 def test_a_layer_whose_output_is_not_its_weights_map_is_no_site(change):
     no_site(change(Block()))
