@@ -177,3 +177,28 @@ def test_callback_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers"):
         cb.LayerCollapseCallback(lam=1.0)
+
+
+def test_blocks_found_by_names_stop_training_before_it_starts_unless_they_can_be_verified(tmp_path):
+    """The collapse at the end refuses name-found blocks without inputs: the callback says so at the start, and
+    with collapse_inputs it verifies them (on the model's device) and collapses."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    ids = torch.randint(0, 64, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                          per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    for kw in ({}, {"collapse_inputs": inputs}):
+        model = transformers.BertForSequenceClassification(cfg)
+        with pytest.warns(UserWarning, match="finds sites by module names"):
+            names = train.prepare(model)  # no example inputs: by names
+        callback = train.LayerCollapseCallback(lam=1.0, collapse_threshold=float("inf"), **kw)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+        if not kw:
+            with pytest.raises(ValueError, match="found by names alone.*collapse_inputs"):
+                trainer.train()
+            assert trainer.state.global_step == 0
+        else:
+            trainer.train()
+            assert sorted(callback.collapsed) == sorted(names) and not train.slopes(model)

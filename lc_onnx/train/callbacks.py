@@ -66,7 +66,9 @@ class LayerCollapseCallback:
     without weight decay; the Trainer's optimizer leaves them alone. `mode="decoupled"`: the paper's update
     α ← α − slope_lr·λ·2(α−1) after each step, the Trainer's optimizer stepping the task gradient as usual.
     `collapse_threshold`: at the end of training, collapse the blocks whose slopes are within it of 1
-    (names in `.collapsed`). Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
+    (names in `.collapsed`). Blocks `prepare` found by names alone need `collapse_inputs` (example inputs, as
+    `collapse` takes them, to verify them on) or `trust_names=True`; without either, training does not start.
+    Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
     `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs; `attach(trainer)`
     gets them to the `report_to` integrations too. With mode="adam" each checkpoint gets the slopes' Adam state
     (`lc_slope_optimizer.pt`), which `trainer.train(resume_from_checkpoint=...)` continues."""
@@ -77,7 +79,8 @@ class LayerCollapseCallback:
         return super().__new__(cls)
 
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
-                 mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05):
+                 mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
+                 collapse_inputs=None, trust_names: bool = False):
         if mode not in ("adam", "decoupled"):
             raise ValueError(f"LayerCollapseCallback: mode must be 'adam' or 'decoupled', not {mode!r}")
         if lam < 0 or slope_lr <= 0:
@@ -88,6 +91,7 @@ class LayerCollapseCallback:
                              f"(got {2 * slope_lr * lam:g}); lower lam or slope_lr")
         self.lam, self.collapse_threshold, self.slope_lr, self.mode = lam, collapse_threshold, slope_lr, mode
         self.betas, self.report_threshold = betas, report_threshold
+        self.collapse_inputs, self.trust_names = collapse_inputs, trust_names
         self.collapsed: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
@@ -115,6 +119,7 @@ class LayerCollapseCallback:
         if not self._params:
             raise ValueError("LayerCollapseCallback: the model has no prepared blocks; call "
                              "lc_onnx.train.prepare(model, example_inputs) before building the Trainer")
+        self._check_collapsible(model)
         if self.mode == "adam" and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
             raise ValueError("LayerCollapseCallback: mode='adam' needs the slopes' gradients in .grad, which "
                              "DeepSpeed/FSDP shard; pass mode='decoupled'")
@@ -145,6 +150,17 @@ class LayerCollapseCallback:
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.mode == "decoupled":
             decoupled_step(model, self.slope_lr, self.lam)
+
+    def _check_collapsible(self, model: nn.Module) -> None:
+        """`collapse` at the end refuses blocks found by names alone without inputs to verify them on: say so
+        before training, not after it."""
+        if self.collapse_threshold is None or self.collapse_inputs is not None or self.trust_names:
+            return
+        unverified = [name for name, act in blocks(model).items() if not act.verified]
+        if unverified:
+            raise ValueError(f"LayerCollapseCallback: {', '.join(unverified)} were found by names alone, which the "
+                             f"collapse at the end of training refuses; pass collapse_inputs=<example inputs> to "
+                             f"verify them on, trust_names=True, or prepare the model with example_inputs")
 
     # ---- the slopes' Adam in checkpoints -----------------------------------------------------------------
 
@@ -241,7 +257,9 @@ class LayerCollapseCallback:
         training = model.training
         model.eval()  # a BatchNorm between the layers folds with its running stats
         try:
-            self.collapsed = collapse(model, threshold=self.collapse_threshold)
+            self.collapsed = collapse(model, threshold=self.collapse_threshold,
+                                      example_inputs=_on_device(self.collapse_inputs, model),
+                                      trust_names=self.trust_names)
         finally:
             model.train(training)
         left = len(blocks(model))
@@ -258,3 +276,18 @@ class _SlopeStatsFirst:
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         self.owner.on_log(args, state, control, model=model, logs=logs)
+
+
+def _on_device(inputs, model: nn.Module):
+    """Example inputs moved to the model's device (the Trainer may have moved the model to a GPU)."""
+    if inputs is None:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def move(x):
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+    if isinstance(inputs, dict):
+        return {k: move(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move(v) for v in inputs)
+    return move(inputs)
