@@ -349,3 +349,34 @@ def test_conv_then_matmul_is_not_split():
     y = b.linear(h, 8, 8)  # over the last axis (W), not the channels
     model = b.model([("x", ["N", 8, 4, 8])], [(y, ["N", 8, 4, 8])])
     assert "split_linear_units" not in rules(optimized(model, skip=("prelu_to_leaky_relu",)))
+
+
+def test_prepared_torch_conv_block_with_some_channels_at_one_splits(tmp_path):
+    """What lc_onnx.train prepares per channel on a pointwise Conv2d block, with some channels trained to 1 (set
+    here), exported through both exporters, splits; the split model computes what torch does."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from lc_onnx import train
+    from tests.harness import run
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6)
+    for dynamo in (False, True):
+        model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.GELU(), nn.Conv2d(32, 8, 1)).eval()
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-1, 1)
+            model[1].running_var.uniform_(0.5, 2)
+        train.prepare(model, (x,), per_channel=True)
+        with torch.no_grad():
+            prelu = next(m for m in model.modules() if isinstance(m, nn.PReLU))
+            prelu.weight.fill_(1.0)
+            prelu.weight[[2, 11, 29]] = torch.tensor([0.1, -0.2, 0.4])
+            expected = model(x).numpy()
+        path = tmp_path / f"conv_{dynamo}.onnx"
+        train.export(model, (x,), path, dynamo=dynamo)
+        exported = onnx.load(path)
+        feeds = {exported.graph.input[0].name: x.numpy()}
+        result = optimized(exported, rewrites=1, feeds=feeds, rtol=1e-4, atol=1e-5)
+        assert rules(result)[0] == "split_linear_units"
+        np.testing.assert_allclose(run(result.model, feeds)[0], expected, rtol=1e-4, atol=1e-5)
