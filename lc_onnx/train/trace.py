@@ -89,12 +89,12 @@ def _check_not_meta(model: nn.Module, example_inputs) -> None:
     held = [*model.named_parameters(), *model.named_buffers()]
     meta = [name for name, t in held if t.is_meta]
     if meta:
-        raise ValueError(f"prepare() runs the model once, and its weights are on the meta device (no values; "
+        raise ValueError(f"the model runs once on example_inputs, and its weights are on the meta device (no values; "
                          f"{meta[0]} and {len(meta) - 1} more): load them first (model.to_empty(device=...) and "
                          "load_state_dict, or from_pretrained without a meta device)")
     if any(t.is_meta for t in tensors(example_inputs)):
-        raise ValueError("prepare() runs the model once, and example_inputs are on the meta device (no values): "
-                         "pass real tensors on the model's device")
+        raise ValueError("the model runs once on example_inputs, and example_inputs are on the meta device "
+                         "(no values): pass real tensors on the model's device")
 
 
 @torch.no_grad()
