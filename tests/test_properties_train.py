@@ -141,3 +141,68 @@ def at_identity(model: Model, x):
         act = getattr(model, "shared_act", None) or block.act
         out = block(out, nn.Identity() if block.kind in SITES else act)
     return out
+
+
+CONV_SITES = ("conv", "conv_bn", "conv_residual")
+CONV_MISSES = ("conv_3x3", "conv_groups", "conv_norm_between", "conv_fan_out")
+
+
+class ConvBlock(nn.Module):
+    """A block of pointwise convolutions on (B, C, H, W) features, or a near miss of one."""
+
+    def __init__(self, kind: str, c: int, h: int, act: nn.Module):
+        super().__init__()
+        self.kind, self.act = kind, act
+        first = dict(kernel_size=3, padding=1) if kind == "conv_3x3" else dict(kernel_size=1)
+        groups = 2 if kind == "conv_groups" else 1
+        self.fc1 = nn.Conv2d(c, h, groups=groups, **first)
+        self.fc2 = nn.Conv2d(h, c, 1, groups=groups)
+        if kind == "conv_bn":
+            self.bn = nn.BatchNorm2d(h)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-0.5, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+        if kind == "conv_norm_between":
+            self.norm = nn.GroupNorm(1, h)
+        if kind == "conv_fan_out":
+            self.fc3 = nn.Conv2d(h, c, 1)
+
+    def forward(self, x):
+        k, act = self.kind, self.act
+        if k == "conv_bn":
+            return self.fc2(act(self.bn(self.fc1(x))))
+        if k == "conv_residual":
+            return x + self.fc2(act(self.fc1(x)))
+        if k == "conv_norm_between":
+            return self.fc2(self.norm(act(self.fc1(x))))
+        if k == "conv_fan_out":
+            h = act(self.fc1(x))
+            return self.fc2(h) - self.fc3(h)
+        return self.fc2(act(self.fc1(x)))  # conv, conv_3x3, conv_groups
+
+
+@st.composite
+def conv_models(draw):
+    c = 2 * draw(st.integers(1, 3))  # even: groups=2 divides it
+    kinds = draw(st.lists(st.sampled_from(CONV_SITES + CONV_MISSES), min_size=1, max_size=3))
+    act_name = draw(st.sampled_from(sorted(ACTS)))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    blocks = [ConvBlock(k, c, 2 * draw(st.integers(1, 4)), ACTS[act_name]()) for k in kinds]
+    return nn.Sequential(*blocks).eval(), torch.randn(2, c, 3, 3), kinds, draw(st.booleans())
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_models())
+def test_pointwise_conv_blocks_are_found_exactly_and_collapse_keeps_the_output(case):
+    model, x, kinds, per_channel = case
+    prepared = copy.deepcopy(model)
+    names = train.prepare(prepared, (x,), init=1.0, per_channel=per_channel)
+    assert len(names) == sum(k in CONV_SITES for k in kinds), (kinds, list(names))
+    with torch.no_grad():
+        before = prepared(x)
+        assert sorted(train.collapse(prepared, threshold=0.05)) == sorted(names)
+        torch.testing.assert_close(prepared(x), before, rtol=1e-4, atol=1e-5)
+        for block in model:
+            if block.kind in CONV_SITES:
+                block.act = nn.Identity()
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
