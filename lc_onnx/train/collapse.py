@@ -87,7 +87,7 @@ def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], 
 def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | None = None, *,
              example_inputs=None, trust_names: bool = False) -> list[str]:
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
-    or a pointwise nn.Conv2d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
+    or a pointwise nn.Conv1d/2d/3d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to that block name or
     those (a name that is no prepared block is an error).
     A NaN slope is never within the threshold.

@@ -1,4 +1,4 @@
-"""The layers a site is made of, as affine maps: nn.Linear, HF Conv1D and pointwise nn.Conv2d (1x1 kernel,
+"""The layers a site is made of, as affine maps: nn.Linear, HF Conv1D and pointwise nn.Conv1d/2d/3d (kernel 1,
 stride 1, no padding, one group: a linear layer over the channel dim), and the eval-mode BatchNorm between
 them. Matching lives in `sites`; this is only the arithmetic (as torch keeps `fuse_conv_bn_weights` apart)."""
 
@@ -7,45 +7,65 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
 
 def is_pointwise_conv(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
-            and (m.padding in ("valid", "same") or all(p == 0 for p in m.padding)))
+    """Kernel 1 everywhere, stride 1, no padding (so padding_mode never pads), one group: dilation then
+    touches nothing, and the conv is a linear map of each position's channels."""
+    return (isinstance(m, CONVS) and all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride)
+            and m.groups == 1 and (m.padding in ("valid", "same") or all(p == 0 for p in m.padding)))
+
+
+def is_dense(m: nn.Module) -> bool:
+    """nn.Linear or HF Conv1D (`y = x·W + b`, weight stored transposed): a map of the last dim."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
 def is_linear(m: nn.Module) -> bool:
-    """nn.Linear, HF Conv1D (`y = x·W + b`, weight stored transposed) or a pointwise Conv2d."""
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf") or is_pointwise_conv(m)
+    """nn.Linear, HF Conv1D or a pointwise Conv1d/2d/3d."""
+    return is_dense(m) or is_pointwise_conv(m)
+
+
+def kind(m: nn.Module) -> str:
+    """Layers of one kind map the same dim of tensors of the same rank: "dense" (the last dim), or "conv1d",
+    "conv2d", "conv3d" (the channels of a batched input, dim 1)."""
+    return f"conv{len(m.kernel_size)}d" if isinstance(m, CONVS) else "dense"
 
 
 def feature_dim(m: nn.Module) -> int:
     """The dim a linear layer maps: the last for Linear and Conv1D, the channels for a convolution."""
-    return 1 if isinstance(m, nn.Conv2d) else -1
+    return 1 if isinstance(m, CONVS) else -1
 
 
 def out_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, CONVS):
         return m.out_channels
     return m.out_features if isinstance(m, nn.Linear) else m.nf
 
 
 def in_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, CONVS):
         return m.in_channels
     return m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
 
 
 def norm_fits(norm: nn.Module, rank: int, dim: int) -> bool:
     """Whether a BatchNorm seen on a rank-`rank` input normalizes the layers' feature dim `dim` (its channels
-    are dim 1: BatchNorm1d on (N, C) after a Linear, BatchNorm2d on (N, C, H, W) after a pointwise Conv2d)."""
+    are dim 1): BatchNorm1d on (N, C) after a Linear or on (N, C, L) after a pointwise Conv1d, BatchNorm2d on
+    (N, C, H, W) after a Conv2d, BatchNorm3d on (N, C, D, H, W) after a Conv3d. BatchNorm1d on a Linear's
+    (N, T, C) output normalizes T, not the features."""
     if isinstance(norm, nn.BatchNorm1d):
-        return rank == 2 and dim == -1
-    return isinstance(norm, nn.BatchNorm2d) and rank == 4 and dim == 1
+        return rank == 2 and dim == -1 or rank == 3 and dim == 1
+    if isinstance(norm, nn.BatchNorm2d):
+        return rank == 4 and dim == 1
+    return isinstance(norm, nn.BatchNorm3d) and rank == 5 and dim == 1
 
 
 def affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) in float64 with y = W·x + b over the feature dim."""
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if is_batchnorm(m):
         mean = m.running_mean if m.running_mean is not None else torch.zeros(m.num_features)
         var = m.running_var if m.running_var is not None else torch.ones(m.num_features)
         scale = 1.0 / torch.sqrt(var.double() + m.eps)
@@ -55,7 +75,7 @@ def affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.diag(scale), shift
     if type(m).__name__ == "Conv1D":
         return m.weight.double().T, m.bias.double()
-    w = m.weight.double().reshape(m.weight.shape[0], -1)  # Linear (out, in); Conv2d (out, in, 1, 1)
+    w = m.weight.double().reshape(m.weight.shape[0], -1)  # Linear (out, in); ConvNd (out, in, 1, ...)
     b = m.bias.double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     return w, b
 
@@ -63,9 +83,10 @@ def affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
     """One layer computing W·x + b, of the second layer's kind, device and dtype."""
     ref = like.weight
-    if isinstance(like, nn.Conv2d):
-        layer = nn.Conv2d(w.shape[1], w.shape[0], 1, device=ref.device, dtype=ref.dtype)
-        w = w[:, :, None, None]
+    if isinstance(like, CONVS):
+        conv = next(c for c in CONVS if isinstance(like, c))  # torch's own class, not a subclass's forward
+        layer = conv(w.shape[1], w.shape[0], 1, device=ref.device, dtype=ref.dtype)
+        w = w.reshape(*w.shape, *like.kernel_size)  # kernel (1, ...)
     else:
         layer = nn.Linear(w.shape[1], w.shape[0], device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
@@ -75,7 +96,18 @@ def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
 
 
 def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+    return isinstance(m, BATCHNORMS)
+
+
+def map_dim(m: nn.Module, x: torch.Tensor) -> int | None:
+    """The dim of `x` that `m` maps: the last for Linear/Conv1D, the channels (1) for a BatchNorm, and for a
+    ConvNd the channels of a batched input only (N, C, *N spatial dims). An unbatched conv input is no site:
+    torch's per-channel PReLU would take its dim 1, which is not the channels there."""
+    if is_dense(m):
+        return -1
+    if isinstance(m, CONVS):
+        return 1 if x.dim() == len(m.kernel_size) + 2 else None
+    return 1
 
 
 @torch.no_grad()
@@ -86,7 +118,9 @@ def reproduces(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     if not (x.is_floating_point() and y.is_floating_point()):
         return False
-    dim = -1 if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or x.dim() <= 2 else 1
+    dim = map_dim(m, x)
+    if dim is None:
+        return False
     w, b = affine(m)
     try:
         want = torch.movedim(torch.movedim(x.double(), dim, -1) @ w.to(x.device).T + b.to(x.device), -1, dim)
@@ -123,5 +157,5 @@ def tolerance(m: nn.Module, dtype: torch.dtype, device: torch.device) -> float:
         return 3e-2
     if dtype == torch.float64:  # never TF32 or bf16
         return 1e-9
-    mode = "ieee" if is_batchnorm(m) else _fp32_precision(device, conv=isinstance(m, nn.Conv2d))  # BN: no products
+    mode = "ieee" if is_batchnorm(m) else _fp32_precision(device, conv=isinstance(m, CONVS))  # BN: no products
     return {"ieee": 1e-5, "tf32": 5e-3, "bf16": 3e-2}.get(mode, 5e-3)  # another device: as loose as TF32

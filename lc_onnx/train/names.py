@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lc_onnx.train.layers import is_linear, out_features
+from lc_onnx.train.layers import feature_dim, is_linear, out_features
 from lc_onnx.train.prelu import LayerCollapsePReLU
 from lc_onnx.train.sites import Site
 
@@ -41,8 +41,9 @@ def _qualify(parent: str, rel: str) -> str:
 
 def _site(model: nn.Module, parent: str, first: str, act: str, second: str, norms=()) -> Site:
     q = [_qualify(parent, p) for p in (first, act, second)]
-    return Site(q[1], q[0], q[2], tuple(_qualify(parent, n) for n in norms), q[0],
-                out_features(model.get_submodule(q[0])))
+    first_layer = model.get_submodule(q[0])
+    return Site(q[1], q[0], q[2], tuple(_qualify(parent, n) for n in norms), q[0], out_features(first_layer),
+                feature_dim(first_layer))  # per-channel slopes of a conv block on its channels
 
 
 def find(model: nn.Module) -> list[Site]:

@@ -43,7 +43,7 @@ def _(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
 
 class LayerCollapsePReLU(nn.PReLU):
     """nn.PReLU that remembers the linear layers around it, so `collapse` can fuse them. Scalar slope as in
-    the paper; per-channel slopes act on the layers' feature dim: the last (Linear), or 1 (pointwise Conv2d)."""
+    the paper; per-channel slopes act on the layers' feature dim: the last (Linear), or 1 (pointwise ConvNd)."""
 
     exporting = False  # set by `export` while it runs (a class default, so models pickled before have it)
 

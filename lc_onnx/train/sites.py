@@ -1,5 +1,5 @@
 """LayerCollapse sites from a recorded forward pass: an activation module whose input is exactly the output
-of one linear layer (nn.Linear, HF Conv1D, pointwise Conv2d) and whose output goes only into exactly one linear
+of one linear layer (nn.Linear, HF Conv1D, pointwise Conv1d/2d/3d) and whose output goes only into exactly one linear
 layer (through eval-mode Dropout and Identity, which pass the same tensor on, and a BatchNorm over the layers'
 feature dim, which folds). Any other use of a tensor in
 between — a residual, a norm, a second consumer, a gate multiply, a model output — means no site.
@@ -31,7 +31,7 @@ class Site:
     batchnorms: tuple[str, ...] = ()
     feeder: str = ""  # the module whose output the activation reads (first, or a BatchNorm after it)
     width: int = 0  # hidden features, the first layer's outputs
-    channel_dim: int = -1  # the dim they lie on: -1, or 1 for pointwise convolutions
+    channel_dim: int = -1  # the dim they lie on: -1, or 1 for pointwise convolutions (batched inputs)
     shared: bool = False  # the activation module is also called elsewhere: it needs a per-site switch
     key: str = "0"  # this site's index among those of a shared activation
     order: int = 0  # when the forward pass reaches it: blocks chained in a row collapse front to back
@@ -52,10 +52,11 @@ def _is_layer(call: Call) -> bool:
 
 
 def _fits(first: Call, second: Call, norms: list[Call]) -> bool:
-    """Both layers map the same dim (Linear/Conv1D the last, pointwise Conv2d the channels), and each norm
-    between normalizes that dim."""
+    """Both layers are of one kind, so they map the same dim of same-rank tensors (Linear/Conv1D the last, a
+    pointwise ConvNd the channels of an N-d input: a Conv1d and a Conv2d never pair), and each norm between
+    normalizes that dim."""
     dim = layers.feature_dim(first.module)
-    return layers.feature_dim(second.module) == dim and all(
+    return layers.kind(first.module) == layers.kind(second.module) and all(
         layers.norm_fits(n.module, n.inputs[0].dim(), dim) for n in norms)
 
 
