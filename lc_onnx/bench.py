@@ -434,10 +434,15 @@ def pinned(path: Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     open dims. Left open, those run on the CPU and feed CUDA nodes through Memcpy, and ORT refuses to capture."""
     model, _ = io.read(path)
     for vi in model.graph.input:
-        if vi.name in shapes:
-            for d, v in zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=True):
-                d.Clear()
-                d.dim_value = v
+        if vi.name not in shapes:
+            continue
+        ttype, want = vi.type.tensor_type, shapes[vi.name]
+        if ttype.HasField("shape") and len(ttype.shape.dim) != len(want):
+            raise InputError(f"{path}: input {vi.name!r} has rank {len(ttype.shape.dim)}, not the {len(want)} of "
+                             f"the shape it is fed {want}")
+        del ttype.shape.dim[:]  # also where no shape is declared (rank unknown)
+        for v in want:
+            ttype.shape.dim.add().dim_value = v
     return model
 
 

@@ -447,3 +447,24 @@ def test_split_whose_prelu_name_repeats_is_counted_with_no_saving(tmp_path):
     onnx.save(model, path)
     share = bench.mac_share(onnx.load(path), {"x": [4, 3, 8]}, api.inspect(path))
     assert share.chains == 12 * 512 and share.after == share.total and share.unsaved == 1
+
+
+def test_pinned_sets_an_undeclared_shape_and_refuses_another_rank(tmp_path):
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.5] * 12)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "noshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = bench.pinned(path, {"x": [2, 4]})
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 4]
+    with pytest.raises(bench.InputError, match="input 'x' has rank 2, not the 3"):
+        bench.pinned(_saved(model, tmp_path), {"x": [1, 2, 4]})
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "pinned.onnx"
+    onnx.save(model, path)
+    return path
