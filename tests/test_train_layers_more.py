@@ -246,3 +246,127 @@ def test_per_channel_slopes_of_a_conv_block_found_by_names_act_on_the_channels()
         model[1].weight.copy_(torch.linspace(0, 1, 32))
         h = torch.randn(2, 32, 9)  # T = 9: slopes on the last dim would not even broadcast
         torch.testing.assert_close(model[1](h), torch.where(h >= 0, h, h * torch.linspace(0, 1, 32)[:, None]))
+
+
+# a model's own nn.PReLU between two linear layers
+
+
+def prelu_block(kind: str, slopes: int) -> nn.Sequential:
+    """layer(8 -> 32) -> nn.PReLU(slopes, trained apart) -> layer(32 -> 8); Conv kinds have BatchNorm before."""
+    prelu = nn.PReLU(slopes)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.2, 0.6, slopes) if slopes > 1 else torch.tensor([0.3]))
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(8, 32), prelu, nn.Linear(32, 8)).eval()
+    nd = int(kind[4])
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
+    return randomize_norms(nn.Sequential(conv(8, 32, 1), norm(32), prelu, conv(32, 8, 1))).eval()
+
+
+def prelu_inputs(kind: str) -> tuple[torch.Tensor]:
+    spatial = {"linear": (), "conv1d": (9,), "conv2d": (5, 6), "conv3d": (3, 4, 5)}[kind]
+    return (torch.randn(2, 8, *spatial, generator=torch.Generator().manual_seed(9)),)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("slopes", [1, 32], ids=["scalar", "per-channel"])
+def test_a_models_own_prelu_is_a_site_that_keeps_its_trained_slopes(kind, slopes):
+    model = prelu_block(kind, slopes)
+    x = prelu_inputs(kind)
+    original = copy.deepcopy(model)
+    act = "2" if kind != "linear" else "1"
+    found = train.prepare(model, x)
+    assert list(found) == [act] and found.unswappable == []
+    prelu = model.get_submodule(act)
+    assert isinstance(prelu, train.LayerCollapsePReLU) and prelu.num_parameters == slopes
+    torch.testing.assert_close(prelu.weight, original.get_submodule(act).weight, rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(model(*x), original(*x))  # the prepared model computes what the original did
+        prelu.weight.fill_(1.0)
+        want = without_activation(original, act)(*x)
+        assert torch.equal(model(*x), want)
+        assert train.collapse(model) == [act]
+        torch.testing.assert_close(model(*x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_slopes_false_gives_a_prelu_init_and_per_channel_spreads_one_trained_slope():
+    model = prelu_block("conv2d", 1)
+    train.prepare(model, prelu_inputs("conv2d"), keep_slopes=False, init=0.05)
+    assert model[2].weight.tolist() == [pytest.approx(0.05)]
+    model = prelu_block("conv2d", 1)
+    train.prepare(model, prelu_inputs("conv2d"), per_channel=True)
+    assert model[2].num_parameters == 32 and model[2].weight.tolist() == [pytest.approx(0.3)] * 32
+
+
+class SharedPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.act = (nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32),
+                                                    nn.Linear(32, 8), nn.PReLU(32, init=0.2))
+
+    def forward(self, x):
+        return self.d(self.act(self.c(self.b(self.act(self.a(x))))))
+
+
+def test_a_shared_prelu_gives_each_site_its_own_copy_of_the_trained_slopes():
+    model = SharedPReLU().eval()
+    x = prelu_inputs("linear")
+    with torch.no_grad():
+        want = model(*x)
+    assert list(train.prepare(model, x)) == ["act.sites.0", "act.sites.1"]
+    assert model.act.sites["0"].weight is not model.act.sites["1"].weight
+    assert model.act.sites["0"].weight.tolist() == [pytest.approx(0.2)] * 32
+    with torch.no_grad():
+        assert torch.equal(model(*x), want)
+
+
+class PReLUOnTime(nn.Module):
+    """nn.PReLU(32) after a Linear on (N, T, C): torch takes its slopes from dim 1, T (it raises unless T == C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.PReLU(32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_per_channel_prelu_on_a_linears_time_dim_is_reported_not_prepared():
+    with pytest.raises(ValueError, match="did not run on example_inputs.*parameter numbers"):
+        train.prepare(PReLUOnTime(), (torch.randn(2, 5, 16),))  # T = 5 != 32: torch itself refuses
+    model = PReLUOnTime().eval()  # equal slopes (0.25): the elementwise probe alone would have passed it
+    with pytest.warns(UserWarning, match=r"fc1 -> act -> fc2: the nn.PReLU's 32 slopes act on dim 1 of its "
+                                         r"\(2, 32, 32\) input"):
+        found = train.prepare(model, (torch.randn(2, 32, 16),))
+    assert list(found) == [] and type(model.act) is nn.PReLU and len(found.unswappable) == 1
+    assert list(train.prepare(PReLUOnTime().eval(), (torch.randn(4, 16),))) == ["act"]  # 2-D: dim 1 is C
+
+
+def test_names_leave_a_per_channel_prelu_after_a_linear_and_take_it_after_a_conv():
+    with pytest.warns(UserWarning, match="module names"):
+        assert list(train.prepare(PReLUOnTime())) == []
+    model = prelu_block("conv1d", 32)
+    with pytest.warns(UserWarning, match="module names"):
+        assert list(train.prepare(nn.Sequential(model[0], model[2], model[3]))) == ["1"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv3d"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_prepared_per_channel_prelu_exports_and_folds(tmp_path, kind, dynamo):
+    import onnx
+
+    import lc_onnx
+
+    model = prelu_block(kind, 32)
+    x = prelu_inputs(kind)
+    train.prepare(model, x)
+    with torch.no_grad():
+        for prelu in train.blocks(model).values():
+            prelu.weight.fill_(1.0)
+        want = model(*x).numpy()
+    train.export(model, x, tmp_path / "m.onnx", dynamo=dynamo)
+    folded = lc_onnx.optimize(str(tmp_path / "m.onnx")).model
+    assert [n.op_type for n in folded.graph.node] in (["Conv"], ["Gemm"])
+    onnx.save(folded, tmp_path / "folded.onnx")
+    np.testing.assert_allclose(onnx_output(tmp_path / "folded.onnx", x[0]), want, rtol=1e-4, atol=1e-5)

@@ -28,6 +28,12 @@ def _is_activation(m: nn.Module) -> bool:
         "transformers.activations")
 
 
+def _slopes_on_features(act: nn.Module, first: nn.Module) -> bool:
+    """An nn.PReLU with per-channel slopes takes them from dim 1 of its input: the channels after a conv, but
+    after a Linear the features only on 2-D inputs, which names cannot tell (on (N, T, C) they are per T)."""
+    return not (type(act) is nn.PReLU and act.num_parameters > 1 and feature_dim(first) == -1)
+
+
 def _get(root: nn.Module, path: str) -> nn.Module | None:
     try:
         return root.get_submodule(path) if path else root
@@ -62,13 +68,14 @@ def find(model: nn.Module) -> list[Site]:
                     elif not isinstance(kids[j][1], PASS_THROUGH):
                         act = kids[j][0]
                     j += 1
-                if act and j < len(kids) and is_linear(kids[j][1]):
+                fits = act and j < len(kids) and is_linear(kids[j][1])
+                if fits and _slopes_on_features(module.get_submodule(act), m):
                     site = _site(model, pname, first, act, kids[j][0], norms)
                     sites.setdefault(site.act, site)
         for first, act, second in ATTRIBUTE_PATTERNS:
             f, a, s = (_get(module, p) for p in (first, act, second))
             if f is not None and a is not None and s is not None and is_linear(f) and is_linear(s) and (
-                    _is_activation(a)):
+                    _is_activation(a) and _slopes_on_features(a, f)):
                 site = _site(model, pname, first, act, second)
                 sites.setdefault(site.act, site)
     return list(sites.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 
+import torch
 from torch import nn
 
 from lc_onnx.train import layers, names, sites, trace
@@ -91,9 +92,12 @@ def layout(site: Site, model: nn.Module) -> SiteLayout:
 
 
 def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,
-            include: str | list[str] | None = None, exclude: str | list[str] | None = None) -> Prepared:
+            include: str | list[str] | None = None, exclude: str | list[str] | None = None,
+            keep_slopes: bool = True) -> Prepared:
     """Replace, in place, the activation of every LayerCollapse site with a LayerCollapsePReLU (slope `init`;
-    one per hidden unit with `per_channel`) and return the names of the prepared blocks.
+    one per hidden unit with `per_channel`) and return the names of the prepared blocks. A site whose activation
+    is already an nn.PReLU keeps its trained slopes (one, or one per channel as it had them; the prepared model
+    computes what the original did) unless `keep_slopes=False`, which gives it `init` as any other.
 
     With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
@@ -114,7 +118,7 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     for site in found:
         if not _selected(site.name, include, exclude):
             continue
-        _install(model, site, init, per_channel, verified=example_inputs is not None)
+        _install(model, site, init, per_channel, verified=example_inputs is not None, keep_slopes=keep_slopes)
         chosen.append(site)
     _no_fused_feed_forward(model)
     return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
@@ -124,16 +128,31 @@ def _same_modules(a: SiteLayout, b: SiteLayout) -> bool:
     return (a.up, a.first, a.second, a.batchnorms) == (b.up, b.first, b.second, b.batchnorms)
 
 
-def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verified: bool) -> None:
+def _new_prelu(model: nn.Module, site: Site, original: nn.Module, init: float, per_channel: bool, verified: bool,
+               keep_slopes: bool) -> LayerCollapsePReLU:
+    """The site's PReLU, in the first layer's device and dtype: slopes `init`, or an nn.PReLU's own slopes."""
+    ref = model.get_submodule(site.first).weight
+    kept = original.weight.detach() if keep_slopes and sites.is_torch_prelu(original) else None
+    if kept is not None and kept.numel() not in (1, site.width):  # not one per hidden unit: a names guess
+        kept = None
+    count = site.width if per_channel or kept is not None and kept.numel() > 1 else 1
+    act = LayerCollapsePReLU(count, init, layout(site, model), verified, site.channel_dim)
+    act.to(device=ref.device, dtype=ref.dtype)
+    if kept is not None:  # per-channel slopes lie on the features: `sites` proved it
+        with torch.no_grad():
+            act.weight.copy_(kept.expand(count))
+    return act
+
+
+def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verified: bool,
+             keep_slopes: bool = True) -> None:
     current = model.get_submodule(site.act)
     if isinstance(current, LayerCollapsePReLU):
         if verified and _same_modules(current.layout, layout(site, model)):  # found by names before, proven now
             current.verified = True
         return
-    first = model.get_submodule(site.first)
-    ref = first.weight
-    act = LayerCollapsePReLU(site.width if per_channel else 1, init, layout(site, model), verified, site.channel_dim)
-    act.to(device=ref.device, dtype=ref.dtype)
+    original = current.original if isinstance(current, SharedActivation) else current
+    act = _new_prelu(model, site, original, init, per_channel, verified, keep_slopes)
     if not site.shared:
         set_module(model, site.act, act)
         return

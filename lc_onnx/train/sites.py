@@ -139,16 +139,38 @@ def elementwise(module: nn.Module, x: torch.Tensor) -> bool:
     return moved.shape == base.shape and torch.allclose(moved, base[perm], rtol=1e-4, atol=1e-6)
 
 
-def is_activation(module: nn.Module, x: torch.Tensor) -> bool:
-    """Elementwise, or a PReLU an earlier `prepare` put there: per-channel slopes, once trained apart, are no
-    longer one function of each element, yet they act on the layers' features alone, so the site stays."""
-    return isinstance(module, LayerCollapsePReLU) or elementwise(module, x)
+def is_torch_prelu(module: nn.Module) -> bool:
+    """torch's own nn.PReLU (a subclass with its own forward may compute anything: it is probed as any module)."""
+    return isinstance(module, nn.PReLU) and type(module).forward is nn.PReLU.forward
+
+
+def prelu_on_features(module: nn.PReLU, x: torch.Tensor, dim: int) -> bool:
+    """Whether an nn.PReLU's slopes act on the site's features alone: one slope, or one per entry of dim 1, where
+    torch puts them whatever the rank, and that dim is the features: the channels of a batched conv input (dim
+    1) or the units of a 2-D Linear input. On a Linear's (N, T, C) output they are per position T (torch runs it
+    only when T == C), which no folded layer computes."""
+    if module.num_parameters == 1:
+        return True
+    return x.dim() >= 2 and (dim == 1 or x.dim() == 2) and x.shape[1] == module.num_parameters
+
+
+def is_activation(module: nn.Module, x: torch.Tensor, dim: int = -1) -> bool:
+    """Elementwise; a PReLU an earlier `prepare` put there (per-channel slopes, once trained apart, are no
+    longer one function of each element, yet they act on the layers' features alone, so the site stays); or a
+    model's own nn.PReLU whose slopes act on the features `dim` of the site (decided from its layout, not probed:
+    trained per-channel slopes fail the probe, and equal ones on the wrong dim would pass it)."""
+    if isinstance(module, LayerCollapsePReLU):
+        return True
+    if is_torch_prelu(module):
+        return prelu_on_features(module, x, dim)
+    return elementwise(module, x)
 
 
 def find(rec: Record) -> tuple[list[Site], list[str]]:
     """Sites in the record, and one line for each site that cannot be prepared: an activation called as a
     function between two linear layers (no module to swap), a module of a site registered under two names
-    (swapping one name would leave the other), a TorchScript submodule (no hooks see inside it)."""
+    (swapping one name would leave the other), a TorchScript submodule (no hooks see inside it), an nn.PReLU
+    whose per-channel slopes are not on the layers' features."""
     occurrences = []
     for call in rec.calls:
         if not _activation_call(rec, call):
@@ -157,22 +179,23 @@ def find(rec: Record) -> tuple[list[Site], list[str]]:
         ahead = _forward(rec, call, call.outputs[0]) if back else None
         if back and ahead and _fits(back[0], ahead[0], back[1] + ahead[1]):
             occurrences.append(_Occurrence(back[0], back[1], call, ahead[1], ahead[0]))
-    found, aliased = _group(rec, occurrences)
+    found, reported = _group(rec, occurrences)
     opaque = [f"{name}: a TorchScript module, which prepare() cannot see inside; prepare the model before "
               "torch.jit.script/trace" for name in rec.opaque]
-    return found, _functional(rec) + aliased + opaque
+    return found, _functional(rec) + reported + opaque
 
 
 def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], list[str]]:
     """One site per (first, norms, act, second) modules, kept only when every call of its linear layers
     and norms is one of its occurrences (a layer also used elsewhere cannot be fused away) and none of its
-    modules has a second name (an alias), which a swap under the first would miss; a line for each alias."""
+    modules has a second name (an alias), which a swap under the first would miss; a line for each alias and
+    each nn.PReLU whose slopes are not on the features."""
     groups: dict[tuple, list[_Occurrence]] = {}
     for occ in occurrences:
         mods = (occ.first, *occ.before, occ.act, *occ.after, occ.second)
         groups.setdefault(tuple(id(c.module) for c in mods), []).append(occ)
-    probed: dict[int, bool] = {}
-    aliased: list[str] = []
+    probed: dict[tuple[int, int], bool] = {}
+    reported: list[str] = []
     sites_of_act: dict[int, list[_Occurrence]] = {}
     for occs in groups.values():
         occ = occs[0]
@@ -183,14 +206,16 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
             continue
         aliases = [rec.paths[id(c.module)] for c in (*fused, occ.act) if len(rec.paths[id(c.module)]) > 1]
         if aliases:
-            aliased.append(f"{occ.first.name} -> {occ.act.name} -> {occ.second.name}: {aliases[0][0]} is also "
+            reported.append(f"{occ.first.name} -> {occ.act.name} -> {occ.second.name}: {aliases[0][0]} is also "
                            f"{', '.join(aliases[0][1:])} in the model, and the forward may call either name, "
                            "so it is not prepared (register the module once)")
             continue
-        act = occ.act.module
-        if id(act) not in probed:
-            probed[id(act)] = is_activation(act, occ.act.inputs[0])
-        if probed[id(act)]:
+        act, dim = occ.act.module, layers.feature_dim(occ.first.module)
+        if (id(act), dim) not in probed:
+            probed[id(act), dim] = is_activation(act, occ.act.inputs[0], dim)
+            if not probed[id(act), dim] and is_torch_prelu(act):
+                reported.append(_prelu_off_features(occ))
+        if probed[id(act), dim]:
             sites_of_act.setdefault(id(act), []).extend(occs)
     sites = []
     for occs in sites_of_act.values():
@@ -205,7 +230,15 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
                         layers.out_features(occ.first.module), layers.feature_dim(occ.first.module), shared,
                         str(key), occ.act.index)
             sites.append(site)
-    return sorted(sites, key=lambda site: site.order), aliased
+    return sorted(sites, key=lambda site: site.order), reported
+
+
+def _prelu_off_features(occ: _Occurrence) -> str:
+    shape = tuple(occ.act.inputs[0].shape)
+    return (f"{occ.first.name} -> {occ.act.name} -> {occ.second.name}: the nn.PReLU's "
+            f"{occ.act.module.num_parameters} slopes act on dim 1 of its {shape} input (torch's channel dim), not "
+            "on the layers' features (the last dim), so it is not prepared (use one slope, or put it where dim 1 "
+            "is the features)")
 
 
 def _functional(rec: Record) -> list[str]:
