@@ -5,6 +5,7 @@ recorded data flow, exact at slope 1, collapsed into one pointwise Conv of the s
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -370,3 +371,68 @@ def test_a_prepared_per_channel_prelu_exports_and_folds(tmp_path, kind, dynamo):
     assert [n.op_type for n in folded.graph.node] in (["Conv"], ["Gemm"])
     onnx.save(folded, tmp_path / "folded.onnx")
     np.testing.assert_allclose(onnx_output(tmp_path / "folded.onnx", x[0]), want, rtol=1e-4, atol=1e-5)
+
+
+# hooks on a swapped activation module
+
+
+class Mlp(nn.Module):
+    def __init__(self, act: nn.Module | None = None):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), act or nn.GELU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+X = (torch.randn(4, 8, generator=torch.Generator().manual_seed(11)),)
+
+
+def test_hooks_on_a_swapped_activation_are_not_carried_over_and_one_warning_names_them():
+    model = Mlp().eval()
+    seen = []
+    model.act.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    model.act.register_forward_pre_hook(lambda m, args: None)
+    with pytest.warns(UserWarning, match=r"prepare: act \(GELU\) has 2 forward/backward hook\(s\)") as caught:
+        prepared_is_exact_and_collapses(model, X, ["act"])
+    assert sum("hook" in str(w.message) for w in caught) == 1 and caught[0].filename == __file__
+    seen.clear()
+    model(*X)
+    assert seen == []  # the observer is gone with the GELU; the block is one Linear
+
+
+def test_a_hook_that_changes_the_output_is_dropped_so_the_collapse_folds_what_the_prepared_model_computes():
+    # the site was proven with the hook (a clamp after the GELU is still elementwise); carrying the clamp onto
+    # the PReLU would make the block non-linear at slope 1 and the collapse wrong, so it goes, with a warning
+    model = Mlp().eval()
+    model.act.register_forward_hook(lambda m, args, out: out.clamp(max=0.1))
+    with pytest.warns(UserWarning, match="1 forward/backward hook"):
+        found = train.prepare(model, X, init=1.0)
+    assert list(found) == ["act"] and not model.act._forward_hooks
+    with torch.no_grad():
+        want = model.fc2(model.fc1(X[0]))
+        assert torch.equal(model(*X), want)
+        train.collapse(model)
+        torch.testing.assert_close(model(*X), want, rtol=1e-4, atol=1e-5)
+
+
+class SharedHooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.act = (nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32),
+                                                    nn.Linear(32, 8), nn.GELU())
+
+    def forward(self, x):
+        return self.d(self.act(self.c(self.b(self.act(self.a(x))))))
+
+
+def test_a_hooked_activation_shared_by_two_sites_warns_once_and_no_hooks_warn_nothing():
+    model = SharedHooked().eval()
+    model.act.register_forward_hook(lambda m, args, out: None)
+    with pytest.warns(UserWarning, match=r"act \(GELU\) has 1 .*at its sites the PReLUs") as caught:
+        assert list(train.prepare(model, X)) == ["act.sites.0", "act.sites.1"]
+    assert sum("hook" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.prepare(model, X)  # prepared before: nothing new to say
+        train.prepare(Mlp().eval(), X)  # no hooks

@@ -97,7 +97,8 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     """Replace, in place, the activation of every LayerCollapse site with a LayerCollapsePReLU (slope `init`;
     one per hidden unit with `per_channel`) and return the names of the prepared blocks. A site whose activation
     is already an nn.PReLU keeps its trained slopes (one, or one per channel as it had them; the prepared model
-    computes what the original did) unless `keep_slopes=False`, which gives it `init` as any other.
+    computes what the original did) unless `keep_slopes=False`, which gives it `init` as any other. Hooks on a
+    replaced activation module are not carried over to its PReLU: one warning per module says how many.
 
     With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
@@ -114,14 +115,35 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
         found, unswappable = sites.find(trace.record(model, example_inputs))
         for line in unswappable:
             warnings.warn(line, stacklevel=2)
-    chosen = []
+    chosen, warned = [], set()
     for site in found:
         if not _selected(site.name, include, exclude):
             continue
+        _warn_dropped_hooks(model, site, warned)
         _install(model, site, init, per_channel, verified=example_inputs is not None, keep_slopes=keep_slopes)
         chosen.append(site)
     _no_fused_feed_forward(model)
     return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _warn_dropped_hooks(model: nn.Module, site: Site, warned: set[int]) -> None:
+    """Hooks on an activation module do not run on the PReLU put in its place. They are not carried over: one
+    that changes the output (a clamp, a scale) would make the block something collapse does not fold; one that
+    only observes would see the PReLU. So one warning per module, naming it, for the user to act on."""
+    current = model.get_submodule(site.act)
+    if isinstance(current, (LayerCollapsePReLU, SharedActivation)) or id(current) in warned:
+        return  # prepared before: its hooks were reported then
+    count = sum(len(getattr(current, d, {})) for d in HOOK_DICTS)
+    if not count:
+        return
+    warned.add(id(current))
+    where = "at its sites the PReLUs in its place do" if site.shared else "the PReLU in its place does"
+    warnings.warn(f"prepare: {site.act} ({type(current).__name__}) has {count} forward/backward hook(s), which "
+                  f"{where} not run (a hook that changes the output would make the block non-linear, so they are "
+                  "not carried over); register the ones that only observe on the new module", stacklevel=3)
 
 
 def _same_modules(a: SiteLayout, b: SiteLayout) -> bool:
