@@ -29,7 +29,7 @@ class Elementwise(nn.Module):
 
 ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "custom": Elementwise}
 SITES = ("mlp", "dropout", "batchnorm", "residual")  # blocks that are sites
-MISSES = ("norm_between", "hidden_reused", "gate", "fan_out", "scaled", "layer_reused")  # blocks that are not
+MISSES = ("norm_between", "hidden_reused", "gate", "fan_out", "scaled", "layer_reused", "listed")  # are not
 
 
 class Block(nn.Module):
@@ -52,6 +52,8 @@ class Block(nn.Module):
                 self.bn.bias.uniform_(-0.5, 0.5)
         if kind == "norm_between":
             self.norm = nn.LayerNorm(h)
+        if kind == "listed":  # the forward calls the layers through a plain list, not their registered names
+            self.steps = [self.fc1, self.fc2]
         if kind in ("gate", "fan_out"):
             self.fc3 = nn.Linear(d if kind == "gate" else h, h if kind == "gate" else d)
 
@@ -77,6 +79,8 @@ class Block(nn.Module):
             return self.fc2(h) + self.fc3(h)
         if k == "scaled":
             return self.fc2(act(self.fc1(x)) * 2.0)
+        if k == "listed":
+            return self.steps[1](act(self.steps[0](x)))
         if k == "layer_reused":  # fc1 also runs on another tensor: its weights are not the block's alone
             return self.fc2(act(self.fc1(x))) + self.fc2(self.fc1(x).flip(-1))
         raise AssertionError(k)

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from lc_onnx.train import sites, trace
+from lc_onnx.train import reach
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.prepare import fingerprint, one_or_many, set_module
@@ -71,7 +71,7 @@ def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], 
         raise RuntimeError(f"collapse: {_listed(names)}: prepared by module names (no example inputs), which do "
                            "not show that the forward pass runs their layers in a row; pass example_inputs to "
                            "collapse() or prepare() to verify them, or trust_names=True to fuse them as named")
-    found = sites.find(trace.record(model, example_inputs))[0]
+    found = reach.proven_sites(model, example_inputs)[0]
     proven = {(s.name, (s.first, s.second, *s.batchnorms)) for s in found}
     chains = {name: _paths(name, act)[1] for name, act in unverified}
     wrong = [f"{p[0]} -> {name} -> {p[1]}" for name, p in chains.items() if (name, p) not in proven]
@@ -81,6 +81,12 @@ def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], 
                            "model; leave them out with only=[...]")
     for _, act in unverified:
         act.verified = True
+
+
+def verify(model: nn.Module, example_inputs) -> None:
+    """Mark the blocks `prepare` found by names alone verified where a forward pass on `example_inputs` shows
+    the same sites (as `collapse(..., example_inputs=...)` does); RuntimeError, naming them, where it does not."""
+    _verify(model, [(name, act) for name, act in blocks(model).items() if not act.verified], example_inputs, False)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train import layers, names, sites, trace
+from lc_onnx.train import layers, names, reach, sites
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.sites import Site
 
@@ -112,7 +112,7 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
                       "or trust_names=True); pass example_inputs to verify them", stacklevel=2)
         found, unswappable = names.find(model), []
     else:
-        found, unswappable = sites.find(trace.record(model, example_inputs))
+        found, unswappable = reach.proven_sites(model, example_inputs)
         for line in unswappable:
             warnings.warn(line, stacklevel=2)
     chosen, warned = [], set()

@@ -97,6 +97,25 @@ def _check_not_meta(model: nn.Module, example_inputs) -> None:
                          "(no values): pass real tensors on the model's device")
 
 
+def run(model: nn.Module, example_inputs):
+    """`model` called once in eval mode on a tuple of positional inputs, a dict of keyword inputs or one tensor,
+    with torch's fused transformer kernels off (they call no submodules); its modes are restored after."""
+    modes = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if isinstance(example_inputs, dict):
+            return model(**example_inputs)
+        if isinstance(example_inputs, (tuple, list)):
+            return model(*example_inputs)
+        return model(example_inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, training in modes.items():
+            m.train(training)
+
+
 @torch.no_grad()
 def record(model: nn.Module, example_inputs) -> Record:
     """Run `model` once in eval mode on `example_inputs` (a tuple of positional inputs, a dict of keyword
@@ -136,33 +155,21 @@ def record(model: nn.Module, example_inputs) -> Record:
             finally:
                 recorder.paused = False
 
-    modes = {m: m.training for m in model.modules()}
     scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]  # they take no Python hooks
     hooked = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
-    model.eval()
     # prepended, so the inputs recorded are those before any hook of the model's own changes them
     handles = [m.register_forward_pre_hook(before, with_kwargs=True, prepend=True) for m in hooked]
     handles += [m.register_forward_hook(after, with_kwargs=True, always_call=True) for m in hooked]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # torch's fused transformer kernels call no submodules
     try:
         with recorder:
-            if isinstance(example_inputs, dict):
-                out = model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                out = model(*example_inputs)
-            else:
-                out = model(example_inputs)
+            out = run(model, example_inputs)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first}); pass a tuple "
                          "of positional inputs or a dict of keyword inputs that model(...) accepts") from e
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
     created: dict[int, int] = {}
     uses: dict[int, list[int]] = {}
     for op in ops:

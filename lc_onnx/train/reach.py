@@ -1,0 +1,78 @@
+"""Whether the forward pass reaches a module through its registered name. `prepare` swaps modules by name and
+`collapse` replaces them by name; a forward that holds a module elsewhere too (a plain list, a closure, a
+functools.partial) keeps calling the old object, so the swap does nothing or, worse, only part of a block is
+replaced and the collapsed model computes something else. The recorded pass cannot tell: it sees the object,
+not the way to it. So each module is put back under its name as a stand-in (same class, same parameters,
+buffers and hooks) that notes its calls, and the model runs once more."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lc_onnx.train import sites, trace
+from lc_onnx.train.sites import Site
+from lc_onnx.train.trace import run  # the call the recorded pass made
+
+
+def _stand_in(module: nn.Module, path: str, reached: set[str]) -> nn.Module:
+    """An object of a subclass of the module's class sharing its state, whose forward notes `path` first."""
+    cls = type(module)
+
+    def forward(self, *args, **kwargs):
+        reached.add(path)
+        return cls.forward(self, *args, **kwargs)
+
+    sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    stand_in = sub.__new__(sub)
+    stand_in.__dict__.update(module.__dict__)  # the same parameter, buffer, submodule and hook dicts
+    return stand_in
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
+    """The paths among `paths` whose module the forward does not call through that name (run as the recorded pass
+    ran: eval mode, no grad). The model is left as it was; an error in the pass is raised as the model's."""
+    reached: set[str] = set()
+    originals = {p: model.get_submodule(p) for p in dict.fromkeys(paths)}
+    try:
+        for p, m in originals.items():
+            _set(model, p, _stand_in(m, p, reached))
+        with torch.no_grad():
+            run(model, example_inputs)
+    finally:
+        for p, m in originals.items():
+            _set(model, p, m)
+    return set(originals) - reached
+
+
+def proven_sites(model: nn.Module, example_inputs) -> tuple[list[Site], list[str]]:
+    """The sites a recorded forward pass proves (`sites.find`) whose modules it also reaches through their
+    names, and a line for each site or activation it cannot prepare."""
+    found, lines = sites.find(trace.record(model, example_inputs))
+    kept, aliased = _by_name(model, example_inputs, found)
+    return kept, lines + aliased
+
+
+def _by_name(model: nn.Module, example_inputs, found: list[Site]) -> tuple[list[Site], list[str]]:
+    """The sites whose modules the forward calls through their registered names, and a line for each other:
+    prepare swaps the activation by name and collapse replaces the layers by name, which does not take where
+    the forward holds the module elsewhere too (then the PReLU never runs, or only part of the block is fused)."""
+    def paths(s: Site) -> list[str]:
+        return [s.first, *s.batchnorms, s.act, s.second]
+
+    missed = unreached(model, example_inputs, [p for s in found for p in paths(s)]) if found else set()
+    kept, lines = [], []
+    for s in found:
+        lost = [p for p in paths(s) if p in missed]
+        if lost:
+            lines.append(f"{s.first} -> {s.act} -> {s.second}: the forward does not call {', '.join(lost)} through "
+                         f"its registered name (it holds the module elsewhere too: a plain list, a closure, a "
+                         f"partial), so a swap by name would not take; not prepared")
+        else:
+            kept.append(s)
+    return kept, lines
