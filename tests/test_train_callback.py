@@ -202,3 +202,29 @@ def test_blocks_found_by_names_stop_training_before_it_starts_unless_they_can_be
         else:
             trainer.train()
             assert sorted(callback.collapsed) == sorted(names) and not train.slopes(model)
+
+
+def test_collapse_inputs_that_do_not_prove_a_name_found_block_stop_training_before_it_starts():
+    """Names say fc1 -> act -> fc2, but a residual reads the hidden tensor: the inputs are checked at the start,
+    not by the collapse after the whole run."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            return self.fc2(h) + h
+
+    args, state = SimpleNamespace(deepspeed=None, fsdp=None), SimpleNamespace(global_step=0)
+    model = Block()
+    with pytest.warns(UserWarning, match="finds sites by module names"):
+        train.prepare(model)
+    callback = train.LayerCollapseCallback(lam=1.0, collapse_threshold=0.05, collapse_inputs=(torch.randn(4, 8),))
+    with pytest.raises(RuntimeError, match="does not run fc1 -> act -> fc2 alone"):
+        callback.on_train_begin(args, state, None, model=model)
+    assert not model.act.verified

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train.collapse import collapse
+from lc_onnx.train.collapse import collapse, verify
 from lc_onnx.train.regularize import blocks, decoupled_step, regularizer, slope_parameters
 
 logger = logging.getLogger(__name__)
@@ -152,12 +152,14 @@ class LayerCollapseCallback:
             decoupled_step(model, self.slope_lr, self.lam)
 
     def _check_collapsible(self, model: nn.Module) -> None:
-        """`collapse` at the end refuses blocks found by names alone without inputs to verify them on: say so
-        before training, not after it."""
-        if self.collapse_threshold is None or self.collapse_inputs is not None or self.trust_names:
+        """`collapse` at the end refuses blocks found by names alone that inputs do not prove: prove them now
+        (they stay proven), or say so before training, not after it."""
+        if self.collapse_threshold is None or self.trust_names:
             return
         unverified = [name for name, act in blocks(model).items() if not act.verified]
-        if unverified:
+        if unverified and self.collapse_inputs is not None:
+            verify(model, _on_device(self.collapse_inputs, model))
+        elif unverified:
             raise ValueError(f"LayerCollapseCallback: {', '.join(unverified)} were found by names alone, which the "
                              f"collapse at the end of training refuses; pass collapse_inputs=<example inputs> to "
                              f"verify them on, trust_names=True, or prepare the model with example_inputs")
