@@ -169,3 +169,23 @@ def test_prepare_finds_every_mlp_and_collapse_keeps_the_output(name):
     assert not train.blocks(model)
     for got, want in zip(outputs(model, inputs), reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_found_by_names_are_26_and_each_verifies_and_collapses():
+    """README: without example inputs the names find 26 of the 63 blocks; collapse verifies all 26 on the inputs
+    (the same sites as the recorded pass) and keeps the output."""
+    total = 0
+    for name in ARCHITECTURES:
+        model, inputs = build(name)
+        with pytest.warns(UserWarning, match="finds sites by module names"):
+            found = train.prepare(model, init=1.0)
+        total += len(found)
+        if not found:
+            continue
+        before = outputs(model, inputs)
+        with pytest.raises(RuntimeError, match="prepared by module names"):
+            train.collapse(model, threshold=0.0)
+        assert sorted(train.collapse(model, threshold=0.0, example_inputs=inputs)) == sorted(found), name
+        for got, want in zip(outputs(model, inputs), before, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert total == 26
