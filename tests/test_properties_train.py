@@ -124,18 +124,22 @@ def models(draw):
 @given(models())
 def test_prepare_finds_exactly_the_blocks_and_collapse_keeps_the_output(case):
     model, x, kinds, per_channel = case
-    prepared = copy.deepcopy(model)
-    names = train.prepare(prepared, (x,), init=1.0, per_channel=per_channel)
-    assert len(names) == sum(k in SITES for k in kinds), (kinds, list(names))
-    with torch.no_grad():
-        before = prepared(x)
-        done = train.collapse(prepared, threshold=0.05)
-        after = prepared(x)
-    assert sorted(done) == sorted(names)
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
-    # at slope 1 the prepared model is the original with the sites' activations as the identity
+    before = prepared_then_collapsed(model, x, per_channel, sum(k in SITES for k in kinds))
     with torch.no_grad():
         torch.testing.assert_close(at_identity(model, x), before, rtol=1e-5, atol=1e-6)
+
+
+def prepared_then_collapsed(model: nn.Module, x, per_channel: bool, sites: int):
+    """Prepare a copy of `model` (slope 1), check it has `sites` blocks and that collapsing them keeps its output;
+    that output (the prepared model's)."""
+    prepared = copy.deepcopy(model)
+    names = train.prepare(prepared, (x,), init=1.0, per_channel=per_channel)
+    assert len(names) == sites, list(names)
+    with torch.no_grad():
+        before = prepared(x)
+        assert sorted(train.collapse(prepared, threshold=0.05)) == sorted(names)
+        torch.testing.assert_close(prepared(x), before, rtol=1e-4, atol=1e-5)
+    return before
 
 
 def at_identity(model: Model, x):
@@ -199,13 +203,8 @@ def conv_models(draw):
 @given(conv_models())
 def test_pointwise_conv_blocks_are_found_exactly_and_collapse_keeps_the_output(case):
     model, x, kinds, per_channel = case
-    prepared = copy.deepcopy(model)
-    names = train.prepare(prepared, (x,), init=1.0, per_channel=per_channel)
-    assert len(names) == sum(k in CONV_SITES for k in kinds), (kinds, list(names))
-    with torch.no_grad():
-        before = prepared(x)
-        assert sorted(train.collapse(prepared, threshold=0.05)) == sorted(names)
-        torch.testing.assert_close(prepared(x), before, rtol=1e-4, atol=1e-5)
+    before = prepared_then_collapsed(model, x, per_channel, sum(k in CONV_SITES for k in kinds))
+    with torch.no_grad():  # at slope 1 the prepared model is the original with the sites' activations as identity
         for block in model:
             if block.kind in CONV_SITES:
                 block.act = nn.Identity()
