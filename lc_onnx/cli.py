@@ -259,7 +259,8 @@ def inspect(model, tol, as_json, allow_growth, skip) -> None:
               help="Bind inputs and outputs on the provider's device (ORT IOBinding): time device work, not copies.")
 @click.option("--cuda-graph", is_flag=True,
               help="Capture each model's run as a CUDA graph and replay it (--provider cuda only; implies "
-                   "--io-binding; every node must run on CUDA).")
+                   "--io-binding; the inputs' dims are pinned to the shapes fed, so ONNX Runtime folds the "
+                   "shape computations it would run on the CPU).")
 @click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True,
               help="Slope tolerance for the chains counted in the MAC share of the first model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
