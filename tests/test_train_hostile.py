@@ -82,8 +82,12 @@ def test_a_layer_whose_output_is_not_its_weights_map_is_no_site(change):
 
 def test_a_hook_that_changes_nothing_and_a_parametrized_weight_keep_the_site():
     model = Block()
-    model.fc1.register_forward_hook(lambda module, args, out: None)
+    hook = model.fc1.register_forward_hook(lambda module, args, out: None)
     model.fc2 = parametrizations.weight_norm(model.fc2)
+    assert list(train.prepare(model.eval(), X, init=1.0)) == ["act"]
+    with pytest.raises(RuntimeError, match="fc1 carries forward hook"):  # the fused layer would run without it
+        train.collapse(model)
+    hook.remove()
     collapses_exactly(model)
 
 

@@ -1,6 +1,7 @@
 """`collapse`: fuse each prepared block whose slope is within a threshold of 1 into one layer. It fuses
-exactly the modules `prepare` recorded, and refuses a site whose modules changed since, or one found by names
-alone that no recorded forward pass proves."""
+exactly the modules `prepare` recorded, and refuses a site whose modules changed since, whose modules carry hooks
+(other than its own site tags) that the fused layer would run without, or one found by names alone that no
+recorded forward pass proves."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torch import nn
 
 from lc_onnx.train import reach
 from lc_onnx.train.layers import affine, fused, is_linear
-from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
-from lc_onnx.train.prepare import fingerprint, one_or_many, set_module
+from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
+from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, one_or_many, set_module
 from lc_onnx.train.regularize import blocks
 
 
@@ -35,6 +36,47 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
             raise RuntimeError(f"{name}: the {role} module of this block ({path}) is now {found}, not the "
                                f"{kind} with {width[0]} hidden features that prepare() recorded; the model "
                                "changed since prepare(), so the block cannot be collapsed safely")
+
+
+HOOK_KINDS = dict(zip(HOOK_DICTS, ("forward pre-hook", "forward hook", "backward pre-hook", "backward hook"),
+                      strict=True))
+
+
+def hook_name(hook) -> str:
+    """Where a hook comes from, `module.qualname` of its function or class, so a user can tell whose it is."""
+    target = getattr(hook, "func", hook)  # functools.partial
+    target = getattr(target, "__func__", target)  # a bound method
+    if not hasattr(target, "__qualname__"):  # a callable object
+        target = type(target)
+    return f"{getattr(target, '__module__', None) or '?'}.{target.__qualname__}"
+
+
+def foreign_hooks(module: nn.Module) -> list[str]:
+    """The hooks on `module` other than the library's own site tags, and a forward replaced on the instance: the
+    fused layer would run without them."""
+    found = [f"{kind} {hook_name(hook)}" for attr, kind in HOOK_KINDS.items()
+             for hook in getattr(module, attr, {}).values() if not isinstance(hook, SiteTag)]
+    if "forward" in vars(module):
+        found.append(f"forward replaced on the instance by {hook_name(vars(module)['forward'])}")
+    return found
+
+
+def _check_hooks(name: str, base: nn.Module, base_path: str, act: LayerCollapsePReLU) -> None:
+    """Refuse a block whose modules carry hooks: collapse replaces them, so a hook that changes an output (a
+    user's, or a library's registered while training) would be dropped and the fused layer compute something else."""
+    lay = act.layout
+    paths = [lay.first, *lay.batchnorms, lay.slot, lay.second]
+    holder = lay.slot.rpartition(".")[0].rpartition(".")[0]  # "act" of "act.sites.0"
+    if "." in lay.slot and isinstance(base.get_submodule(holder), SharedActivation):  # it runs at this site too
+        paths.append(holder)
+    for path in paths:
+        hooks = foreign_hooks(base.get_submodule(path))
+        if hooks:
+            where = ".".join(p for p in (base_path, path) if p)
+            raise RuntimeError(f"collapse: {name}: {where} carries {_listed(hooks)}, which the fused layer would "
+                               "run without (a hook that changes an output would make the block compute something "
+                               "else); remove them (handle.remove()) before collapse, or leave the block out with "
+                               "only=[...]")
 
 
 def _paths(name: str, act: LayerCollapsePReLU) -> tuple[str, tuple[str, ...]]:
@@ -99,7 +141,8 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     A NaN slope is never within the threshold.
     Blocks `prepare` found by names (no example inputs) are verified first on `example_inputs` (as `prepare`
     takes them) and refused if the recorded pass does not show them; without example inputs they are refused
-    unless `trust_names=True`. A refusal raises before anything is fused."""
+    unless `trust_names=True`. A block whose modules carry hooks (a user's or a library's, registered after
+    `prepare`) is refused too, naming them. A refusal raises before anything is fused."""
     if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
@@ -114,16 +157,17 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         if not within or (only is not None and name not in only):
             continue
         base_path = _paths(name, act)[0]
-        chosen.append((name, act, model.get_submodule(base_path) if base_path else model))
+        chosen.append((name, act, base_path, model.get_submodule(base_path) if base_path else model))
     # every block is checked before any is fused, so a refusal leaves the model as it was
-    _verify(model, [(name, act) for name, act, _ in chosen if not act.verified], example_inputs, trust_names)
-    for name, act, base in chosen:
+    _verify(model, [(name, act) for name, act, _, _ in chosen if not act.verified], example_inputs, trust_names)
+    for name, act, base_path, base in chosen:
         _check(name, base, act)
+        _check_hooks(name, base, base_path, act)
         if any(base.get_submodule(p).training for p in act.layout.batchnorms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
-    for _, act, base in chosen:
+    for _, act, _, base in chosen:
         _fuse(base, act.layout)
-    return [name for name, _, _ in chosen]
+    return [name for name, *_ in chosen]
 
 
 def _fuse(base: nn.Module, lay: SiteLayout) -> None:
@@ -134,9 +178,15 @@ def _fuse(base: nn.Module, lay: SiteLayout) -> None:
         wm, bm = affine(m)
         w, b = wm @ w, wm @ b + bm
     # the fused layer takes the second layer's place, so a chain of blocks collapses front to back
-    set_module(base, lay.second, fused(w, b, like=second))
+    _replace(base, lay.second, fused(w, b, like=second))
     for path in (lay.first, *lay.batchnorms, lay.slot):
-        set_module(base, path, nn.Identity())
-    shared = base.get_submodule(lay.slot.rpartition(".")[0].rpartition(".")[0]) if "." in lay.slot else None
-    if isinstance(shared, SharedActivation):  # the new feeder must still tell the switch its site
-        tag_feeder(base.get_submodule(lay.feeder), shared, lay.slot.rpartition(".")[2])
+        _replace(base, path, nn.Identity())
+
+
+def _replace(base: nn.Module, path: str, new: nn.Module) -> None:
+    """`new` in the place of the module at `path`, with its site tags: a shared activation learns from them which
+    site a call is for, this block's (its feeder became an identity) or the next block's (fed by the second layer)."""
+    for hook in base.get_submodule(path)._forward_hooks.values():
+        if isinstance(hook, SiteTag):
+            new.register_forward_hook(hook)
+    set_module(base, path, new)

@@ -1,0 +1,157 @@
+"""Gaps in the training side, closed: hooks that `collapse` would drop, SyncBatchNorm sites, an nn.LeakyReLU's own
+slope, and BatchNorm2d/3d blocks found by names."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from lc_onnx import train  # noqa: E402
+
+X = (torch.randn(4, 16, generator=torch.Generator().manual_seed(7)),)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+class Mlp(nn.Module):
+    def __init__(self, act: nn.Module | None = None):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), act or nn.GELU(), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def run(model: nn.Module, inputs=X) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+# 1. hooks registered after prepare: collapse would replace the hooked modules and drop the hooks
+
+
+def doubled(module, args, out):
+    return out * 2
+
+
+class OffloadHook:
+    """A callable object, as a library registers it (DeepSpeed ZeRO-3 hooks every module while training)."""
+
+    def __call__(self, module, args):
+        return None
+
+
+class Recorder:
+    def observe(self, module, args, out):
+        return None
+
+
+def prepared_at_slope_1(model: nn.Module, inputs=X) -> nn.Module:
+    assert list(train.prepare(model.eval(), inputs, init=1.0))
+    return model
+
+
+def refused(model: nn.Module, match: str, **kwargs) -> None:
+    """collapse raises one line matching `match` and leaves the model as it was."""
+    before, blocks = run(model), dict(train.blocks(model))
+    with pytest.raises(RuntimeError, match=match) as caught:
+        train.collapse(model, **kwargs)
+    assert "\n" not in str(caught.value)
+    assert train.blocks(model) == blocks and torch.equal(run(model), before)
+
+
+@pytest.mark.parametrize("where", ["fc1", "act", "fc2"])
+def test_a_forward_hook_added_after_prepare_is_refused_with_its_name(where):
+    model = prepared_at_slope_1(Mlp())
+    handle = model.get_submodule(where).register_forward_hook(doubled)
+    refused(model, rf"collapse: act: {where} carries forward hook test_train_gaps\.doubled, which .*remove them "
+                   r"\(handle\.remove\(\)\) before collapse, or leave the block out with only=")
+    handle.remove()
+    before = run(model)
+    assert train.collapse(model) == ["act"]
+    torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_pre_hooks_backward_hooks_objects_partials_and_bound_methods_are_named():
+    cases = [
+        (lambda m: m.fc1.register_forward_pre_hook(OffloadHook()), r"forward pre-hook test_train_gaps\.OffloadHook"),
+        (lambda m: m.fc2.register_forward_hook(Recorder().observe), r"forward hook test_train_gaps\.Recorder\.observe"),
+        (lambda m: m.fc2.register_forward_hook(functools.partial(doubled)), r"forward hook test_train_gaps\.doubled"),
+        (lambda m: m.fc1.register_full_backward_hook(lambda *a: None), r"backward hook test_train_gaps\..*<lambda>"),
+        (lambda m: m.fc1.register_full_backward_pre_hook(lambda *a: None), r"backward pre-hook test_train_gaps"),
+    ]
+    for register, match in cases:
+        model = prepared_at_slope_1(Mlp())
+        register(model)
+        refused(model, match)
+
+
+def test_a_forward_replaced_on_the_instance_is_refused():
+    model = prepared_at_slope_1(Mlp())
+    model.fc2.forward = functools.partial(nn.Linear.forward, model.fc2)
+    refused(model, r"fc2 carries forward replaced on the instance by torch\.nn\.modules\.linear\.Linear\.forward")
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.one, self.two = Mlp(), Mlp()
+
+    def forward(self, x):
+        return self.two(self.one(x))
+
+
+def test_a_hooked_block_stops_every_fusion_and_only_leaves_it_out():
+    model = prepared_at_slope_1(TwoBlocks())
+    model.two.fc1.register_forward_pre_hook(OffloadHook())
+    refused(model, r"collapse: two\.act: two\.fc1 carries forward pre-hook")
+    before = run(model)
+    assert train.collapse(model, only="one.act") == ["one.act"]
+    torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_a_batchnorm_of_the_block_or_on_a_shared_activation_is_refused():
+    bn = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 16))
+    bn[1].running_mean.uniform_(-1, 1)
+    prepared_at_slope_1(bn)
+    bn[1].register_forward_hook(doubled)
+    refused(bn, r"collapse: 2: 1 carries forward hook")
+    shared = prepared_at_slope_1(Chain())
+    shared.act.register_forward_hook(doubled)
+    refused(shared, r"collapse: act\.sites\.0: act carries forward hook")
+
+
+class Chain(nn.Module):
+    """One GELU in two blocks in a row: b is the second layer of the first block and the first of the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.act = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.GELU()
+
+    def forward(self, x):
+        return self.c(self.act(self.b(self.act(self.a(x)))))
+
+
+def test_the_library_s_own_site_tags_pass_and_move_to_the_fused_layer():
+    # b's tag tells the shared activation that its output is the second block's: dropped with b, the second
+    # block's PReLU would no longer run (the GELU would), and the model would change
+    model = prepared_at_slope_1(Chain())
+    with torch.no_grad():
+        model.act.sites["1"].weight.fill_(0.5)
+    before = run(model)
+    assert train.collapse(model) == ["act.sites.0"]
+    torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.act.sites["1"].weight.fill_(1.0)
+    before = run(model)
+    assert train.collapse(copy.deepcopy(model)) == ["act.sites.1"]
+    assert train.collapse(model) == ["act.sites.1"]
+    torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
