@@ -54,7 +54,8 @@ class LinearLayer:
     # a BatchNormalization before the layer (after a unit activation), folded into w's rows and the bias
     row_scale: np.ndarray | None = None
     row_shift: np.ndarray | None = None
-    extra_params: int = 0  # the folded BatchNormalization's
+    extra_params: int = 0  # the folded BatchNormalizations' stored parameters (scale, B, mean, var: 4 per feature)
+    bias_stored: bool = False  # the bias is a stored tensor (not only one folded from a BatchNormalization)
     _w: np.ndarray | None = field(default=None, repr=False)
 
     def load(self) -> str | None:
@@ -101,7 +102,9 @@ class LinearLayer:
 
     @property
     def params(self) -> int:
-        return self.d_in * self.d_out + (0 if self.bias is None else self.bias.size) + self.extra_params
+        """What the layer stores: the weight, the bias where one is stored, and the folded BatchNormalizations'
+        parameters (a bias computed from those is stored nowhere, so it is not counted twice)."""
+        return self.d_in * self.d_out + (self.d_out if self.bias_stored else 0) + self.extra_params
 
     @property
     def names(self) -> list[str]:
@@ -183,7 +186,8 @@ def read_gemm(node: gs.Node, graph_outputs: set[str] = frozenset(), until: gs.Te
         if isinstance(bias, str):
             return bias
         bias = beta * bias
-    layer = LinearLayer([node], node.inputs[0], node.outputs[0], w, trans, bias, _dtype(w), 2, scale=alpha)
+    layer = LinearLayer([node], node.inputs[0], node.outputs[0], w, trans, bias, _dtype(w), 2, scale=alpha,
+                        bias_stored=bias is not None)
     return _with_batchnorm(layer, graph_outputs, until)
 
 
@@ -263,6 +267,7 @@ def read_matmul(node: gs.Node, graph_outputs: set[str], with_bias: bool = True,
         layer.nodes.append(add)
         layer.internal.append(y)
         layer.y, layer.bias, layer.bias_first = add.outputs[0], bias, add.inputs[0] is not y
+        layer.bias_stored = True
     return _with_batchnorm(layer, graph_outputs, until)
 
 
@@ -302,7 +307,7 @@ def read_conv(node: gs.Node, graph_outputs: set[str], until: gs.Tensor | None = 
         bias = _bias(node.inputs[2], layer.d_out, 1, node)
         if isinstance(bias, str):
             return bias
-        layer.bias = bias
+        layer.bias, layer.bias_stored = bias, True
     return _with_batchnorm(layer, graph_outputs, until)
 
 
@@ -417,22 +422,26 @@ def write_fused(graph: gs.Graph, names: Names, base: str, a: LinearLayer, b: Lin
     if b.reshape is not None:
         mid = gs.Variable(names(f"{base}.flat"), dtype=b.dtype)
         nodes = write_linear(graph, names, base, a.x, mid, weight, None, b.dtype, gemm=False)
-        out = b.y if bias is None else gs.Variable(names(f"{base}.reshaped"), dtype=b.dtype)
-        if bias is None:
-            b.y.inputs.clear()
-        attrs = {k: v for k, v in b.reshape.attrs.items() if k == "allowzero"}
-        nodes.append(gs.Node("Reshape", names(f"{base}.reshape"), attrs=attrs, inputs=[mid, b.reshape.inputs[1]],
-                             outputs=[out]))
-        graph.nodes.append(nodes[-1])
-        if bias is not None:
-            b.y.inputs.clear()
-            c = gs.Constant(names(f"{base}.bias"), bias.astype(b.dtype))
-            nodes.append(gs.Node("Add", names(f"{base}.add"), inputs=[c, out] if b.bias_first else [out, c],
-                                 outputs=[b.y]))
-            graph.nodes.append(nodes[-1])
-        return nodes
+        return nodes + write_reshaped_bias(graph, names, base, b, mid, bias)
     return write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2,
                         bias_first=b.bias_first)
+
+
+def write_reshaped_bias(graph: gs.Graph, names: Names, base: str, b: LinearLayer, flat: gs.Tensor,
+                        bias: np.ndarray | None) -> list[gs.Node]:
+    """The tail of tf2onnx's dense `b` on a new 2-D product `flat`: `b.y = Reshape(flat, b's target) (+ bias)`,
+    the Add's operands in b's order. The target is b's own, so `b.y` keeps its shape whatever it is."""
+    out = b.y if bias is None else gs.Variable(names(f"{base}.reshaped"), dtype=b.dtype)
+    b.y.inputs.clear()
+    attrs = {k: v for k, v in b.reshape.attrs.items() if k == "allowzero"}
+    nodes = [gs.Node("Reshape", names(f"{base}.reshape"), attrs=attrs, inputs=[flat, b.reshape.inputs[1]],
+                     outputs=[out])]
+    if bias is not None:
+        c = gs.Constant(names(f"{base}.bias"), bias.astype(b.dtype))
+        nodes.append(gs.Node("Add", names(f"{base}.add"), inputs=[c, out] if b.bias_first else [out, c],
+                             outputs=[b.y]))
+    graph.nodes.extend(nodes)
+    return nodes
 
 
 def write_conv(graph: gs.Graph, names: Names, base: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,

@@ -74,26 +74,27 @@ def size(root: gs.Tensor) -> int:
     return math.prod(shape)
 
 
+def batchnorm_roots(nodes: list[gs.Node]) -> list[gs.Tensor]:
+    """The tensors the BatchNormalizations among `nodes` store their parameters in (scale, B, mean, var), each
+    walked back through VIEWS: a folded BatchNormalization's 4 values per channel die with the block."""
+    return [_root(t) for n in nodes if is_op(n, "BatchNormalization") for t in n.inputs[1:5] if not is_empty(t)]
+
+
 def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) -> tuple[int, int]:
-    """(params that die with `nodes`, number of weights and biases read by nodes outside them): each stored
-    weight and bias counts once, however many of the layers read it, and dies only when every reader of it is
-    among `nodes`; a bias folded from a BatchNormalization (stored nowhere else) dies with its layer."""
+    """(params that die with `nodes`, number of stored tensors read by nodes outside them): each stored weight,
+    bias and folded BatchNormalization parameter counts once, however many of the layers read it, and dies only
+    when every reader of it is among `nodes` (a bias computed from a BatchNormalization is stored nowhere: its
+    parameters are what dies). Counts what `LinearLayer.params` counts."""
     inside = {id(n) for n in nodes}
+    roots = [r for layer in layers for r in (weight_root(layer), bias_root(layer)) if r is not None]
     gone, shared, seen = 0, 0, set()
-    for layer in layers:
-        roots = [weight_root(layer)]
-        bias = bias_root(layer)
-        if bias is not None:
-            roots.append(bias)
-        elif layer.bias is not None:
-            gone += layer.bias.size
-        for root in roots:
-            if id(root) in seen:
-                continue
-            seen.add(id(root))
-            users = readers(root, outputs)
-            if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
-                gone += size(root)
-            else:
-                shared += 1
+    for root in roots + batchnorm_roots(nodes):
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        users = readers(root, outputs)
+        if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
+            gone += size(root)
+        else:
+            shared += 1
     return gone, shared
