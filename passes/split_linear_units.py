@@ -22,8 +22,8 @@ import onnx_graphsurgeon as gs
 from passes import sharing
 from passes.chain import LAYER_OPS, Chain, Reject, find_chain
 from passes.cost import Cost, split_cost
-from passes.linear import LinearLayer, Names, write_layer
-from passes.match import const_value, constant, is_op
+from passes.linear import LinearLayer, Names, write_layer, write_linear, write_reshaped_bias
+from passes.match import const_value, constant, is_op, reshape_last_dim
 from passes.rule import BlockRule, Context, Rewrite
 
 NAME = "split_linear_units"
@@ -95,14 +95,18 @@ def unit_axis(act: gs.Node, layer: LinearLayer) -> int | str | None:
 
 
 def layout_problem(chain: Chain) -> str | None:
-    """Why the split cannot be written in the block's layout, or None: it writes pointwise Convs for Conv layers
-    and Gemm/MatMul(+Add) for matrix products (a BatchNormalization folded in either way), not tf2onnx's
-    Reshape → MatMul → Reshape → Add, and does not rewire a Shape that reads the hidden tensor."""
-    a, b = chain.first, chain.second
-    if a.reshape is not None or b.reshape is not None:
-        return "tf2onnx's Reshape → MatMul → Reshape layout is not split (only whole chains fold in it)"
-    if chain.shape_readers:
-        return f"{chain.shape_readers[0][0].name} (Shape) reads a tensor inside the block"
+    """Why the split cannot be written, or None. Gemm/MatMul(+Add) and pointwise Convs are written in their own
+    layout (a BatchNormalization folded in either way). tf2onnx's `Reshape → MatMul → Reshape → Add` and Reshapes
+    between 2-D layers are taken as the chain rule proves them (`find_chain`: both layers' inputs 2-D, every
+    Reshape keeping the feature dim): the narrow MLP and the direct map are then written on the 2-D inputs, and
+    the sum goes through the second layer's own Reshape and bias. The per-unit slopes must still meet their
+    units: a Reshape before the activation must keep them on the last axis. Shape readers of the block's tensors
+    are the chain's (`Chain.shape_readers`): rewired as the chain rule does, or the chain is refused."""
+    a, act = chain.first, chain.activation
+    for node in chain.between[: chain.between.index(act)]:
+        if is_op(node, "Reshape") and reshape_last_dim(node) != a.d_out:
+            return (f"{node.name} (Reshape) before {act.name} does not keep the {a.d_out} units on the last axis "
+                    f"(or its target does not say so): the per-unit slopes may not meet their units")
     return None
 
 
@@ -154,15 +158,21 @@ def _priced(chain: Chain, L: np.ndarray, N: np.ndarray, ctx: Context) -> Split |
 
 
 def _narrow_slope(act: gs.Node, layer: LinearLayer, units: np.ndarray) -> np.ndarray:
-    """The PRelu's slope array keeping only `units`, on the axis that holds them (its shape otherwise kept)."""
-    value = const_value(act.inputs[1])
-    return np.ascontiguousarray(np.take(value, units, axis=unit_axis(act, layer)))
+    """The PRelu's slope array keeping only `units`, on the axis that holds them (its shape otherwise kept), but
+    never of higher rank than the layer's input, which the narrow PRelu reads (tf2onnx's: 2-D, where the old
+    PRelu read the reshaped (N, T, h); every other slope dim is 1, so the last axis keeps the units)."""
+    value = np.take(const_value(act.inputs[1]), units, axis=unit_axis(act, layer))
+    if not layer.conv_rank and layer.x_rank is not None and value.ndim > layer.x_rank:
+        value = value.reshape(-1)
+    return np.ascontiguousarray(value)
 
 
 def _hidden_shape(layer: LinearLayer, width: int) -> list | None:
-    """The shape of a tensor laid out as the layer's input with `width` features, where the input states its own:
-    the features on axis 1 for a Conv, on the last axis otherwise."""
+    """The shape of a tensor laid out as the layer's input with `width` features, where the input states its own
+    (or is known to be 2-D, as tf2onnx's flattened input): the features on axis 1 for a Conv, the last otherwise."""
     dims = layer.x.shape
+    if not dims and layer.x_rank == 2 and not layer.conv_rank:
+        dims = [None, None]
     if dims is None or not dims:
         return None
     dims = list(dims)
@@ -187,9 +197,16 @@ def rewrite(graph: gs.Graph, names: Names, block: Split) -> Rewrite:
     slope = gs.Constant(names(f"{base}.slope"), _narrow_slope(act, a, block.other))
     graph.nodes.append(gs.Node("PRelu", names(act.name), inputs=[h_n, slope], outputs=[a_n]))
     write_layer(graph, names, f"{base}.out", a, a_n, z, w_bn, None)
-    write_layer(graph, names, f"{base}.direct", a, a.x, lin, w_lin, b_lin, bias_first=b.bias_first)
-    y.inputs.clear()
-    graph.nodes.append(gs.Node("Add", names(f"{base}.sum"), inputs=[lin, z], outputs=[y]))
+    chain.rewire_shape_readers()  # as the chain rule does: the Shape readers get the shapes their tensors keep
+    if b.reshape is None:
+        write_layer(graph, names, f"{base}.direct", a, a.x, lin, w_lin, b_lin, bias_first=b.bias_first)
+        y.inputs.clear()
+        graph.nodes.append(gs.Node("Add", names(f"{base}.sum"), inputs=[lin, z], outputs=[y]))
+    else:  # tf2onnx's dense: the sum of the 2-D products, then b's own Reshape and bias (as write_fused writes)
+        write_linear(graph, names, f"{base}.direct", a.x, lin, w_lin, None, a.dtype, gemm=False)
+        flat = gs.Variable(names(f"{base}.flat"), dtype=a.dtype, shape=_hidden_shape(a, b.d_out))
+        graph.nodes.append(gs.Node("Add", names(f"{base}.sum"), inputs=[lin, z], outputs=[flat]))
+        write_reshaped_bias(graph, names, base, b, flat, b_lin)
     off = float(np.abs(chain.slopes[block.linear] - 1.0).max())
     c = block.cost
     return Rewrite(NAME, chain.names, block.slope_range, block.shape, c.params_before, c.params_after, c.macs_before,
