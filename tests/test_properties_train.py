@@ -196,7 +196,10 @@ def conv_models(draw):
     act_name = draw(st.sampled_from(sorted(ACTS)))
     torch.manual_seed(draw(st.integers(0, 2**16)))
     blocks = [ConvBlock(k, c, 2 * draw(st.integers(1, 4)), ACTS[act_name]()) for k in kinds]
-    return nn.Sequential(*blocks).eval(), torch.randn(2, c, 3, 3), kinds, draw(st.booleans())
+    model = nn.Sequential(*blocks)
+    if draw(st.booleans()):  # SyncBatchNorm in place of each BatchNorm2d: in eval it computes the same
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.eval(), torch.randn(2, c, 3, 3), kinds, draw(st.booleans())
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -155,3 +155,70 @@ def test_the_library_s_own_site_tags_pass_and_move_to_the_fused_layer():
     assert train.collapse(copy.deepcopy(model)) == ["act.sites.1"]
     assert train.collapse(model) == ["act.sites.1"]
     torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
+
+
+# 2. nn.SyncBatchNorm: in eval, with running stats, it computes what BatchNorm does (F.batch_norm, no sync)
+
+
+def with_stats(model: nn.Module) -> nn.Module:
+    """Running stats and affine parameters away from the identity, so a fold that skipped the norm would show."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def synced(model: nn.Module) -> nn.Module:
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(with_stats(model)).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    return model
+
+
+SYNCED = {
+    "linear": (lambda: nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 16)),
+               (torch.randn(4, 16),)),
+    "linear_bn_after_act": (lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.BatchNorm1d(32),
+                                                  nn.Linear(32, 16)), (torch.randn(4, 16),)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 3, 1)),
+               (torch.randn(2, 3, 5, 5),)),
+    "conv1d_both_sides": (lambda: nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.ReLU(), nn.BatchNorm1d(8),
+                                                nn.Conv1d(8, 3, 1)), (torch.randn(2, 3, 7),)),
+}
+
+
+@pytest.mark.parametrize("case", list(SYNCED))
+def test_a_sync_batchnorm_block_is_found_and_collapses_to_the_same_output(case):
+    make, inputs = SYNCED[case]
+    model = synced(make())
+    with torch.no_grad():
+        original = model(*inputs)
+    found = train.prepare(model, inputs, init=1.0)
+    act = next(str(i) for i, m in enumerate(make()) if isinstance(m, (nn.GELU, nn.ReLU)))
+    assert list(found) == [act] and found.sites[0].batchnorms
+    with torch.no_grad():
+        prepared = model(*inputs)
+        assert train.collapse(model) == [act]
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        torch.testing.assert_close(model(*inputs), prepared, rtol=1e-4, atol=1e-5)
+    assert original.shape == prepared.shape
+
+
+def test_a_sync_batchnorm_over_positions_or_without_running_stats_is_no_site():
+    over_t = synced(nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(5), nn.GELU(), nn.Linear(32, 16)))
+    assert list(train.prepare(over_t, (torch.randn(2, 5, 16),))) == []  # (N, T, C): it normalizes T
+    batch_stats = nn.SyncBatchNorm.convert_sync_batchnorm(
+        nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32, track_running_stats=False), nn.GELU(),
+                      nn.Linear(32, 16))).eval()
+    assert list(train.prepare(batch_stats, X)) == []
+
+
+def test_a_sync_batchnorm_in_training_mode_is_refused_by_collapse():
+    model = synced(nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 16)))
+    assert list(train.prepare(model, X, init=1.0)) == ["2"]
+    model.train()
+    with pytest.raises(RuntimeError, match=r"put the model in eval\(\) before collapse"):
+        train.collapse(model)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# SyncBatchNorm (what convert_sync_batchnorm makes) syncs batch statistics in training only; with running stats in
+# eval it calls F.batch_norm as BatchNorm does, on any rank >= 2, normalizing dim 1
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def is_pointwise_conv(m: nn.Module) -> bool:
@@ -54,8 +56,10 @@ def in_features(m: nn.Module) -> int:
 def norm_fits(norm: nn.Module, rank: int, dim: int) -> bool:
     """Whether a BatchNorm seen on a rank-`rank` input normalizes the layers' feature dim `dim` (its channels
     are dim 1): BatchNorm1d on (N, C) after a Linear or on (N, C, L) after a pointwise Conv1d, BatchNorm2d on
-    (N, C, H, W) after a Conv2d, BatchNorm3d on (N, C, D, H, W) after a Conv3d. BatchNorm1d on a Linear's
-    (N, T, C) output normalizes T, not the features."""
+    (N, C, H, W) after a Conv2d, BatchNorm3d on (N, C, D, H, W) after a Conv3d; a SyncBatchNorm where any of these
+    fits. BatchNorm1d on a Linear's (N, T, C) output normalizes T, not the features."""
+    if isinstance(norm, nn.SyncBatchNorm):
+        return rank == 2 and dim == -1 or rank >= 3 and dim == 1
     if isinstance(norm, nn.BatchNorm1d):
         return rank == 2 and dim == -1 or rank == 3 and dim == 1
     if isinstance(norm, nn.BatchNorm2d):
