@@ -222,3 +222,63 @@ def test_a_sync_batchnorm_in_training_mode_is_refused_by_collapse():
     model.train()
     with pytest.raises(RuntimeError, match=r"put the model in eval\(\) before collapse"):
         train.collapse(model)
+
+
+# 3. an nn.LeakyReLU is a PReLU with one fixed slope: it keeps it, as an nn.PReLU keeps its own
+
+
+def slope_values(model: nn.Module) -> set[float]:
+    return {round(float(v), 6) for m in train.blocks(model).values() for v in m.weight.detach()}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_leaky_relu_keeps_its_negative_slope_and_the_prepared_model_computes_what_it_did(per_channel):
+    model = Mlp(nn.LeakyReLU(0.2)).eval()
+    want = run(model)
+    assert list(train.prepare(model, X, per_channel=per_channel)) == ["act"]
+    assert slope_values(model) == {0.2} and model.act.weight.numel() == (32 if per_channel else 1)
+    torch.testing.assert_close(run(model), want, rtol=0, atol=0)
+
+
+def test_keep_slopes_false_gives_a_leaky_relu_init():
+    model = Mlp(nn.LeakyReLU(0.2, inplace=True)).eval()
+    train.prepare(model, X, keep_slopes=False)
+    assert slope_values(model) == {0.01}
+    model = Mlp(nn.LeakyReLU(0.2)).eval()
+    train.prepare(model, X, init=0.5, keep_slopes=False)
+    assert slope_values(model) == {0.5}
+
+
+class SharedLeaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.one, self.two, self.act = Mlp(), Mlp(), nn.LeakyReLU(0.3)
+
+    def forward(self, x):
+        return self.two.fc2(self.act(self.two.fc1(self.one.fc2(self.act(self.one.fc1(x))))))
+
+
+def test_a_shared_or_name_found_leaky_relu_keeps_its_slope_too():
+    model = SharedLeaky().eval()
+    want = run(model)
+    assert list(train.prepare(model, X)) == ["act.sites.0", "act.sites.1"]
+    assert slope_values(model) == {0.3}
+    torch.testing.assert_close(run(model), want, rtol=0, atol=0)
+    by_names = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.3), nn.Linear(32, 16))
+    with pytest.warns(UserWarning, match="module names"):
+        assert list(train.prepare(by_names)) == ["1"]
+    assert slope_values(by_names) == {0.3}
+
+
+class OwnLeaky(nn.LeakyReLU):
+    def forward(self, x):
+        return super().forward(x) * 0.5  # elementwise, yet no PReLU with its negative_slope
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, lambda: OwnLeaky(0.2)],
+                         ids=["gelu", "relu", "silu", "tanh", "leaky_subclass"])
+def test_other_activations_get_init_whatever_keep_slopes_says(act):
+    for keep in (True, False):
+        model = Mlp(act()).eval()
+        assert list(train.prepare(model, X, init=0.25, keep_slopes=keep)) == ["act"]
+        assert slope_values(model) == {0.25}

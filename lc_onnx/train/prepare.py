@@ -96,9 +96,10 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
             keep_slopes: bool = True) -> Prepared:
     """Replace, in place, the activation of every LayerCollapse site with a LayerCollapsePReLU (slope `init`;
     one per hidden unit with `per_channel`) and return the names of the prepared blocks. A site whose activation
-    is already an nn.PReLU keeps its trained slopes (one, or one per channel as it had them; the prepared model
-    computes what the original did) unless `keep_slopes=False`, which gives it `init` as any other. Hooks on a
-    replaced activation module are not carried over to its PReLU: one warning per module says how many.
+    is already an nn.PReLU keeps its trained slopes (one, or one per channel as it had them), and one that is an
+    nn.LeakyReLU gets its `negative_slope` (the prepared model computes what the original did), unless
+    `keep_slopes=False`, which gives it `init` as any other. Hooks on a replaced activation module are not
+    carried over to its PReLU: one warning per module says how many.
 
     With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
@@ -150,11 +151,22 @@ def _same_modules(a: SiteLayout, b: SiteLayout) -> bool:
     return (a.up, a.first, a.second, a.batchnorms) == (b.up, b.first, b.second, b.batchnorms)
 
 
+def own_slopes(activation: nn.Module) -> torch.Tensor | None:
+    """The slopes of an activation that is a PReLU already, so the prepared model computes what it did: an
+    nn.PReLU's, or an nn.LeakyReLU's `negative_slope` (a PReLU with one fixed slope). Torch's own classes only:
+    a subclass's forward may compute anything."""
+    if sites.is_torch_prelu(activation):
+        return activation.weight.detach()
+    if isinstance(activation, nn.LeakyReLU) and type(activation).forward is nn.LeakyReLU.forward:
+        return torch.tensor([float(activation.negative_slope)])
+    return None
+
+
 def _new_prelu(model: nn.Module, site: Site, original: nn.Module, init: float, per_channel: bool, verified: bool,
                keep_slopes: bool) -> LayerCollapsePReLU:
-    """The site's PReLU, in the first layer's device and dtype: slopes `init`, or an nn.PReLU's own slopes."""
+    """The site's PReLU, in the first layer's device and dtype: slopes `init`, or the activation's own slopes."""
     ref = model.get_submodule(site.first).weight
-    kept = original.weight.detach() if keep_slopes and sites.is_torch_prelu(original) else None
+    kept = own_slopes(original) if keep_slopes else None
     if kept is not None and kept.numel() not in (1, site.width):  # not one per hidden unit: a names guess
         kept = None
     count = site.width if per_channel or kept is not None and kept.numel() > 1 else 1
