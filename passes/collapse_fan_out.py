@@ -222,12 +222,12 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
         return Reject(nodes, why, None, shape) if why else None
     slopes = None
     if act is not None:
-        slopes = read_slopes(act)
-        if slopes is None or not np.isfinite(slopes).all():
-            return None
         bad = _slope_problem(act, first, between[: between.index(act)]) if is_op(act, "PRelu") else None
         if bad:
             return Reject(nodes, f"fan-out into {len(heads)} layers: {bad}", None, shape)
+        slopes = read_slopes(act)
+        if slopes is None or not np.isfinite(slopes).all():
+            return None
         off = float(np.abs(slopes - 1.0).max())
         if off > ctx.tol:
             lo, hi = float(slopes.min()), float(slopes.max())

@@ -110,10 +110,24 @@ def layout_problem(chain: Chain) -> str | None:
     return None
 
 
+def _left_block(chain: Reject, ctx: Context) -> Reject | None:
+    """A block the chain rule refuses whatever its slopes (a Shape or another node reads its hidden tensor, a graph
+    output inside it): where some but not all of its PRelu's slopes are within tol, a split was the candidate, so
+    it is listed with the chain's reason (which, with slopes outside tol, would only name them)."""
+    act = next((n for n in chain.nodes if is_op(n, "PRelu")), None)
+    value = None if act is None or chain.slope_range is None else const_value(act.inputs[1])
+    if value is None or not ctx.inside(chain.nodes):
+        return None
+    unit = np.abs(value.astype(np.float64) - 1.0) <= ctx.tol
+    return Reject(chain.nodes, chain.reason, chain.slope_range, chain.shape) if unit.any() and not unit.all() else None
+
+
 def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
     if not is_op(node, *LAYER_OPS):
         return None
     chain = find_chain(node, ctx.outputs, math.inf)  # any finite slopes: which units are linear is decided here
+    if isinstance(chain, Reject):
+        return _left_block(chain, ctx)
     if not isinstance(chain, Chain) or chain.activation is None or not is_op(chain.activation, "PRelu"):
         return None
     if not ctx.inside(chain.nodes):

@@ -118,3 +118,30 @@ def conv_mlp(c_in=8, hidden=32, c_out=8, spatial=2, slope=1.0, slope_shape=None,
     b.nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
     out = ["N", c_out] + ([None] * spatial if first or second else dims)
     return b.model([("x", ["N", c_in] + dims)], [("y", out)], opset)
+
+
+I64 = np.int64
+
+
+def tf_dense(b: Builder, x: str, d_in: int, d_out: int, tokens: int = 3, target: str = "const", bias: bool = True,
+             bias_first: bool = False, back: list[int] | None = None) -> str:
+    """Keras Dense on a rank-3 input as tf2onnx writes it: Reshape(x, [-1, d_in]) → MatMul → Reshape(back) →
+    Add(bias). `target` "const" is [-1, tokens, d_out] (or `back`); "shape" is Concat(Shape(x)[:2], [d_out]), with
+    x the dense's rank-3 input (tf2onnx's form for open dims); "computed" takes the last dim from the MatMul's
+    own shape too, so no constant states it."""
+    (flat,) = b.node("Reshape", [x, b.const([-1, d_in], dtype=I64)])
+    (mm,) = b.node("MatMul", [flat, b.const(b.weights(d_in, d_out))])
+    if target == "const":
+        shape = b.const(back or [-1, tokens, d_out], dtype=I64)
+    else:
+        (s,) = b.node("Shape", [x])
+        (lead,) = b.node("Slice", [s, b.const([0], dtype=I64), b.const([2], dtype=I64)])
+        last = b.const([d_out], dtype=I64)
+        if target == "computed":
+            (last,) = b.node("Shape", [mm], start=1)
+        (shape,) = b.node("Concat", [lead, last], axis=0)
+    (y,) = b.node("Reshape", [mm, shape])
+    if not bias:
+        return y
+    c = b.const(b.rng.standard_normal(d_out) * 0.1)
+    return b.node("Add", [c, y] if bias_first else [y, c])[0]

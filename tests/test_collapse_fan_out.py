@@ -4,6 +4,7 @@ where that is cheaper; else the activation alone goes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import lc_onnx
@@ -279,3 +280,101 @@ def test_conv_fan_out_with_a_weight_that_is_a_graph_input_is_left():
     feeds = {"x": rng.standard_normal((2, 8, 4, 5)).astype(np.float32),
              "w": rng.standard_normal((32, 8, 1, 1)).astype(np.float32)}
     assert "collapse_fan_out" not in rules(optimized(model, feeds=feeds))
+
+
+# --- tf2onnx / Keras dense: Reshape(x, [-1, d]) → MatMul → Reshape(back) → Add ---------------------------------
+
+
+def tf_heads(target="const", slope=1.0, dtype=np.float32, opset=17, bias=True, merged=False, hidden_out=False,
+             reader=False, slope_shape=(1,), head_back=None):
+    """A tf2onnx dense 8→32, a PRelu, then two dense heads 32→8 and 32→4 on (N, 3, ·). `merged`: one flatten
+    Reshape the heads share (tf2onnx merges duplicate nodes); `reader`: a Shape of the hidden as a graph output;
+    `head_back`: the first head's flatten target."""
+    from tests.builder import tf_dense
+
+    b = Builder(dtype)
+    h = b.prelu(tf_dense(b, "x", 8, 32, target=target, bias=bias), slope, slope_shape)
+    if merged:
+        (flat,) = b.node("Reshape", [h, b.const([-1, 32], dtype=np.int64)])
+        ys = [b.node("MatMul", [flat, b.const(b.weights(32, d))])[0] for d in (8, 4)]
+        outs = [(y, ["N", d]) for y, d in zip(ys, (8, 4), strict=True)]
+    else:
+        ys = [tf_dense(b, h, 32, d, target=target, bias=bias) for d in (8, 4)]
+        outs = [(y, ["N", 3, d]) for y, d in zip(ys, (8, 4), strict=True)]
+    if head_back is not None:  # a third head, flattened to `head_back`
+        (flat,) = b.node("Reshape", [h, b.const(head_back, dtype=np.int64)])
+        (mm,) = b.node("MatMul", [flat, b.const(b.weights(32, 2))])
+        (y,) = b.node("Reshape", [mm, b.const([-1, 3, 2], dtype=np.int64)])
+        outs.append((b.node("Add", [y, b.const(np.ones(2))])[0], ["N", 3, 2]))
+    if hidden_out:
+        outs.append((h, ["N", 3, 32]))
+    if reader:
+        outs.append((b.node("Shape", [h])[0], [3]))
+    model = b.model([("x", ["N", 3, 8])], outs, opset)
+    if reader:
+        model.graph.output[-1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    return model
+
+
+@pytest.mark.parametrize("target", ["const", "shape"])
+@pytest.mark.parametrize("opset", [13, 17, 21])
+def test_tf2onnx_heads_fold(target, opset):
+    """Each head becomes MatMul → its own Reshape → Add on the flattened input; tf2onnx's Shape(hidden) for a
+    head's back target is rewired to the first dense's target, so the hidden layer dies whole."""
+    result = optimized(tf_heads(target, opset=opset), rewrites=1, seeds=(0, 1, 2))
+    (r,) = result.report.rewrites
+    assert r.rule == "collapse_fan_out" and r.shape == (8, 32, 12) and r.macs_after == 8 * 12
+    assert count_ops(result.model, "MatMul") == 2 and count_ops(result.model, "PRelu") == 0
+    assert count_ops(result.model, "Reshape") == 3  # the input's flatten, one per head
+    assert all(n.input[0] == "x" for n in result.model.graph.node if n.op_type == "Shape")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_tf2onnx_heads_without_biases_and_merged_flatten(bias):
+    optimized(tf_heads(bias=bias), rewrites=1, seeds=(0, 1, 2))
+    result = optimized(tf_heads(bias=bias, merged=True), rewrites=1, seeds=(0, 1, 2))
+    assert count_ops(result.model, "Gemm") == 2 and count_ops(result.model, "Reshape") == 1  # 2-D heads: Gemm
+
+
+def test_tf2onnx_heads_float16_and_slope_within_tol():
+    optimized(tf_heads(dtype=np.float16), rewrites=1, rtol=2e-2, atol=2e-2)
+    (r,) = optimized(tf_heads(slope=0.9995), rewrites=1, rtol=1e-2, atol=1e-2).report.rewrites
+    assert r.rule == "collapse_fan_out" and r.error_coefficient > 0
+
+
+# --- tf2onnx near misses: left, and listed by inspect with the reason ----------------------------------------
+
+
+def fan_out_reasons(model) -> list[str]:
+    result = optimized(model, skip=("prelu_to_leaky_relu",))
+    assert "collapse_fan_out" not in rules(result)
+    return [c.reason for c in lc_onnx.inspect(model) if c.kind == "chain" and c.rule is None]
+
+
+def test_tf2onnx_hidden_graph_output_is_listed():
+    reasons = fan_out_reasons(tf_heads(hidden_out=True))
+    assert any(r.startswith("collapse_fan_out") and "is a graph output" in r for r in reasons), reasons
+
+
+def test_tf2onnx_shape_reader_of_the_hidden_is_listed():
+    """The first dense's target [-1, 3, 32] does not spell the hidden's shape out: Shape(hidden) cannot move."""
+    reasons = fan_out_reasons(tf_heads(reader=True))
+    assert any(r.startswith("collapse_fan_out") and "also feeds" in r and "Shape" in r for r in reasons), reasons
+
+
+def test_tf2onnx_head_whose_flatten_is_not_2d_is_listed():
+    """A head's flatten to [-1, 3, 32]: the product is not proven to be on 2-D rows."""
+    reasons = fan_out_reasons(tf_heads(head_back=[-1, 3, 32]))
+    assert any(r.startswith("collapse_fan_out") and "not both known to be 2-D" in r for r in reasons), reasons
+
+
+def test_tf2onnx_slope_that_raises_the_rank_is_listed():
+    """A (1, 1, 1, 32) slope on the (N, 3, 32) hidden: it broadcasts the output to rank 4."""
+    reasons = fan_out_reasons(tf_heads(slope=np.ones(32), slope_shape=(1, 1, 1, 32)))
+    assert any(r.startswith("collapse_fan_out") and "higher rank" in r for r in reasons), reasons
+
+
+def test_tf2onnx_back_target_not_a_constant_is_listed():
+    """The first dense's back target takes its last dim from Shape(MatMul): the layer is not read as tf2onnx's."""
+    reasons = fan_out_reasons(tf_heads(target="computed"))
+    assert any("target does not say so" in r for r in reasons), reasons

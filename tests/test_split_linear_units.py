@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 import lc_onnx
-from tests.builder import Builder, conv_mlp, mlp
+from tests.builder import Builder, conv_mlp, mlp, tf_dense
 from tests.harness import count_ops, optimized
 
 
@@ -380,3 +380,132 @@ def test_prepared_torch_conv_block_with_some_channels_at_one_splits(tmp_path):
         result = optimized(exported, rewrites=1, feeds=feeds, rtol=1e-4, atol=1e-5)
         assert rules(result)[0] == "split_linear_units"
         np.testing.assert_allclose(run(result.model, feeds)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+# --- tf2onnx / Keras dense: Reshape(x, [-1, d]) → MatMul → Reshape(back) → Add ---------------------------------
+
+
+def tf_block(slope=None, slope_shape=(32,), target="const", dtype=np.float32, opset=17, bias=True, bias_first=False,
+             hidden_shape=False, back=None, reader=None, hidden_out=False):
+    """Two tf2onnx dense layers 8→32→8 on (N, 3, 8) with a per-unit PRelu between. `hidden_shape` states the
+    PRelu input's shape (N, 3, 32); `back` the first dense's back-Reshape target; `reader` "shape" adds a Shape of
+    the hidden tensor as a graph output."""
+    b = Builder(dtype)
+    h = tf_dense(b, "x", 8, 32, target=target, bias=bias, bias_first=bias_first, back=back)
+    s = slopes() if slope is None else slope
+    p = b.prelu(h, np.asarray(s).reshape(slope_shape) if np.size(s) == np.prod(slope_shape) else s, slope_shape)
+    y = tf_dense(b, p, 32, 8, target=target, bias=bias, bias_first=bias_first)
+    outs = [(y, ["N", 3, 8])]
+    if reader == "shape":
+        outs.append((b.node("Shape", [p])[0], [3]))
+    if hidden_out:
+        outs.append((p, ["N", 3, 32]))
+    model = b.model([("x", ["N", 3, 8])], outs, opset)
+    if reader == "shape":  # the Shape's output is int64
+        model.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    if hidden_shape:
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(h, model.graph.input[0].type.tensor_type
+                                                                         .elem_type, ["N", 3, 32]))
+    return model
+
+
+def split_rewrites(result) -> list[str]:
+    return [r.rule for r in result.report.rewrites if r.rule != "prelu_to_leaky_relu"]
+
+
+@pytest.mark.parametrize("target", ["const", "shape"])
+@pytest.mark.parametrize("opset", [13, 17, 21])
+def test_tf2onnx_dense_splits_and_stays_exact(target, opset):
+    """The narrow MLP and the direct map on the flattened 2-D input, their sum through the second dense's own
+    Reshape and bias; tf2onnx's Shape(hidden) for the back target is rewired to the first dense's target."""
+    result = optimized(tf_block(target=target, opset=opset), rewrites=1, seeds=(0, 1, 2))
+    (r,) = result.report.rewrites
+    assert r.rule == "split_linear_units" and r.error_coefficient == 0 and r.shape == (8, 32, 8)
+    assert (r.macs_before, r.macs_after) == (32 * 16, 8 * 8 + 2 * 16)
+    ops = [n.op_type for n in result.model.graph.node if n.op_type not in ("Shape", "Slice", "Concat")]
+    assert ops.count("Reshape") == 2 and ops[-2:] == ["Reshape", "Add"]  # the input's flatten; the output's
+    (prelu,) = [n for n in result.model.graph.node if n.op_type == "PRelu"]
+    slope = next(i for i in result.model.graph.initializer if i.name == prelu.input[1])
+    assert list(slope.dims) == [2]
+    shapes = [n for n in result.model.graph.node if n.op_type == "Shape"]
+    assert all(n.input[0] == "x" for n in shapes)  # none reads a tensor of the old block: it died whole
+
+
+@pytest.mark.parametrize("bias,bias_first", [(False, False), (True, True)])
+def test_tf2onnx_dense_without_biases_or_bias_first(bias, bias_first):
+    optimized(tf_block(bias=bias, bias_first=bias_first), rewrites=1, seeds=(0, 1, 2))
+
+
+def test_tf2onnx_dense_float16_and_near_one_slopes():
+    optimized(tf_block(dtype=np.float16), rewrites=1, rtol=2e-2, atol=2e-2)
+    s = slopes() + np.where(slopes() == 1, 4e-4, 0)
+    (r,) = optimized(tf_block(slope=s, opset=13), rewrites=1, rtol=1e-2, atol=1e-2).report.rewrites
+    assert r.rule == "split_linear_units" and r.error_coefficient > 0
+
+
+def test_tf2onnx_dense_rank_three_slope_is_written_one_dimensional():
+    """A (1, 1, 32) slope on the stated (N, 3, 32) hidden: the narrow PRelu reads the 2-D product, so its slope
+    is (2,), not (1, 1, 2) (which would raise the output's rank)."""
+    result = optimized(tf_block(slope_shape=(1, 1, 32), hidden_shape=True), rewrites=1, seeds=(0, 1, 2))
+    (prelu,) = [n for n in result.model.graph.node if n.op_type == "PRelu"]
+    assert [list(i.dims) for i in result.model.graph.initializer if i.name == prelu.input[1]] == [[2]]
+
+
+def test_tf2onnx_back_reshape_that_only_flattens_is_taken():
+    """The first dense's back Reshape to [-1, 32] leaves the leading dims flat: the product is the same 2-D one,
+    and the output keeps the second dense's own target, so the split is exact."""
+    optimized(tf_block(back=[-1, 32]), rewrites=1, seeds=(0, 1, 2))
+
+
+# --- tf2onnx near misses: must not fire -------------------------------------------------------------------
+
+
+def reasons_left(model) -> list[str]:
+    result = optimized(model, rewrites=0, skip=("prelu_to_leaky_relu",))
+    assert not split_rewrites(result)
+    return [c.reason for c in result.report.skipped]
+
+
+def test_tf2onnx_back_reshape_that_moves_the_features_is_left():
+    """[-1, 6, 16]: the count holds but the 32 units are spread over two axes (the leading dims not restored)."""
+    b = Builder()
+    h = b.prelu(tf_dense(b, "x", 8, 32, back=[-1, 6, 16], bias=False), slopes(16, (3,)), (16,))
+    (flat,) = b.node("Reshape", [h, b.const([-1, 32], dtype=np.int64)])
+    (y,) = b.node("MatMul", [flat, b.const(b.weights(32, 8))])
+    reasons = reasons_left(b.model([("x", ["N", 3, 8])], [(y, ["N", 8])]))
+    assert any("split_linear_units" in r and "not one slope per unit" in r for r in reasons), reasons
+
+
+def test_tf2onnx_back_target_not_a_constant_is_left():
+    """The back target's last dim comes from Shape(MatMul): nothing states it keeps the 32 units."""
+    reasons = reasons_left(tf_block(target="computed"))
+    assert any("target does not say so" in r for r in reasons), reasons
+
+
+def test_tf2onnx_reshape_before_the_activation_that_does_not_state_the_units_is_left():
+    """Reshape(h, Shape(h)) before the PRelu: the identity, but its target states no last dim, so the per-unit
+    slopes are not proven to meet their units."""
+    b = Builder()
+    h = tf_dense(b, "x", 8, 32)
+    (h,) = b.node("Reshape", [h, b.node("Shape", [h])[0]])
+    y = tf_dense(b, b.prelu(h, slopes(), (32,)), 32, 8)
+    reasons = reasons_left(b.model([("x", ["N", 3, 8])], [(y, ["N", 3, 8])]))
+    assert any("split_linear_units" in r and "units on the last axis" in r for r in reasons), reasons
+
+
+def test_tf2onnx_shape_reader_of_the_hidden_is_left():
+    """Shape(hidden) is a graph output and the first dense's target [-1, 3, 32] does not spell the shape out."""
+    reasons = reasons_left(tf_block(reader="shape"))
+    assert any("also feeds" in r and "Shape" in r for r in reasons), reasons
+
+
+def test_tf2onnx_hidden_graph_output_is_left():
+    reasons = reasons_left(tf_block(hidden_out=True))
+    assert any("is a graph output" in r for r in reasons), reasons
+
+
+def test_tf2onnx_slope_on_the_wrong_axis_is_left():
+    """A (3, 1) slope (per token) on the stated (N, 3, 32) hidden: not one slope per unit."""
+    model = tf_block(slope=np.where(np.arange(3) == 0, 0.5, 1.0), slope_shape=(3, 1), hidden_shape=True)
+    reasons = reasons_left(model)
+    assert any("split_linear_units" in r and "not one slope per unit" in r for r in reasons), reasons
