@@ -59,13 +59,13 @@ def prepared_at_slope_1(model: nn.Module, inputs=X) -> nn.Module:
     return model
 
 
-def refused(model: nn.Module, match: str, **kwargs) -> None:
+def refused(model: nn.Module, match: str, inputs=X, **kwargs) -> None:
     """collapse raises one line matching `match` and leaves the model as it was."""
-    before, blocks = run(model), dict(train.blocks(model))
+    before, blocks = run(model, inputs), dict(train.blocks(model))
     with pytest.raises(RuntimeError, match=match) as caught:
         train.collapse(model, **kwargs)
     assert "\n" not in str(caught.value)
-    assert train.blocks(model) == blocks and torch.equal(run(model), before)
+    assert train.blocks(model) == blocks and torch.equal(run(model, inputs), before)
 
 
 @pytest.mark.parametrize("where", ["fc1", "act", "fc2"])
@@ -282,3 +282,64 @@ def test_other_activations_get_init_whatever_keep_slopes_says(act):
         model = Mlp(act()).eval()
         assert list(train.prepare(model, X, init=0.25, keep_slopes=keep)) == ["act"]
         assert slope_values(model) == {0.25}
+
+
+# 4. names alone: BatchNorm2d/3d after the matching pointwise conv, Conv1d/Conv3d blocks
+
+
+def pointwise(dims: int, norm_after_act: bool = False, sync: bool = False) -> tuple[nn.Module, tuple]:
+    conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+    mods = [conv(3, 8, 1), nn.GELU(), nn.Dropout(0.1), bn(8), conv(8, 3, 1)]
+    if not norm_after_act:
+        mods[1], mods[3] = mods[3], mods[1]  # conv, bn, dropout, act, conv
+    model = with_stats(nn.Sequential(*mods)).eval()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval() if sync else model
+    return model, (torch.randn(2, 3, *[3] * dims),)
+
+
+NAMED = {"conv1d": (1,), "conv2d": (2,), "conv3d": (3,), "conv2d_bn_after_act": (2, True),
+         "conv3d_sync": (3, False, True), "conv1d_sync_after_act": (1, True, True)}
+
+
+def by_names(model: nn.Module) -> train.Prepared:
+    with pytest.warns(UserWarning, match="module names"):
+        found = train.prepare(model, init=1.0)
+    assert not found.verified and all(not m.verified for m in train.blocks(model).values())
+    return found
+
+
+@pytest.mark.parametrize("case", list(NAMED))
+def test_a_pointwise_conv_block_with_its_batchnorm_is_found_by_names_refused_then_verified(case):
+    model, inputs = pointwise(*NAMED[case])
+    act = next(n for n, m in model.named_children() if isinstance(m, nn.GELU))
+    found = by_names(model)
+    assert list(found) == [act] and found.sites[0].batchnorms == (("1",) if act == "3" else ("3",))
+    assert found.sites[0].feeder == ("1" if act == "3" else "0")
+    refused(model, r"collapse: .*prepared by module names \(no example inputs\)", inputs)
+    prepared = run(model, inputs)
+    assert train.collapse(model, example_inputs=inputs) == [act]
+    assert [type(m) for m in model.modules() if not isinstance(m, (nn.Identity, nn.Dropout, nn.Sequential))] == [
+        type(model[4])]
+    torch.testing.assert_close(run(model, inputs), prepared, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_with_inputs_verifies_a_name_found_conv_block_with_its_batchnorm():
+    model, inputs = pointwise(2)
+    assert list(by_names(model)) == ["3"]
+    assert list(train.prepare(model, inputs)) == ["3"] and model[3].verified
+    with torch.no_grad():
+        model[3].weight.fill_(1.0)
+    assert train.collapse(model) == ["3"]
+
+
+@pytest.mark.parametrize("mods", [
+    lambda: [nn.Linear(3, 8), nn.BatchNorm2d(8), nn.GELU(), nn.Linear(8, 3)],  # BatchNorm2d after a Linear
+    lambda: [nn.Conv2d(3, 8, 1), nn.BatchNorm1d(8), nn.GELU(), nn.Conv2d(8, 3, 1)],  # BatchNorm1d after a Conv2d
+    lambda: [nn.Conv3d(3, 8, 1), nn.BatchNorm2d(8), nn.GELU(), nn.Conv3d(8, 3, 1)],
+    lambda: [nn.Conv2d(3, 8, 1), nn.GELU(), nn.Conv1d(8, 3, 1)],  # layers of two kinds never fuse
+    lambda: [nn.Conv2d(3, 8, 1), nn.GELU(), nn.Linear(8, 3)],
+    lambda: [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 3, 1)],  # not pointwise
+], ids=["bn2d_after_linear", "bn1d_after_conv2d", "bn2d_after_conv3d", "conv2d_conv1d", "conv2d_linear", "conv3x3"])
+def test_names_find_no_block_whose_norm_or_second_layer_does_not_fit(mods):
+    with pytest.warns(UserWarning, match="module names"):
+        assert list(train.prepare(nn.Sequential(*mods()))) == []
