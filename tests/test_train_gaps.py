@@ -343,3 +343,14 @@ def test_prepare_with_inputs_verifies_a_name_found_conv_block_with_its_batchnorm
 def test_names_find_no_block_whose_norm_or_second_layer_does_not_fit(mods):
     with pytest.warns(UserWarning, match="module names"):
         assert list(train.prepare(nn.Sequential(*mods()))) == []
+
+
+def test_an_accelerate_hook_is_named_and_refused():
+    """accelerate's device-map and offload hooks replace the module's forward on the instance (README)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    train.prepare(model, (torch.randn(2, 4),), init=1.0)
+    hooks.add_hook_to_module(model[0], hooks.ModelHook())
+    with pytest.raises(RuntimeError, match=r"forward replaced on the instance by accelerate\.hooks"):
+        train.collapse(model)
+    assert isinstance(model[0], nn.Linear) and train.blocks(model)
