@@ -178,7 +178,7 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
-    reason = _shape_problem(first, between, second)
+    reason = shape_problem(first, between, second)
     if bn is not None and not reason:
         reason = _input_batchnorm(bn, first, between, second)
     readers = reason or _outside_readers(first, between, second, graph_outputs)
@@ -204,7 +204,7 @@ def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | No
     return None
 
 
-def _shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
+def shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
     """Why the layers' shapes may not chain, or None. (PRelu's slope broadcasts one way, to the input's
     shape, so the activation never changes a shape.)"""
     if first.d_out != second.d_in:
@@ -247,7 +247,7 @@ def _outside_readers(
     another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
     readers with that tensor, or why the chain's nodes cannot be removed."""
     chain_nodes = first.nodes + between + second.nodes
-    kept = _ancestors(second.reshape.inputs[1]) if second.reshape is not None else set()  # the fused layer keeps
+    kept = ancestors(second.reshape.inputs[1]) if second.reshape is not None else set()  # the fused layer keeps
     # the second layer's Reshape target: a Shape that computes it must be rewired, it does not die
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
     readers = []
@@ -259,7 +259,7 @@ def _outside_readers(
             if (is_op(user, "Shape") and id(user) not in kept
                     and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs)):
                 continue  # computes a target for the chain's own Reshape: dies with the chain
-            same = _stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
+            same = stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
             if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
             readers.append((user, same))
@@ -268,7 +268,7 @@ def _outside_readers(
     return readers
 
 
-def _ancestors(tensor: gs.Tensor, limit: int = 64) -> set[int]:
+def ancestors(tensor: gs.Tensor, limit: int = 64) -> set[int]:
     """The ids of the nodes `tensor` is computed from (at most `limit` of them)."""
     found: set[int] = set()
     todo = [tensor]
@@ -280,7 +280,7 @@ def _ancestors(tensor: gs.Tensor, limit: int = 64) -> set[int]:
     return found
 
 
-def _stated_shape(tensor: gs.Tensor, first: LinearLayer, between: list[gs.Node]) -> gs.Tensor | None:
+def stated_shape(tensor: gs.Tensor, first: LinearLayer, between: list[gs.Node]) -> gs.Tensor | None:
     """A tensor outside the chain holding `tensor`'s shape: the target of the last Reshape before it, when
     that target spells out every dim (nodes after the Reshape are elementwise). That Reshape may be the first
     layer's own (tf2onnx: `MatMul → Reshape → Add`, then the activation)."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes import sharing
-from passes.chain import LAYER_OPS, MAX_WALK, Reject, _ancestors, _shape_problem, _stated_shape
+from passes.chain import LAYER_OPS, MAX_WALK, Reject, ancestors, shape_problem, stated_shape
 from passes.collapse_linear_chain import fold
 from passes.cost import Cost, fan_out_cost
 from passes.eliminate_unit_activation import slopes as read_slopes
@@ -171,7 +171,7 @@ def _shape_readers(block: FanOut, outputs: set[str]) -> list[tuple[gs.Node, gs.T
     for a head's target) is rewired to that target. Returns those Shape readers, or why the block is left."""
     first, between, nodes = block.first, block.between, block.nodes
     inside = {id(n) for n in nodes}
-    kept = set().union(*(_ancestors(h.reshape.inputs[1]) for h in block.heads if h.reshape is not None))
+    kept = set().union(*(ancestors(h.reshape.inputs[1]) for h in block.heads if h.reshape is not None))
     inner = (first.internal + [first.y] + [n.outputs[0] for n in between]
              + [f.outputs[0] for f in block.flattens if f is not None] + [t for h in block.heads for t in h.internal])
     found = []
@@ -184,7 +184,7 @@ def _shape_readers(block: FanOut, outputs: set[str]) -> list[tuple[gs.Node, gs.T
             if (is_op(user, "Shape") and id(user) not in kept
                     and all(only_feeds(o, nodes, outputs) for o in user.outputs)):
                 continue  # computes a target for a Reshape of the block: dies with it
-            same = _stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
+            same = stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
             if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
             found.append((user, same))
@@ -247,7 +247,7 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
 
 def _layout_problem(first: LinearLayer, between: list[gs.Node], flattens: list[gs.Node | None],
                     heads: list[LinearLayer]) -> str | None:
-    """Why the heads cannot take the first layer, as the chain rule proves a pair (`_shape_problem`: features that
+    """Why the heads cannot take the first layer, as the chain rule proves a pair (`shape_problem`: features that
     chain, one dtype and axis, Reshapes only between layers whose inputs are 2-D). "" where the block is no
     candidate (a plain layout that does not fit: left silently, as before); a reason where tf2onnx's Reshape
     layout is in it (`inspect` lists it)."""
@@ -255,7 +255,7 @@ def _layout_problem(first: LinearLayer, between: list[gs.Node], flattens: list[g
                                                  for f, h in zip(flattens, heads, strict=True))
     reshaped = reshaped or any(is_op(n, "Reshape") for n in between)
     for flatten, head in zip(flattens, heads, strict=True):
-        why = _shape_problem(first, between + ([flatten] if flatten is not None else []), head)
+        why = shape_problem(first, between + ([flatten] if flatten is not None else []), head)
         if why:
             return f"fan-out into {len(heads)} layers: {why}" if reshaped else ""
     return None
