@@ -354,3 +354,37 @@ def test_an_accelerate_hook_is_named_and_refused():
     with pytest.raises(RuntimeError, match=r"forward replaced on the instance by accelerate\.hooks"):
         train.collapse(model)
     assert isinstance(model[0], nn.Linear) and train.blocks(model)
+
+
+@pytest.mark.parametrize("layer", ["linear_subclass", "hf_conv1d"])
+def test_chained_blocks_collapse_one_call_at_a_time(layer):
+    """The fused layer is an nn.Linear in the place of the next block's first layer (an HF Conv1D or a Linear
+    subclass): a later collapse of that block took it for a module changed since prepare()."""
+    if layer == "hf_conv1d":
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+        def make(i, o):
+            return conv1d(o, i)
+    else:
+        class Sub(nn.Linear):
+            pass
+
+        def make(i, o):
+            return Sub(i, o)
+    torch.manual_seed(0)
+    model = nn.Sequential(make(4, 8), nn.GELU(), make(8, 6), nn.GELU(), make(6, 4)).eval()
+    x = torch.randn(3, 4)
+    names = train.prepare(model, (x,), init=1.0)
+    with torch.no_grad():
+        want = model(x)
+        assert [train.collapse(model, only=n) for n in names] == [["1"], ["3"]]
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+    assert not train.blocks(model)
+
+
+def test_a_first_layer_replaced_by_one_of_another_width_is_still_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    train.prepare(model, (torch.randn(2, 4),), init=1.0)
+    model[0] = nn.Linear(4, 9)
+    with pytest.raises(RuntimeError, match="changed since prepare"):
+        train.collapse(model)

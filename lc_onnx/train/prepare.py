@@ -60,15 +60,17 @@ def _no_fused_feed_forward(model: nn.Module) -> None:
 
 
 def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[int, ...]]:
-    """What `collapse` needs unchanged at `path`: the module's type and the width it has on the hidden side."""
+    """What `collapse` needs unchanged at `path`: the layer's kind (`layers.kind`: the dim it maps; not its class,
+    so a layer fused by an earlier collapse in place of an HF Conv1D or a Linear subclass still counts as the
+    next block's first layer), or a BatchNorm's type, and the width it has on the hidden side."""
     m = root.get_submodule(path) if path else root
     if role == "first":
         width = (layers.out_features(m),)
     elif role == "second":
         width = (layers.in_features(m),)
     else:
-        width = (m.num_features,)
-    return path, type(m).__name__, width
+        return path, type(m).__name__, (m.num_features,)
+    return path, layers.kind(m), width
 
 
 def layout(site: Site, model: nn.Module) -> SiteLayout:
