@@ -3,9 +3,12 @@
 functools.partial) keeps calling the old object, so the swap does nothing or, worse, only part of a block is
 replaced and the collapsed model computes something else. The recorded pass cannot tell: it sees the object,
 not the way to it. So each module is put back under its name as a stand-in (same class, same parameters,
-buffers and hooks) that notes its calls, and the model runs once more."""
+buffers and hooks) that counts the calls it gets, and the model runs once more: a module called, even once,
+other than through its name is not reached."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
@@ -15,15 +18,19 @@ from lc_onnx.train.sites import Site
 from lc_onnx.train.trace import run  # the call the recorded pass made
 
 
-def _stand_in(module: nn.Module, path: str, reached: set[str]) -> nn.Module:
-    """An object of a subclass of the module's class sharing its state, whose forward notes `path` first."""
+def _stand_in(module: nn.Module, path: str, by_name: Counter) -> nn.Module:
+    """An object of a subclass of the module's class, sharing its state, that counts a call under `path` and
+    hands it to the module itself (its hooks, a forward replaced on the instance, a compiled call all run)."""
     cls = type(module)
 
-    def forward(self, *args, **kwargs):
-        reached.add(path)
-        return cls.forward(self, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        by_name[path] += 1
+        return module(*args, **kwargs)
 
-    sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    def __getattr__(self, name):  # what the shared __dict__ lacks: slots, and nn.Module's own lookups
+        return getattr(module, name)
+
+    sub = type(cls.__name__, (cls,), {"__call__": __call__, "__getattr__": __getattr__, "__module__": cls.__module__})
     stand_in = sub.__new__(sub)
     stand_in.__dict__.update(module.__dict__)  # the same parameter, buffer, submodule and hook dicts
     return stand_in
@@ -35,19 +42,30 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
-    """The paths among `paths` whose module the forward does not call through that name (run as the recorded pass
-    ran: eval mode, no grad). The model is left as it was; an error in the pass is raised as the model's."""
-    reached: set[str] = set()
+    """The paths among `paths` whose module the forward calls, any time, other than through that name (or not
+    at all), run as the recorded pass ran (eval mode, no grad): each call is counted twice, by a stand-in under
+    the name and by a pre-hook on the module itself. The model is left as it was."""
+    by_name: Counter = Counter()
+    calls: Counter = Counter()
     originals = {p: model.get_submodule(p) for p in dict.fromkeys(paths)}
+    handles = [m.register_forward_pre_hook(lambda *_, p=p: calls.update([p]), prepend=True)
+               for p, m in originals.items()]
     try:
         for p, m in originals.items():
-            _set(model, p, _stand_in(m, p, reached))
+            _set(model, p, _stand_in(m, p, by_name))
         with torch.no_grad():
             run(model, example_inputs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"the model ran on example_inputs once but not a second time, with the site modules "
+                         f"under their names as stand-ins that count their calls ({type(e).__name__}: {first})") \
+            from e
     finally:
+        for h in handles:
+            h.remove()
         for p, m in originals.items():
             _set(model, p, m)
-    return set(originals) - reached
+    return {p for p in originals if not calls[p] or by_name[p] < calls[p]}
 
 
 def proven_sites(model: nn.Module, example_inputs) -> tuple[list[Site], list[str]]:
