@@ -388,3 +388,53 @@ def test_a_first_layer_replaced_by_one_of_another_width_is_still_refused():
     model[0] = nn.Linear(4, 9)
     with pytest.raises(RuntimeError, match="changed since prepare"):
         train.collapse(model)
+
+
+def test_a_shared_activation_also_run_on_the_block_input_keeps_that_call_after_collapse():
+    """After collapse the block's feeder is an identity; its site tag named the block's input tensor itself, so the
+    activation's other call on that same tensor took the site's identity instead of the activation."""
+
+    class SideCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)
+
+        def forward(self, x):
+            hidden = self.fc1(x)
+            side = self.act(x)  # not a site: the block's input
+            return self.fc2(self.act(hidden)) + side
+
+    torch.manual_seed(0)
+    model, x = SideCall().eval(), torch.randn(3, 4)
+    assert list(train.prepare(model, (x,), init=1.0)) == ["act.sites.0"]
+    with torch.no_grad():
+        before = model(x)
+        assert train.collapse(model) == ["act.sites.0"]
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hook_on_a_dropout_between_the_layers_is_refused():
+    """A Dropout hands the hidden tensor on unchanged, so the recorded data flow does not see it; a hook put on it
+    after prepare would run on the block's input once the block is fused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 4)).eval()
+    assert list(train.prepare(model, (torch.randn(3, 4),), init=1.0)) == ["1"]
+    assert model[1].layout.passing == ("2",)
+    handle = model[2].register_forward_hook(lambda m, i, o: o.clamp(max=0.05))
+    with pytest.raises(RuntimeError, match=r"1: 2 carries forward hook"):
+        train.collapse(model)
+    handle.remove()
+    assert train.collapse(model) == ["1"]
+
+
+def test_a_legacy_weight_norm_is_refused_with_the_function_that_takes_it_off():
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.GELU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 4)
+    train.prepare(model, (x,), init=1.0)
+    with pytest.raises(RuntimeError, match=r"take it off with torch\.nn\.utils\.remove_weight_norm"):
+        train.collapse(model)
+    nn.utils.remove_weight_norm(model[0])
+    with torch.no_grad():
+        before = model(x)
+        assert train.collapse(model) == ["1"]
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

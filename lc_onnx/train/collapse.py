@@ -53,10 +53,16 @@ def hook_name(hook) -> str:
     return f"{getattr(target, '__module__', None) or '?'}.{target.__qualname__}"
 
 
+# torch's legacy weight reparametrizations are forward pre-hooks with a function of their own to take them off
+REMOVERS = {"WeightNorm": "torch.nn.utils.remove_weight_norm", "SpectralNorm": "torch.nn.utils.remove_spectral_norm"}
+
+
 def foreign_hooks(module: nn.Module) -> list[str]:
     """The hooks on `module` other than the library's own site tags, and a forward replaced on the instance: the
     fused layer would run without them."""
-    found = [f"{kind} {hook_name(hook)}" for attr, kind in HOOK_KINDS.items()
+    found = [f"{kind} {hook_name(hook)}" + (f" (take it off with {REMOVERS[type(hook).__name__]}(module))"
+                                             if type(hook).__name__ in REMOVERS else "")
+             for attr, kind in HOOK_KINDS.items()
              for hook in getattr(module, attr, {}).values() if not isinstance(hook, SiteTag)]
     if "forward" in vars(module):
         found.append(f"forward replaced on the instance by {hook_name(vars(module)['forward'])}")
@@ -67,7 +73,7 @@ def _check_hooks(name: str, base: nn.Module, base_path: str, act: LayerCollapseP
     """Refuse a block whose modules carry hooks: collapse replaces them, so a hook that changes an output (a
     user's, or a library's registered while training) would be dropped and the fused layer compute something else."""
     lay = act.layout
-    paths = [lay.first, *lay.batchnorms, lay.slot, lay.second]
+    paths = [lay.first, *lay.batchnorms, lay.slot, lay.second, *getattr(lay, "passing", ())]  # not in old pickles
     holder = lay.slot.rpartition(".")[0].rpartition(".")[0]  # "act" of "act.sites.0"
     if "." in lay.slot and isinstance(base.get_submodule(holder), SharedActivation):  # it runs at this site too
         paths.append(holder)
@@ -187,8 +193,19 @@ def _fuse(base: nn.Module, lay: SiteLayout) -> None:
 
 def _replace(base: nn.Module, path: str, new: nn.Module) -> None:
     """`new` in the place of the module at `path`, with its site tags: a shared activation learns from them which
-    site a call is for, this block's (its feeder became an identity) or the next block's (fed by the second layer)."""
-    for hook in base.get_submodule(path)._forward_hooks.values():
-        if isinstance(hook, SiteTag):
-            new.register_forward_hook(hook)
+    site a call is for, this block's (its feeder became an identity) or the next block's (fed by the second layer).
+    A tagged identity hands on a new tensor object (a view): a tag names a tensor by its identity, and the
+    block's input itself may reach the shared activation elsewhere, where the tag must not apply."""
+    tags = [h for h in base.get_submodule(path)._forward_hooks.values() if isinstance(h, SiteTag)]
+    if tags and type(new) is nn.Identity:
+        new = AliasIdentity()
+    for hook in tags:
+        new.register_forward_hook(hook)
     set_module(base, path, new)
+
+
+class AliasIdentity(nn.Identity):
+    """The identity, returning a view of its input (a new tensor object; no node in an ONNX export)."""
+
+    def forward(self, x):
+        return torch.ops.aten.alias(x)

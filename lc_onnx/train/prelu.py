@@ -27,6 +27,7 @@ class SiteLayout:
     batchnorms: tuple[str, ...] = ()
     fingerprint: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
     order: int = 0  # where the forward pass reaches the block: `collapse` goes in this order
+    passing: tuple[str, ...] = ()  # modules that hand a tensor of the block on unchanged (eval Dropout, Identity)
 
 
 @torch.library.custom_op("lc_onnx::prelu_last_dim", mutates_args=())

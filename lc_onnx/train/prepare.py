@@ -75,7 +75,7 @@ def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[
 
 def layout(site: Site, model: nn.Module) -> SiteLayout:
     """The site's paths relative to the lowest module that holds all of them."""
-    parents = [_parts(p)[:-1] for p in (site.first, site.act, site.second, *site.batchnorms)]
+    parents = [_parts(p)[:-1] for p in (site.first, site.act, site.second, *site.batchnorms, *site.passing)]
     common = []
     for level in zip(*parents, strict=False):
         if len(set(level)) != 1:
@@ -90,7 +90,7 @@ def layout(site: Site, model: nn.Module) -> SiteLayout:
               *(fingerprint(model, n, "norm") for n in site.batchnorms))
     prints = tuple((rel(p), t, w) for p, t, w in prints)
     return SiteLayout(up, rel(site.first), rel(site.second), rel(site.name), rel(site.feeder),
-                      tuple(rel(n) for n in site.batchnorms), prints, site.order)
+                      tuple(rel(n) for n in site.batchnorms), prints, site.order, tuple(rel(n) for n in site.passing))
 
 
 def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,

@@ -35,6 +35,7 @@ class Site:
     shared: bool = False  # the activation module is also called elsewhere: it needs a per-site switch
     key: str = "0"  # this site's index among those of a shared activation
     order: int = 0  # when the forward pass reaches it: blocks chained in a row collapse front to back
+    passing: tuple[str, ...] = ()  # modules called on a tensor of the block that hand it on unchanged (Dropout)
 
     @property
     def name(self) -> str:
@@ -228,9 +229,21 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
             site = Site(occ.act.name, occ.first.name, occ.second.name,
                         tuple(c.name for c in (*occ.before, *occ.after)), feeder,
                         layers.out_features(occ.first.module), layers.feature_dim(occ.first.module), shared,
-                        str(key), occ.act.index)
+                        str(key), occ.act.index, _passing(rec, occ))
             sites.append(site)
     return sorted(sites, key=lambda site: site.order), reported
+
+
+def _passing(rec: Record, occ: _Occurrence) -> tuple[str, ...]:
+    """Modules called between the two layers on a tensor of the block that hand that same tensor on (eval
+    Dropout, Identity): they run no op, so the data flow does not see them, but `collapse` must check them for
+    hooks, which would run on the block's input once it is fused."""
+    own = {c.index for c in (occ.first, *occ.before, occ.act, *occ.after, occ.second)}
+    hidden = [c.outputs[0] for c in (occ.first, *occ.before, occ.act, *occ.after)]
+    return tuple(dict.fromkeys(
+        c.name for c in rec.calls[occ.first.index + 1:occ.second.index]
+        if c.index not in own and len(c.inputs) == len(c.outputs) == 1 and _has(hidden, c.inputs[0])
+        and c.outputs[0] is c.inputs[0]))
 
 
 def _prelu_off_features(occ: _Occurrence) -> str:
