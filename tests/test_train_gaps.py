@@ -438,3 +438,103 @@ def test_a_legacy_weight_norm_is_refused_with_the_function_that_takes_it_off():
         before = model(x)
         assert train.collapse(model) == ["1"]
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_leaves_a_model_in_train_mode_as_it_was():
+    """The second pass (reach) hands each call to the module itself; a BatchNorm there ran in train mode and
+    updated its running stats (and a batch of one failed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1), nn.Conv2d(8, 3, 1))
+    x = torch.randn(1, 3, 4, 4)
+    stats = copy.deepcopy(model[1].state_dict())
+    assert list(train.prepare(model, (x,))) == ["2"] and model.training
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, stats[key]), key
+
+
+def test_a_layer_of_the_same_width_but_another_forward_swapped_in_after_prepare_is_refused():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    train.prepare(model, (torch.randn(2, 4),), init=1.0)
+    model[2] = Scaled(8, 4)
+    with pytest.raises(RuntimeError, match="is now Scaled, not the Linear"):
+        train.collapse(model)
+
+
+def test_prepare_again_after_a_partial_collapse_takes_no_identity_for_an_activation():
+    """A shared activation's collapsed block leaves an AliasIdentity (an op: a view); prepare again took it for an
+    activation between two Linears and put a PReLU there, dropping its site tag."""
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 8),
+                                                      nn.Linear(8, 4))
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.fc4(self.act(self.fc3(self.fc2(self.act(self.fc1(x))))))
+
+    torch.manual_seed(0)
+    model, x = Chain().eval(), torch.randn(3, 4)
+    assert sorted(train.prepare(model, (x,), init=1.0)) == ["act.sites.0", "act.sites.1"]
+    with torch.no_grad():
+        want = model(x)
+        assert train.collapse(model, only="act.sites.1") == ["act.sites.1"]
+        assert list(train.prepare(model, (x,), init=1.0)) == ["act.sites.0"]
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dropout_held_outside_the_block_does_not_move_its_root():
+    """The block may be collapsed on its own module after prepare (re-rooted); a Dropout the model holds at its
+    root and calls inside the block moved the layout's root up."""
+
+    class Block(nn.Module):
+        def __init__(self, drop):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)
+            object.__setattr__(self, "drop", drop)  # the model's, not registered here
+
+        def forward(self, x):
+            return self.fc2(self.drop(self.act(self.fc1(x))))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.1)
+            self.blocks = nn.ModuleList([Block(self.drop)])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    model = Outer().eval()
+    assert list(train.prepare(model, (torch.randn(2, 4),), init=1.0)) == ["blocks.0.act"]
+    assert train.collapse(model.blocks[0]) == ["act"]
+
+
+def test_a_hook_on_a_dropout_between_name_found_layers_is_refused_even_when_trusting_names():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 4)).eval()
+    with pytest.warns(UserWarning, match="finds sites by module names"):
+        train.prepare(model, init=1.0)
+    model[2].register_forward_hook(lambda m, i, o: o.clamp(max=0.05))
+    with pytest.raises(RuntimeError, match="1: 2 carries forward hook"):
+        train.collapse(model, trust_names=True)
+
+
+def test_a_dropout_between_the_layers_deleted_since_prepare_is_the_changed_model_error():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.drop, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc2(self.drop(self.act(self.fc1(x))))
+
+    model = Block().eval()
+    train.prepare(model, (torch.randn(2, 4),), init=1.0)
+    del model.drop
+    with pytest.raises(RuntimeError, match="drop, a module of this block, is gone"):
+        train.collapse(model)

@@ -14,7 +14,7 @@ from torch import nn
 from lc_onnx.train import reach
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
-from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, one_or_many, set_module
+from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many, set_module
 from lc_onnx.train.regularize import blocks
 
 
@@ -30,9 +30,10 @@ def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
             now = fingerprint(base, path, role) if module is not None else None
         except (AttributeError, TypeError):  # no weight / features: an Identity, say
             now = None
-        # a layout recorded before layers were told apart by kind holds the class name
-        legacy = now is not None and (now[0], type(module).__name__, now[2]) == (path, kind, width)
-        ok = (now == (path, kind, width) or legacy) and (role == "norm" or is_linear(module))
+        # a layer an earlier collapse fused in place of the next block's first (an HF Conv1D, a Linear subclass)
+        # is of torch's own class: the block's own collapse made it, so it is no change
+        ours = now is not None and getattr(module, "lc_fused", False) and (now[0], now[2]) == (path, width)
+        ok = (now == (path, kind, width) or ours) and (role == "norm" or is_linear(module))
         if not ok:
             found = type(module).__name__ if module is not None else "nothing"
             raise RuntimeError(f"{name}: the {role} module of this block ({path}) is now {found}, not the "
@@ -78,7 +79,12 @@ def _check_hooks(name: str, base: nn.Module, base_path: str, act: LayerCollapseP
     if "." in lay.slot and isinstance(base.get_submodule(holder), SharedActivation):  # it runs at this site too
         paths.append(holder)
     for path in paths:
-        hooks = foreign_hooks(base.get_submodule(path))
+        try:
+            module = base.get_submodule(path)
+        except AttributeError:
+            raise RuntimeError(f"{name}: {path}, a module of this block, is gone; the model changed since prepare(), "
+                               "so the block cannot be collapsed safely") from None
+        hooks = foreign_hooks(module)
         if hooks:
             where = ".".join(p for p in (base_path, path) if p)
             raise RuntimeError(f"collapse: {name}: {where} carries {_listed(hooks)}, which the fused layer would "
@@ -129,8 +135,10 @@ def _verify(model: nn.Module, unverified: list[tuple[str, LayerCollapsePReLU]], 
         raise RuntimeError(f"collapse: the forward pass on example_inputs does not run {_listed(wrong)} alone "
                            "(something else uses or changes the tensors between them), so fusing would change the "
                            "model; leave them out with only=[...]")
-    for _, act in unverified:
+    by_name = {s.name: s for s in found}
+    for name, act in unverified:
         act.verified = True
+        act.layout = layout(by_name[name], model)  # as recorded: its order, and the modules passed between
 
 
 def verify(model: nn.Module, example_inputs) -> None:

@@ -96,6 +96,7 @@ def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
     with torch.no_grad():
         layer.weight.copy_(w.to(ref.dtype))
         layer.bias.copy_(b.to(ref.dtype))
+    layer.lc_fused = True  # what `collapse` made: the next block of a chain takes it as its first layer
     return layer
 
 

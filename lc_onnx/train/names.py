@@ -53,20 +53,24 @@ def _qualify(parent: str, rel: str) -> str:
     return f"{parent}.{rel}" if parent else rel
 
 
-def _site(model: nn.Module, parent: str, first: str, act: str, second: str, norms=(), feeder: str = "") -> Site:
+def _site(model: nn.Module, parent: str, first: str, act: str, second: str, norms=(), feeder: str = "",
+          passing=()) -> Site:
     q = [_qualify(parent, p) for p in (first, act, second, feeder or first)]
     first_layer = model.get_submodule(q[0])
     return Site(q[1], q[0], q[2], tuple(_qualify(parent, n) for n in norms), q[3], out_features(first_layer),
-                feature_dim(first_layer))  # per-channel slopes of a conv block on its channels
+                feature_dim(first_layer),  # per-channel slopes of a conv block on its channels
+                passing=tuple(_qualify(parent, n) for n in passing))
 
 
-def _in_sequence(kids: list[tuple[str, nn.Module]], i: int) -> tuple[str, list[str], str, str] | None:
-    """(activation, norms, feeder, second layer) of a block that starts at the linear layer kids[i]: an
-    activation, Dropout/Identity and fitting BatchNorms after it, then a linear layer of the same kind."""
+def _in_sequence(kids: list[tuple[str, nn.Module]], i: int) -> tuple[str, list[str], str, str, list[str]] | None:
+    """(activation, norms, feeder, second layer, Dropout/Identity between) of a block that starts at the linear
+    layer kids[i]: an activation, Dropout/Identity and fitting BatchNorms after it, then a linear layer of the
+    same kind."""
     first = kids[i][1]
-    act, norms, feeder = None, [], kids[i][0]
+    act, norms, feeder, passing = None, [], kids[i][0], []
     for name, child in kids[i + 1:]:
         if isinstance(child, PASS_THROUGH):
+            passing.append(name)
             continue
         if _norm_fits(child, first):
             norms.append(name)
@@ -74,7 +78,7 @@ def _in_sequence(kids: list[tuple[str, nn.Module]], i: int) -> tuple[str, list[s
         elif act is None and _is_activation(child):
             act = name
         elif act is not None and is_linear(child) and kind(child) == kind(first):
-            return act, norms, feeder, name
+            return act, norms, feeder, name, passing
         else:
             return None
     return None
@@ -88,8 +92,8 @@ def find(model: nn.Module) -> list[Site]:
             for i, (first, m) in enumerate(kids):
                 block = _in_sequence(kids, i) if is_linear(m) else None
                 if block and _slopes_on_features(module.get_submodule(block[0]), m):
-                    act, norms, feeder, second = block
-                    site = _site(model, pname, first, act, second, norms, feeder)
+                    act, norms, feeder, second, passing = block
+                    site = _site(model, pname, first, act, second, norms, feeder, passing)
                     sites.setdefault(site.act, site)
         for first, act, second in ATTRIBUTE_PATTERNS:
             f, a, s = (_get(module, p) for p in (first, act, second))

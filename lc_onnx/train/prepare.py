@@ -60,22 +60,20 @@ def _no_fused_feed_forward(model: nn.Module) -> None:
 
 
 def fingerprint(root: nn.Module, path: str, role: str) -> tuple[str, str, tuple[int, ...]]:
-    """What `collapse` needs unchanged at `path`: the layer's kind (`layers.kind`: the dim it maps; not its class,
-    so a layer fused by an earlier collapse in place of an HF Conv1D or a Linear subclass still counts as the
-    next block's first layer), or a BatchNorm's type, and the width it has on the hidden side."""
+    """What `collapse` needs unchanged at `path`: the module's type and the width it has on the hidden side."""
     m = root.get_submodule(path) if path else root
     if role == "first":
         width = (layers.out_features(m),)
     elif role == "second":
         width = (layers.in_features(m),)
     else:
-        return path, type(m).__name__, (m.num_features,)
-    return path, layers.kind(m), width
+        width = (m.num_features,)
+    return path, type(m).__name__, width
 
 
 def layout(site: Site, model: nn.Module) -> SiteLayout:
     """The site's paths relative to the lowest module that holds all of them."""
-    parents = [_parts(p)[:-1] for p in (site.first, site.act, site.second, *site.batchnorms, *site.passing)]
+    parents = [_parts(p)[:-1] for p in (site.first, site.act, site.second, *site.batchnorms)]
     common = []
     for level in zip(*parents, strict=False):
         if len(set(level)) != 1:
@@ -90,7 +88,8 @@ def layout(site: Site, model: nn.Module) -> SiteLayout:
               *(fingerprint(model, n, "norm") for n in site.batchnorms))
     prints = tuple((rel(p), t, w) for p, t, w in prints)
     return SiteLayout(up, rel(site.first), rel(site.second), rel(site.name), rel(site.feeder),
-                      tuple(rel(n) for n in site.batchnorms), prints, site.order, tuple(rel(n) for n in site.passing))
+                      tuple(rel(n) for n in site.batchnorms), prints, site.order,
+                      tuple(rel(n) for n in site.passing if _parts(n)[:len(common)] == common))
 
 
 def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_channel: bool = False,

@@ -50,6 +50,10 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
     originals = {p: model.get_submodule(p) for p in dict.fromkeys(paths)}
     handles = [m.register_forward_pre_hook(lambda *_, p=p: calls.update([p]), prepend=True)
                for p, m in originals.items()]
+    # the originals run (the stand-ins hand them each call) and `run` puts only what it finds in eval mode: put
+    # them there first, or a BatchNorm in a model in train mode would update its running stats
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         for p, m in originals.items():
             _set(model, p, _stand_in(m, p, by_name))
@@ -65,6 +69,8 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
             h.remove()
         for p, m in originals.items():
             _set(model, p, m)
+        for m, training in modes.items():
+            m.training = training
     return {p for p in originals if not calls[p] or by_name[p] < calls[p]}
 
 

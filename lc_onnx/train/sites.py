@@ -120,7 +120,7 @@ def _activation_call(rec: Record, call: Call) -> bool:
     if call.parent is not None and isinstance(rec.calls[call.parent].module, SharedActivation):
         return False
     if (call.children and not isinstance(call.module, SharedActivation) or call.start == call.end
-            or len(call.inputs) != 1 or len(call.outputs) != 1):
+            or len(call.inputs) != 1 or len(call.outputs) != 1 or isinstance(call.module, nn.Identity)):
         return False
     x, y = call.inputs[0], call.outputs[0]
     return x.is_floating_point() and x.shape == y.shape and x.numel() > 1 and not layers.is_linear(call.module)
