@@ -117,23 +117,24 @@ def models(draw):
     model = Model(blocks, one if shared else None).eval()
     x = torch.randn(3, d) if rank == 2 else torch.randn(2, 3, d)
     per_channel = draw(st.booleans())
-    return model, x, kinds, per_channel
+    return model, x, kinds, per_channel, draw(st.booleans())
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(models())
 def test_prepare_finds_exactly_the_blocks_and_collapse_keeps_the_output(case):
-    model, x, kinds, per_channel = case
-    before = prepared_then_collapsed(model, x, per_channel, sum(k in SITES for k in kinds))
+    model, x, kinds, per_channel, train_mode = case
+    before = prepared_then_collapsed(model, x, per_channel, sum(k in SITES for k in kinds), train_mode)
     with torch.no_grad():
         torch.testing.assert_close(at_identity(model, x), before, rtol=1e-5, atol=1e-6)
 
 
-def prepared_then_collapsed(model: nn.Module, x, per_channel: bool, sites: int):
-    """Prepare a copy of `model` (slope 1), check it has `sites` blocks and that collapsing them keeps its output;
-    that output (the prepared model's)."""
-    prepared = copy.deepcopy(model)
+def prepared_then_collapsed(model: nn.Module, x, per_channel: bool, sites: int, train_mode: bool):
+    """Prepare a copy of `model` (slope 1; in train mode if so drawn: prepare must leave its state alone), check it
+    has `sites` blocks and that collapsing them keeps its output; that output (the prepared model's)."""
+    prepared = copy.deepcopy(model).train(train_mode)
     names = train.prepare(prepared, (x,), init=1.0, per_channel=per_channel)
+    prepared.eval()
     assert len(names) == sites, list(names)
     with torch.no_grad():
         before = prepared(x)
@@ -199,14 +200,14 @@ def conv_models(draw):
     model = nn.Sequential(*blocks)
     if draw(st.booleans()):  # SyncBatchNorm in place of each BatchNorm2d: in eval it computes the same
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.eval(), torch.randn(2, c, 3, 3), kinds, draw(st.booleans())
+    return model.eval(), torch.randn(2, c, 3, 3), kinds, draw(st.booleans()), draw(st.booleans())
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_models())
 def test_pointwise_conv_blocks_are_found_exactly_and_collapse_keeps_the_output(case):
-    model, x, kinds, per_channel = case
-    before = prepared_then_collapsed(model, x, per_channel, sum(k in CONV_SITES for k in kinds))
+    model, x, kinds, per_channel, train_mode = case
+    before = prepared_then_collapsed(model, x, per_channel, sum(k in CONV_SITES for k in kinds), train_mode)
     with torch.no_grad():  # at slope 1 the prepared model is the original with the sites' activations as identity
         for block in model:
             if block.kind in CONV_SITES:
