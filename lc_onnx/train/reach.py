@@ -48,13 +48,14 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
     by_name: Counter = Counter()
     calls: Counter = Counter()
     originals = {p: model.get_submodule(p) for p in dict.fromkeys(paths)}
-    handles = [m.register_forward_pre_hook(lambda *_, p=p: calls.update([p]), prepend=True)
-               for p, m in originals.items()]
     # the originals run (the stand-ins hand them each call) and `run` puts only what it finds in eval mode: put
     # them there first, or a BatchNorm in a model in train mode would update its running stats
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    handles = []
     try:
+        model.eval()
+        handles += [m.register_forward_pre_hook(lambda *_, p=p: calls.update([p]), prepend=True)
+                    for p, m in originals.items()]
         for p, m in originals.items():
             _set(model, p, _stand_in(m, p, by_name))
         with torch.no_grad():
