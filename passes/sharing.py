@@ -80,6 +80,17 @@ def batchnorm_roots(nodes: list[gs.Node]) -> list[gs.Tensor]:
     return [_root(t) for n in nodes if is_op(n, "BatchNormalization") for t in n.inputs[1:5] if not is_empty(t)]
 
 
+def dying(t: gs.Tensor, nodes: list[gs.Node], outputs: set[str]) -> int:
+    """The size of the value stored behind `t` (through VIEWS) where every reader of it is among `nodes` (it dies
+    with them), else 0: an activation's slope, say, which `freed` (about layers) does not see."""
+    root = _root(t)
+    users = readers(root, outputs)
+    inside = {id(n) for n in nodes}
+    if constant(root) is None or users is None or not all(id(u) in inside or is_op(u, *VIEWS) for u in users):
+        return 0
+    return size(root)
+
+
 def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) -> tuple[int, int]:
     """(params that die with `nodes`, number of stored tensors read by nodes outside them): each stored weight,
     bias and folded BatchNormalization parameter counts once, however many of the layers read it, and dies only

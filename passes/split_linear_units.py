@@ -152,8 +152,11 @@ def _priced(chain: Chain, L: np.ndarray, N: np.ndarray, ctx: Context) -> Split |
     model; else why not."""
     a, b = chain.first, chain.second
     freed, shared = sharing.freed([a, b], chain.nodes, ctx.outputs)
-    cost = split_cost(a.d_in, a.d_out, b.d_out, len(N), a.params + b.params, freed, bias_in=a.bias is not None,
-                      bias_out=b.bias is not None)
+    # the h slopes go too (the narrow MLP gets n new ones): counted on both sides, as its weights are
+    slopes = sharing.dying(chain.activation.inputs[1], chain.nodes, ctx.outputs) if len(chain.activation.inputs) > 1 \
+        else 0
+    cost = split_cost(a.d_in, a.d_out, b.d_out, len(N), a.params + b.params + slopes, freed + slopes,
+                      bias_in=a.bias is not None, bias_out=b.bias is not None)
     lo, hi = float(chain.slopes[L].min()), float(chain.slopes[L].max())
     shape = (a.d_in, a.d_out, b.d_out)
     head = f"{len(L)} of {a.d_out} units within tolerance"

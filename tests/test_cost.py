@@ -126,19 +126,20 @@ def test_cli_inspect_allow_growth(tmp_path):
 def bn_block(shared_scale: bool):
     """24 → Gemm (no bias; its weight also read by another MatMul) → BatchNorm(16) → PRelu (15 of 16 slopes 1) →
     Gemm 16 → 4. The split writes 24·4 + 1·(24+4) weights, 1 slope and 4 + 1 biases = 130 params; what dies is W_B
-    and b_B (68) and the BatchNormalization's 4·16 = 64 stored values: 132, so the model does not grow. Counting
-    only its folded bias (16) gave 84: "grows". With the BN's scale also read elsewhere, 16 of them stay: 116."""
+    and b_B (68), the BatchNormalization's 4·16 = 64 stored values and the 16 slopes: 148, so the model does not
+    grow. Counting only its folded bias (16) gave 100: "grows". With the BN's scale and B also read elsewhere, 32 of
+    them stay: 116."""
     b = Builder()
     w = b.const(b.weights(24, 16))
     h = b.batchnorm(b.linear("x", 24, 16, "gemm", bias=False, weight=w), 16)
-    scale = b.nodes[-1].input[1]
+    scale, shift = b.nodes[-1].input[1], b.nodes[-1].input[2]
     s = np.ones(16)
     s[5] = 0.25
     y = b.linear(b.prelu(h, s, (16,)), 16, 4, "gemm")
     (other,) = b.node("MatMul", ["x", w])
     outs = [(y, ["N", 4]), (other, ["N", 16])]
     if shared_scale:
-        outs.append((b.node("Neg", [scale])[0], [16]))
+        outs += [(b.node("Neg", [scale])[0], [16]), (b.node("Neg", [shift])[0], [16])]
     return b.model([("x", ["N", 24])], outs)
 
 
@@ -146,14 +147,14 @@ def test_a_folded_batchnorm_frees_its_four_stored_vectors():
     result = optimized(bn_block(shared_scale=False), rewrites=1, skip=("prelu_to_leaky_relu",), seeds=(0, 1, 2))
     (r,) = result.report.rewrites
     assert r.rule == "split_linear_units" and r.params_after == 130 and not r.note.count("grows")
-    assert r.params_before == 24 * 16 + 4 * 16 + 16 * 4 + 4  # stored: W_A, the BN's 4 vectors, W_B, b_B
+    assert r.params_before == 24 * 16 + 4 * 16 + 16 * 4 + 4 + 16  # stored: W_A, the BN's 4 vectors, W_B, b_B, slopes
 
 
 def test_a_batchnorm_scale_read_elsewhere_does_not_count():
     model = bn_block(shared_scale=True)
     result = optimized(model, rewrites=0, skip=("prelu_to_leaky_relu",))
     (reason,) = [c.reason for c in result.report.skipped if "split_linear_units" in c.reason]
-    assert "grows the model by +14 params" in reason and "2 weight(s) also read elsewhere stay" in reason
+    assert "grows the model by +14 params" in reason and "3 weight(s) also read elsewhere stay" in reason
     assert "allowed by --allow-growth" in optimized(model, rewrites=1, skip=("prelu_to_leaky_relu",),
                                                     allow_growth=True).report.rewrites[0].note
 

@@ -509,3 +509,16 @@ def test_tf2onnx_slope_on_the_wrong_axis_is_left():
     model = tf_block(slope=np.where(np.arange(3) == 0, 0.5, 1.0), slope_shape=(3, 1), hidden_shape=True)
     reasons = reasons_left(model)
     assert any("split_linear_units" in r and "not one slope per unit" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("linear, splits", [(32, False), (33, True)])
+def test_a_64_256_64_block_splits_from_33_linear_units_as_its_parameters_shrink(linear, splits):
+    """The 256 slopes go with the block and the narrow MLP gets n new ones: the growth check counted the new
+    slopes but not the old, and refused 33 linear units (the model shrinks: 33,024 -> 32,863 stored values)."""
+    b = Builder(seed=0)
+    h = b.prelu(b.linear("x", 64, 256), np.array([1.0] * linear + [0.5] * (256 - linear)), (256,))
+    model = b.model([("x", ["N", 64])], [(b.linear(h, 256, 64), ["N", 64])])
+    result = optimized(model, rewrites=1 if splits else 0)
+    assert [r.rule for r in result.report.rewrites] == (["split_linear_units"] if splits else [])
+    if splits:
+        assert result.report.after.params < result.report.before.params
