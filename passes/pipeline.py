@@ -96,7 +96,8 @@ def _decide(
         if reason is None:
             return rule, Candidate(found.nodes, found.slope_range, rule.name, None, shape), found
         reasons.append(reason)
-    reason = reasons[0] if reasons else "every rule that could fire is skipped"
+    reason = reasons[0] if reasons else ("no rule is active: each that could fire is skipped (--skip) or not "
+                                         "written for the model's opset (the rules cover opsets 11-24)")
     return None, Candidate(found.nodes, found.slope_range, None, reason, shape), None
 
 
