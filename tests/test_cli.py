@@ -169,3 +169,29 @@ def test_output_adds_no_inferred_shapes(model_path):
     known = {v.name for v in original.graph.value_info}
     shaped = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
     assert shaped <= known
+
+
+def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch):
+    """README: exit 3 is a bug of ours, said in one line (the traceback with --debug)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(lc_onnx.api, "optimize", broken)
+    monkeypatch.setattr(lc_onnx, "optimize", broken)
+    result = CliRunner().invoke(main, ["optimize", str(path)])
+    assert result.exit_code == 3, result.output
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("internal error: RuntimeError: a bug")
+
+
+def test_the_app_and_the_engine_import_no_torch():
+    """README: lc_onnx/train is the only part that imports torch (the CLI must start without it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lc_onnx, lc_onnx.cli, lc_onnx.bench, passes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
