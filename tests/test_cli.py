@@ -47,6 +47,7 @@ def test_output_keeps_envelope_and_stamps_metadata(model_path):
     assert props["author"] == "me"
     assert json.loads(props["lc_onnx"])["rewrites"] == {"collapse_linear_chain": 1}
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    assert model.ir_version == onnx.load(model_path).ir_version
     out_node = next(n for n in model.graph.node if n.name == "out")
     assert out_node.doc_string == "the output" and out_node.metadata_props[0].value == "head"
 

@@ -194,6 +194,29 @@ def test_collapses_inside_if_subgraphs():
     assert [n.op_type for n in then_branch.node] == ["Gemm"]
 
 
+def test_collapses_inside_a_loop_body():
+    """README: Loop (and Scan) bodies are rewritten with the same checks; the body reads x from the graph around."""
+    inner = Builder(seed=1)
+    y = inner.linear(inner.prelu(inner.linear("x", 8, 32), 1.0), 32, 8)
+    inner.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"))
+    body = helper.make_graph(
+        inner.nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 8])], inner.inits)
+    trips = helper.make_tensor("trips", TensorProto.INT64, [], [3])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", ""], ["ys"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("ys", TensorProto.FLOAT, [3, 4, 8])], [trips])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = optimized(model, rewrites=1)
+    body_out = next(a.g for a in result.model.graph.node[0].attribute if a.name == "body")
+    assert sorted(n.op_type for n in body_out.node) == ["Gemm", "Identity"]
+    assert result.report.rewrites[0].graph == "body"
+
+
 # --- must not fire --------------------------------------------------------------------------------------
 
 
