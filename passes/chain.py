@@ -246,24 +246,34 @@ def _outside_readers(
     """Nodes outside the chain that read its inner tensors: none may, but a Shape may read one whose shape
     another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
     readers with that tensor, or why the chain's nodes cannot be removed."""
-    chain_nodes = first.nodes + between + second.nodes
     kept = ancestors(second.reshape.inputs[1]) if second.reshape is not None else set()  # the fused layer keeps
     # the second layer's Reshape target: a Shape that computes it must be rewired, it does not die
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
+    return shape_readers(inner, first.nodes + between + second.nodes, first, between, kept, graph_outputs,
+                         once=True)
+
+
+def shape_readers(inner: list[gs.Tensor], nodes: list[gs.Node], first: LinearLayer, between: list[gs.Node],
+                  kept: set[int], graph_outputs: set[str], once: bool) -> list[tuple[gs.Node, gs.Tensor]] | str:
+    """The readers of the `inner` tensors outside `nodes` (a chain, or a block of several heads): none may, but
+    a Shape that feeds only `nodes` (and computes no Reshape target in `kept`) dies with them, and one reading a
+    tensor whose shape another tensor states (`stated_shape`) is returned with that tensor, to be rewired. Else
+    why the nodes cannot be removed; with `once`, also where a tensor feeds `nodes` more than once."""
+    inside = {id(n) for n in nodes}
     readers = []
     for tensor in inner:
         if tensor.name in graph_outputs:
             return f"{tensor.name} is a graph output"
-        users = [c for c in tensor.outputs if not any(c is n for n in chain_nodes)]
+        users = [c for c in tensor.outputs if id(c) not in inside]
         for user in users:
             if (is_op(user, "Shape") and id(user) not in kept
-                    and all(only_feeds(o, chain_nodes, graph_outputs) for o in user.outputs)):
-                continue  # computes a target for the chain's own Reshape: dies with the chain
+                    and all(only_feeds(o, nodes, graph_outputs) for o in user.outputs)):
+                continue  # computes a target for a Reshape of the nodes: dies with them
             same = stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
             if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
             readers.append((user, same))
-        if len(tensor.outputs) - len(users) != 1:
+        if once and len(tensor.outputs) - len(users) != 1:
             return f"{tensor.name} feeds the chain more than once"
     return readers
 

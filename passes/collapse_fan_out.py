@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes import sharing
-from passes.chain import LAYER_OPS, MAX_WALK, Reject, ancestors, shape_problem, stated_shape
+from passes.chain import LAYER_OPS, MAX_WALK, Reject, ancestors, shape_problem, shape_readers
 from passes.collapse_linear_chain import fold
 from passes.cost import Cost, fan_out_cost
 from passes.eliminate_unit_activation import slopes as read_slopes
@@ -24,7 +24,6 @@ from passes.match import (
     is_const,
     is_inference_dropout,
     is_op,
-    only_feeds,
     redirect_readers,
     slope_problem,
 )
@@ -165,30 +164,15 @@ def _slope_problem(act: gs.Node, first: LinearLayer, before: list[gs.Node]) -> s
 
 
 def _shape_readers(block: FanOut, outputs: set[str]) -> list[tuple[gs.Node, gs.Tensor]] | str:
-    """The chain rule's handling of the nodes outside the block that read its inner tensors (`_outside_readers`),
+    """The chain rule's handling of the nodes outside the block that read its inner tensors (`shape_readers`),
     over every head: none may, but a Shape that feeds only the block's own dying nodes dies with it, and one
     reading a tensor whose shape a Reshape target before it spells out (tf2onnx's `Concat(Shape(h)[:2], [d])`
     for a head's target) is rewired to that target. Returns those Shape readers, or why the block is left."""
-    first, between, nodes = block.first, block.between, block.nodes
-    inside = {id(n) for n in nodes}
+    first, between = block.first, block.between
     kept = set().union(*(ancestors(h.reshape.inputs[1]) for h in block.heads if h.reshape is not None))
     inner = (first.internal + [first.y] + [n.outputs[0] for n in between]
              + [f.outputs[0] for f in block.flattens if f is not None] + [t for h in block.heads for t in h.internal])
-    found = []
-    for tensor in inner:
-        if tensor.name in outputs:
-            return f"{tensor.name} is a graph output"
-        for user in tensor.outputs:
-            if id(user) in inside:
-                continue
-            if (is_op(user, "Shape") and id(user) not in kept
-                    and all(only_feeds(o, nodes, outputs) for o in user.outputs)):
-                continue  # computes a target for a Reshape of the block: dies with it
-            same = stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
-            if same is None:
-                return f"{tensor.name} also feeds {user.name} ({user.op})"
-            found.append((user, same))
-    return found
+    return shape_readers(inner, block.nodes, first, between, kept, outputs, once=False)
 
 
 def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:

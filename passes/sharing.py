@@ -84,11 +84,14 @@ def dying(t: gs.Tensor, nodes: list[gs.Node], outputs: set[str]) -> int:
     """The size of the value stored behind `t` (through VIEWS) where every reader of it is among `nodes` (it dies
     with them), else 0: an activation's slope, say, which `freed` (about layers) does not see."""
     root = _root(t)
+    return size(root) if constant(root) is not None and _dies(root, {id(n) for n in nodes}, outputs) else 0
+
+
+def _dies(root: gs.Tensor, inside: set[int], outputs: set[str]) -> bool:
+    """Whether every reader of the value stored in `root` (seen through VIEWS) is among the nodes `inside` (ids),
+    so it dies with them; never where it, or a view of it, is a graph output."""
     users = readers(root, outputs)
-    inside = {id(n) for n in nodes}
-    if constant(root) is None or users is None or not all(id(u) in inside or is_op(u, *VIEWS) for u in users):
-        return 0
-    return size(root)
+    return users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users)
 
 
 def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) -> tuple[int, int]:
@@ -103,8 +106,7 @@ def freed(layers: list[LinearLayer], nodes: list[gs.Node], outputs: set[str]) ->
         if id(root) in seen:
             continue
         seen.add(id(root))
-        users = readers(root, outputs)
-        if users is not None and all(id(u) in inside or is_op(u, *VIEWS) for u in users):
+        if _dies(root, inside, outputs):
             gone += size(root)
         else:
             shared += 1
