@@ -29,6 +29,7 @@ from torch import nn
 
 from lc_onnx.train.collapse import collapse, verify
 from lc_onnx.train.regularize import blocks, decoupled_step, regularizer, slope_parameters
+from lc_onnx.train.trace import map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -285,11 +286,4 @@ def _on_device(inputs, model: nn.Module):
     if inputs is None:
         return None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    def move(x):
-        return x.to(device) if isinstance(x, torch.Tensor) else x
-    if isinstance(inputs, dict):
-        return {k: move(v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(move(v) for v in inputs)
-    return move(inputs)
+    return map_tensors(lambda t: t.to(device), inputs)

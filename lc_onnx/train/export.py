@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lc_onnx.train.prelu import LayerCollapsePReLU
+from lc_onnx.train.trace import map_tensors
 
 
 def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: str | os.PathLike, *,
@@ -90,11 +91,7 @@ def _as_inputs(example_inputs) -> tuple | dict:
 
 def _cast_inputs(inputs: tuple | dict, dtype: torch.dtype) -> tuple | dict:
     """The example inputs with every floating tensor in `dtype` (token ids, masks of ints stay as they are)."""
-    def cast(v):
-        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-    if isinstance(inputs, dict):
-        return {k: cast(v) for k, v in inputs.items()}
-    return tuple(cast(v) for v in inputs)
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, inputs)
 
 
 @contextlib.contextmanager

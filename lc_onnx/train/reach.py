@@ -15,7 +15,7 @@ from torch import nn
 
 from lc_onnx.train import sites, trace
 from lc_onnx.train.sites import Site
-from lc_onnx.train.trace import run  # the call the recorded pass made
+from lc_onnx.train.trace import first_line, run  # run: the call the recorded pass made
 
 
 def _stand_in(module: nn.Module, path: str, by_name: Counter) -> nn.Module:
@@ -61,10 +61,9 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
         with torch.no_grad():
             run(model, example_inputs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"the model ran on example_inputs once but not a second time, with the site modules "
-                         f"under their names as stand-ins that count their calls ({type(e).__name__}: {first})") \
-            from e
+                         f"under their names as stand-ins that count their calls ({type(e).__name__}: "
+                         f"{first_line(e)})") from e
     finally:
         for h in handles:
             h.remove()

@@ -11,9 +11,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from lc_onnx.train import layers
+
+
+def map_tensors(fn, value):
+    """`value` (example inputs: a tensor, or tensors in tuples, lists and dicts) with `fn` applied to each tensor."""
+    return tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, value)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a model's own error can run over many)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def tensors(value) -> list[torch.Tensor]:
@@ -164,8 +175,7 @@ def record(model: nn.Module, example_inputs) -> Record:
         with recorder:
             out = run(model, example_inputs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first}); pass a tuple "
+        raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first_line(e)}); pass a tuple "
                          "of positional inputs or a dict of keyword inputs that model(...) accepts") from e
     finally:
         for h in handles:
