@@ -14,7 +14,8 @@ from torch import nn
 from lc_onnx.train import reach
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
-from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many, set_module
+from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
+from lc_onnx.train.reach import set_module
 from lc_onnx.train.regularize import blocks
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from lc_onnx.train import layers, names, reach, sites
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
+from lc_onnx.train.reach import set_module
 from lc_onnx.train.sites import Site
 
 
@@ -39,11 +40,6 @@ def _selected(name: str, include, exclude) -> bool:
 
 def _parts(path: str) -> list[str]:
     return path.split(".") if path else []
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _no_fused_feed_forward(model: nn.Module) -> None:

@@ -36,7 +36,8 @@ def _stand_in(module: nn.Module, path: str, by_name: Counter) -> nn.Module:
     return stand_in
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """`module` in the place of the one at `path` (a dotted name) under `root`."""
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
@@ -57,7 +58,7 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
         handles += [m.register_forward_pre_hook(lambda *_, p=p: calls.update([p]), prepend=True)
                     for p, m in originals.items()]
         for p, m in originals.items():
-            _set(model, p, _stand_in(m, p, by_name))
+            set_module(model, p, _stand_in(m, p, by_name))
         with torch.no_grad():
             run(model, example_inputs)
     except Exception as e:
@@ -68,7 +69,7 @@ def unreached(model: nn.Module, example_inputs, paths: list[str]) -> set[str]:
         for h in handles:
             h.remove()
         for p, m in originals.items():
-            _set(model, p, m)
+            set_module(model, p, m)
         for m, training in modes.items():
             m.training = training
     return {p for p in originals if not calls[p] or by_name[p] < calls[p]}
