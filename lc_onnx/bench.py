@@ -227,10 +227,7 @@ def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[
     light = inference.weightless(model)
     for vi in light.graph.input:
         if vi.name in inputs:
-            dims = vi.type.tensor_type.shape.dim
-            del dims[:]
-            for d in inputs[vi.name]:
-                dims.add().dim_value = d
+            _declare(vi, inputs[vi.name])
     known = {name: dims for name, (_, dims) in inference.infer(light).items()}
     for t in light.graph.initializer:
         known[t.name] = list(t.dims)
@@ -440,10 +437,16 @@ def pinned(path: Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
         if ttype.HasField("shape") and len(ttype.shape.dim) != len(want):
             raise InputError(f"{path}: input {vi.name!r} has rank {len(ttype.shape.dim)}, not the {len(want)} of "
                              f"the shape it is fed {want}")
-        del ttype.shape.dim[:]  # also where no shape is declared (rank unknown)
-        for v in want:
-            ttype.shape.dim.add().dim_value = v
+        _declare(vi, want)
     return model
+
+
+def _declare(vi: onnx.ValueInfoProto, dims: list[int]) -> None:
+    """The tensor's declared shape set to `dims`, also where none was declared (rank unknown)."""
+    shape = vi.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        shape.dim.add().dim_value = d
 
 
 def check_options(provider_name: str = "cpu", threads: int = 0, batch: int | None = None, runs: int = 50,
