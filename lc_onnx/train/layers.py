@@ -25,9 +25,37 @@ def is_dense(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """A subclass of a layer class that overrides its forward (or, for a ConvNd, `_conv_forward`)."""
+    cls = type(m)
+    if isinstance(m, nn.Linear):
+        return cls.forward is not nn.Linear.forward
+    if isinstance(m, CONVS):
+        base = next(c for c in CONVS if isinstance(m, c))
+        return cls.forward is not base.forward or cls._conv_forward is not base._conv_forward
+    if isinstance(m, nn.SyncBatchNorm):
+        return cls.forward is not nn.SyncBatchNorm.forward
+    if isinstance(m, BATCHNORMS):
+        return cls.forward is not nn.modules.batchnorm._BatchNorm.forward
+    return is_dense(m) and cls.forward.__qualname__ != "Conv1D.forward"  # HF Conv1D, a class of its own
+
+
+def extra_state(m: nn.Module) -> list[str]:
+    """A layer subclass whose own forward reads state beyond its class's (weight, bias, BatchNorm's stats): what
+    it computes is not its weights' map, and may move off it as that state trains (loralib's LoRA Linear: an
+    adapter path `x·Aᵀ·Bᵀ·s` with B = 0 at first, so a recorded pass sees the weights' map), and collapse would
+    fold the weights alone. The names of that state; [] for a class's own forward, or one that reads only the
+    class's own state (Falcon's FalconLinear, `x @ W.T + b`: the recorded pass proves it is the map)."""
+    if not _own_forward(m):
+        return []
+    base = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    return [n for n in (*m._parameters, *m._buffers) if n not in base] + [
+        n for n in m._modules if n != "parametrizations"]
+
+
 def is_linear(m: nn.Module) -> bool:
-    """nn.Linear, HF Conv1D or a pointwise Conv1d/2d/3d."""
-    return is_dense(m) or is_pointwise_conv(m)
+    """nn.Linear, HF Conv1D or a pointwise Conv1d/2d/3d, not a subclass whose forward reads more state."""
+    return (is_dense(m) or is_pointwise_conv(m)) and not extra_state(m)
 
 
 def kind(m: nn.Module) -> str:
@@ -101,7 +129,7 @@ def fused(w: torch.Tensor, b: torch.Tensor, like: nn.Module) -> nn.Module:
 
 
 def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, BATCHNORMS)
+    return isinstance(m, BATCHNORMS) and not extra_state(m)
 
 
 def map_dim(m: nn.Module, x: torch.Tensor) -> int | None:

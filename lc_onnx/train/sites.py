@@ -171,11 +171,13 @@ def find(rec: Record) -> tuple[list[Site], list[str]]:
     """Sites in the record, and one line for each site that cannot be prepared: an activation called as a
     function between two linear layers (no module to swap), a module of a site registered under two names
     (swapping one name would leave the other), a TorchScript submodule (no hooks see inside it), an nn.PReLU
-    whose per-channel slopes are not on the layers' features."""
-    occurrences = []
+    whose per-channel slopes are not on the layers' features, a layer subclass with its own forward, a hidden
+    width or a weight the forward reads outside the block."""
+    occurrences, overridden = [], []
     for call in rec.calls:
         if not _activation_call(rec, call):
             continue
+        overridden += _overridden_neighbours(rec, call)
         back = _back(rec, call, call.inputs[0])
         ahead = _forward(rec, call, call.outputs[0]) if back else None
         if back and ahead and _fits(back[0], ahead[0], back[1] + ahead[1]):
@@ -183,7 +185,23 @@ def find(rec: Record) -> tuple[list[Site], list[str]]:
     found, reported = _group(rec, occurrences)
     opaque = [f"{name}: a TorchScript module, which prepare() cannot see inside; prepare the model before "
               "torch.jit.script/trace" for name in rec.opaque]
-    return found, _functional(rec) + reported + opaque
+    return found, _functional(rec) + list(dict.fromkeys(overridden)) + reported + opaque
+
+
+def _overridden_neighbours(rec: Record, act: Call) -> list[str]:
+    """A line for a layer subclass with its own forward (a LoRA Linear) that feeds `act` or reads its output:
+    it is no linear layer to fold, and the user may want to merge it first."""
+    around = [rec.creator(act.inputs[0])]
+    later = [u for u in rec.uses_of(act.outputs[0]) if u >= act.end]
+    if later and rec.ops[later[0]].call is not None:
+        around.append(rec.calls[rec.ops[later[0]].call])
+    return [f"{c.name} ({type(c.module).__name__}) -> {act.name}: {c.name} is a subclass of "
+            f"{type(c.module).__mro__[1].__name__} whose own forward also reads "
+            f"{', '.join(layers.extra_state(c.module))}, so it may compute more than its weights (a LoRA adapter "
+            "path) and its block is not prepared (merge that into the weights first, as peft's merge_and_unload "
+            "does)"
+            for c in around if c is not None and (layers.is_dense(c.module) or layers.is_pointwise_conv(c.module))
+            and layers.extra_state(c.module)]
 
 
 def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], list[str]]:
@@ -211,6 +229,11 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
                            f"{', '.join(aliases[0][1:])} in the model, and the forward may call either name, "
                            "so it is not prepared (register the module once)")
             continue
+        outside = _read_outside(rec, occs)
+        if outside:
+            reported.append(f"{occ.first.name} -> {occ.act.name} -> {occ.second.name}: {outside}, so it is not "
+                            "prepared")
+            continue
         act, dim = occ.act.module, layers.feature_dim(occ.first.module)
         if (id(act), dim) not in probed:
             probed[id(act), dim] = is_activation(act, occ.act.inputs[0], dim)
@@ -234,16 +257,43 @@ def _group(rec: Record, occurrences: list[_Occurrence]) -> tuple[list[Site], lis
     return sorted(sites, key=lambda site: site.order), reported
 
 
-def _passing(rec: Record, occ: _Occurrence) -> tuple[str, ...]:
-    """Modules called between the two layers on a tensor of the block that hand that same tensor on (eval
+def _passing_calls(rec: Record, occ: _Occurrence) -> list[Call]:
+    """Module calls between the two layers on a tensor of the block that hand that same tensor on (eval
     Dropout, Identity): they run no op, so the data flow does not see them, but `collapse` must check them for
     hooks, which would run on the block's input once it is fused."""
     own = {c.index for c in (occ.first, *occ.before, occ.act, *occ.after, occ.second)}
-    hidden = [c.outputs[0] for c in (occ.first, *occ.before, occ.act, *occ.after)]
-    return tuple(dict.fromkeys(
-        c.name for c in rec.calls[occ.first.index + 1:occ.second.index]
-        if c.index not in own and len(c.inputs) == len(c.outputs) == 1 and _has(hidden, c.inputs[0])
-        and c.outputs[0] is c.inputs[0]))
+    return [c for c in rec.calls[occ.first.index + 1:occ.second.index]
+            if c.index not in own and len(c.inputs) == len(c.outputs) == 1 and _has(_hidden(occ), c.inputs[0])
+            and c.outputs[0] is c.inputs[0]]
+
+
+def _hidden(occ: _Occurrence) -> list[torch.Tensor]:
+    """The tensors between the two layers: the ones a collapse removes."""
+    return [c.outputs[0] for c in (occ.first, *occ.before, occ.act, *occ.after)]
+
+
+def _passing(rec: Record, occ: _Occurrence) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c.name for c in _passing_calls(rec, occ)))
+
+
+def _read_outside(rec: Record, occs: list[_Occurrence]) -> str:
+    """Why the block's own calls are not all that depends on what collapse changes: the forward reads a hidden
+    tensor's shape elsewhere (`h.shape[-1]` for a 1/sqrt(width) scale: the fused block has no such width), or
+    reads a fused layer's weight elsewhere (a tied decoder's `fc2.weight.t()`: the weight is gone, or replaced by
+    the fused one). "" when neither."""
+    for occ in occs:
+        own = {c.index for c in (occ.first, *occ.before, occ.act, *occ.after, occ.second, *_passing_calls(rec, occ))}
+        for t, producer in zip(_hidden(occ), (occ.first, *occ.before, occ.act, *occ.after), strict=True):
+            if any(not rec.within(c, own) for c in rec.shape_reads.get(id(t), [])):
+                return (f"the forward reads the shape of {producer.name}'s output outside the block (h.shape, "
+                        "h.size()), so the hidden width matters to what follows, and collapse removes it")
+    for c in (occs[0].first, *occs[0].before, *occs[0].after, occs[0].second):
+        calls = set(rec.calls_of[id(c.module)])
+        for name, t in [*c.module.named_parameters(), *c.module.named_buffers()]:
+            if any(not rec.within(rec.ops[u].call, calls) for u in rec.uses_of(t)):
+                return (f"{c.name}.{name} is read outside {c.name}'s own call (a tied weight, a second module "
+                        "holding the same parameter), which collapse would leave reading a weight that is gone")
+    return ""
 
 
 def _prelu_off_features(occ: _Occurrence) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -70,6 +71,8 @@ class Record:
     calls_of: dict[int, list[int]]  # id(module) -> its call indices
     paths: dict[int, list[str]]  # id(module) -> every name it has in the model (more than one: an alias)
     opaque: list[str]  # TorchScript submodules: hooks cannot see inside them
+    shape_reads: dict[int, list[int | None]] = field(default_factory=dict)  # id(tensor) -> the innermost calls
+    # running when its shape, size or element count was read (no ATen op runs for that, so `ops` misses it)
 
     def creator(self, t: torch.Tensor) -> Call | None:
         """The innermost module call during which the op that made `t` ran."""
@@ -80,6 +83,34 @@ class Record:
 
     def uses_of(self, t: torch.Tensor) -> list[int]:
         return self.uses.get(id(t), [])
+
+    def within(self, call: int | None, outer: set[int]) -> bool:
+        """Whether module call `call` is one of `outer` or runs inside one of them."""
+        while call is not None:
+            if call in outer:
+                return True
+            call = self.calls[call].parent
+        return False
+
+
+# reading these tells the forward a tensor's width: a collapse that changes the width changes what follows
+_SHAPE_METHODS = {"size", "numel", "nelement", "__len__", "stride"}  # Tensor methods, and torch.numel
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Which module call reads which tensor's shape (`h.shape[-1]`, `h.size(-1)`): no ATen op runs for it."""
+
+    def __init__(self, stack: list[int], reads: dict[int, list[int | None]], kept: list[torch.Tensor]):
+        super().__init__()
+        self.stack, self.reads, self.kept, self.paused = stack, reads, kept, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.paused and args and isinstance(args[0], torch.Tensor) and (
+                getattr(func, "__name__", None) in _SHAPE_METHODS
+                or getattr(func, "__self__", None) is torch._C.TensorBase.shape):
+            self.reads.setdefault(id(args[0]), []).append(self.stack[-1] if self.stack else None)
+            self.kept.append(args[0])  # alive for the record's lifetime, so its id is not reused
+        return func(*args, **(kwargs or {}))
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -142,6 +173,9 @@ def record(model: nn.Module, example_inputs) -> Record:
     ops: list[Op] = []
     stack: list[int] = []
     recorder = _OpRecorder(stack, ops)
+    shape_reads: dict[int, list[int | None]] = {}
+    kept: list[torch.Tensor] = []
+    shapes = _ShapeRecorder(stack, shape_reads, kept)
 
     def before(module, args, kwargs):
         if id(module) not in names:  # a module outside the model (a hook's own)
@@ -160,11 +194,11 @@ def record(model: nn.Module, example_inputs) -> Record:
         call.end, call.outputs = len(ops), tensors(output)
         if (layers.is_linear(module) or layers.is_batchnorm(module)) and len(call.inputs) == len(call.outputs) == 1:
             # checked now: an in-place activation may overwrite the output later in the pass
-            recorder.paused = True
+            recorder.paused = shapes.paused = True
             try:
                 call.exact = layers.reproduces(module, call.inputs[0], call.outputs[0])
             finally:
-                recorder.paused = False
+                recorder.paused = shapes.paused = False
 
     scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]  # they take no Python hooks
     hooked = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
@@ -172,7 +206,7 @@ def record(model: nn.Module, example_inputs) -> Record:
     handles = [m.register_forward_pre_hook(before, with_kwargs=True, prepend=True) for m in hooked]
     handles += [m.register_forward_hook(after, with_kwargs=True, always_call=True) for m in hooked]
     try:
-        with recorder:
+        with shapes, recorder:
             out = run(model, example_inputs)
     except Exception as e:
         raise ValueError(f"the model did not run on example_inputs ({type(e).__name__}: {first_line(e)}); pass a tuple "
@@ -192,4 +226,4 @@ def record(model: nn.Module, example_inputs) -> Record:
         calls_of.setdefault(id(call.module), []).append(call.index)
     opaque = [names[id(m)] for m in scripted if not isinstance(model.get_submodule(names[id(m)].rpartition(".")[0]),
                                                                 torch.jit.ScriptModule)]
-    return Record(calls, ops, tensors(out), created, uses, calls_of, paths, opaque)
+    return Record(calls, ops, tensors(out), created, uses, calls_of, paths, opaque, shape_reads)
