@@ -110,6 +110,15 @@ class _Progress:
             click.echo(f"{self._when()} done", err=True)
 
 
+def _printable(text: str) -> str:
+    """`text` with the bytes of a path that are not UTF-8 (held as surrogates) shown as `\\xff`: stdout would
+    refuse them, after the work is done."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _skip_option(fn):
     return click.option(
         "--skip", "skip", multiple=True, metavar="RULE", type=click.Choice(rule_names()),
@@ -153,6 +162,9 @@ def main() -> None:
                    "as 1, at least 1e-4 (1e-2 for float16) and at most 1e-2).")
 @click.option("--atol", type=float, default=None,
               help="An output also passes when no element moves more than this (default 1e-5; 1e-3 for float16).")
+@click.option("--max-mismatch", type=float, default=0.0, show_default=True, metavar="FRACTION",
+              help="Largest share of an integer or bool output's elements (an argmax) that may differ; such "
+                   "outputs ignore --rtol/--atol.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime comparison.")
 @click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..",
               help="Shape of a validation input whose dims are open (repeatable).")
@@ -169,8 +181,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_skip_option
 @_handle_errors
-def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_path, seed, report_path, overwrite,
-             external_data, allow_growth, quiet, skip) -> None:
+def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_shape, inputs_path, seed, report_path,
+             overwrite, external_data, allow_growth, quiet, skip) -> None:
     """Collapse linear chains in MODEL, validate against the original, and write the result."""
     output = output or io.default_output(model)
     in_place = io.same_file(output, Path(model))
@@ -178,6 +190,10 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
         raise InputError(f"{output}: the output would replace the input; pass --overwrite to allow it")
     # every path to be written is checked before any work; none may be a file the input reads
     io.check_target(output, "-o")
+    io.check_target(io.data_path(output), "-o's data file")
+    if not io.is_utf8(output.name) and (external_data or io.has_external(io.read(model, load_weights=False)[0])):
+        raise InputError(f"-o {output}: the model names its .data file inside itself, and only in UTF-8; choose an "
+                         f"output name that is valid UTF-8")
     writes = [] if in_place else [output, io.data_path(output)]
     if report_path:
         io.check_target(report_path, "--report")
@@ -190,7 +206,7 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
     shapes = parse_shapes(input_shape)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     result = api.optimize(
-        model, tol=tol, rtol=rtol, atol=atol, validate=not no_validate, skip=tuple(skip),
+        model, tol=tol, rtol=rtol, atol=atol, max_mismatch=max_mismatch, validate=not no_validate, skip=tuple(skip),
         input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
         allow_growth=allow_growth,
     )
@@ -206,7 +222,7 @@ def optimize(model, output, tol, rtol, atol, no_validate, input_shape, inputs_pa
         v = result.report.validation
         if v is not None and v.precision != "as stored":
             click.echo(f"validated in {v.precision}: {v.precision_note}")
-        click.echo(f"wrote {output}")
+        click.echo(_printable(f"wrote {output}"))
 
 
 @main.command()
@@ -275,6 +291,8 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
     api.check_limit("--tol", tol)
     if json_path:
         io.check_target(json_path, "--json")
+        if inputs_path:
+            io.refuse_overlap({inputs_path}, [json_path])
         if json_path.exists():  # only a file that exists can be one the models read
             for m in models:
                 io.refuse_overlap(io.files_read(m, io.read(m, load_weights=False)[0]), [json_path])
@@ -290,7 +308,7 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
             list(models), provider, threads, batch, runs, warmup, parse_shapes(input_shape), given, seed,
             progress=lambda i: bar.update(1), io_binding=io_binding, cuda_graph=cuda_graph, candidates=candidates,
         )
-    click.echo(result.table())
+    click.echo(_printable(result.table()))
     if why:
         click.echo(f"MACs: not computed ({why})")
     if json_path:
@@ -308,9 +326,10 @@ def rules() -> None:
 @main.command()
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the demo models here (default: a temporary folder).")
+@click.option("--overwrite", is_flag=True, help="Allow replacing demo.onnx and demo.lc.onnx in the output folder.")
 @_handle_errors
-def demo(output_dir) -> None:
+def demo(output_dir, overwrite) -> None:
     """Build a small transformer-MLP model, optimize it, validate it and print the report."""
     from lc_onnx.demo import run_demo
 
-    run_demo(output_dir)
+    run_demo(output_dir, overwrite=overwrite)

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lc_onnx import api, bench, io
+from lc_onnx.errors import InputError, one_line
 from lc_onnx.validate import make_inputs
 
 # ViT-T widths; slopes as training with the LayerCollapse regularizer leaves them, plus one that did not converge
@@ -58,10 +59,22 @@ def build_model(slopes: list[float] = SLOPES, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def run_demo(output_dir: Path | None = None, runs: int = 30) -> None:
+def run_demo(output_dir: Path | None = None, runs: int = 30, overwrite: bool = False) -> None:
+    """Build, optimize and time the demo model in `output_dir` (default: a temporary folder). Existing demo
+    files there are replaced only with `overwrite`, and never where they are not regular files."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise InputError(f"-o {folder}: is not a folder")
+        for target in (folder / "demo.onnx", io.default_output(folder / "demo.onnx")):
+            if target.exists() or target.is_symlink():  # checked before anything is written
+                io.check_target(target, "demo file")
+                if not overwrite:
+                    raise InputError(f"{target}: exists; demo replaces its files only with --overwrite")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"-o {folder}: cannot make the folder ({e.strerror or one_line(e)})") from None
         src = io.save(build_model(), folder / "demo.onnx")
         click.echo(f"built {src}: {len(SLOPES)} MLP blocks {DIM}>{HIDDEN}>{DIM}, PReLU slopes {SLOPES}")
         click.echo(f"$ lc-onnx optimize {src.name}   (tol {api.DEFAULT_TOL:g})\n")

@@ -133,9 +133,16 @@ def refuse_overlap(reads: set[Path], writes) -> None:
 
 
 def check_target(path: Path, what: str) -> None:
-    """Refuse, before any work, a path that cannot be written: a directory, a missing or read-only folder."""
+    """Refuse, before any work, a path that cannot be written: a directory, a missing or read-only folder, and
+    anything that is not a regular file (a FIFO, a device such as /dev/null, a socket), which a write would
+    replace with a file (or block on)."""
     if path.is_dir():
         raise InputError(f"{what} {path}: is a directory")
+    if path.exists() and not path.is_file():
+        kind = ("a FIFO" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device()
+                else "a socket" if path.is_socket() else "a special file")
+        raise InputError(f"{what} {path}: is {kind}, not a regular file; lc-onnx writes only to regular files "
+                         f"or new paths")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{what} {path}: folder {folder} does not exist")
@@ -383,3 +390,13 @@ def all_tensors(model: onnx.ModelProto):
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)
+
+
+def is_utf8(path: str | os.PathLike) -> bool:
+    """Whether a path is valid UTF-8 (bytes that are not come from the OS as surrogates): ONNX Runtime takes paths,
+    and a model names its external data file, only as UTF-8 text."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -78,8 +78,12 @@ class Report:
         if self.validation:
             v = self.validation
             verdict = "passed" if v.passed else "FAILED"
-            worst = max(v.outputs, key=lambda o: o.rel_l2, default=None)
+            worst = max((o for o in v.outputs if o.mismatch is None), key=lambda o: o.rel_l2, default=None)
             detail = f"max |abs| {worst.max_abs:.3g}, rel L2 {worst.rel_l2:.3g} (output {worst.name})" if worst else ""
+            counted = max((o for o in v.outputs if o.mismatch is not None), key=lambda o: o.mismatch, default=None)
+            if counted:  # integer/bool outputs: the share of elements that differ, against --max-mismatch
+                detail += (", " if detail else "") + (f"mismatch {counted.mismatch:.3g} (output {counted.name}), "
+                                                      f"max-mismatch {v.max_mismatch:g}")
             lines.append(f"validation {verdict}: {detail}, rtol {v.rtol:.3g}, atol {v.atol:.3g}, "
                          f"{len(v.outputs)} output(s)")
         return "\n".join(lines)

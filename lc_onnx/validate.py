@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import tempfile
 import zipfile
@@ -79,6 +80,7 @@ def draw_inputs(
     check_seed(seed)
     rng = np.random.default_rng(seed)
     feeds, drawn = {}, {}
+    held = 0  # bytes of the inputs drawn so far
     names = [i.name for i in _graph_inputs(model)]
     for name in list(shapes) + list(given):
         if name not in names:
@@ -97,19 +99,77 @@ def draw_inputs(
         else:
             shape = [d.dim_value if d.HasField("dim_value") else DYNAMIC_DIM for d in ttype.shape.dim]
         numeric = dtype == np.bool_ or np.issubdtype(dtype, np.number)
-        if numeric and vi.name.lower().endswith("mask"):
-            feeds[vi.name], drawn[vi.name] = np.ones(shape, dtype), "ones (a mask)"
-        elif np.issubdtype(dtype, np.floating):
-            feeds[vi.name], drawn[vi.name] = rng.standard_normal(shape).astype(dtype), "N(0, 1)"
-        elif dtype == np.bool_:
-            feeds[vi.name], drawn[vi.name] = rng.integers(0, 2, shape).astype(bool), "booleans"
-        elif np.issubdtype(dtype, np.integer):
-            high, table = tables.get(vi.name, (INT_HIGH, None))
-            feeds[vi.name] = rng.integers(0, high, shape).astype(dtype)
-            drawn[vi.name] = f"integers in [0, {high})" + (f" (indices into {table!r})" if table else "")
-        else:
-            raise InputError(f"input {vi.name!r} has dtype {dtype}; give it with --inputs")
+        mask = numeric and vi.name.lower().endswith("mask")
+        if numeric:  # sized before anything is allocated: numpy's MemoryError would be an internal error
+            held += _room(vi.name, shape, dtype, held, scratch=not mask)
+        try:
+            if mask:
+                feeds[vi.name], drawn[vi.name] = np.ones(shape, dtype), "ones (a mask)"
+            elif np.issubdtype(dtype, np.floating):
+                feeds[vi.name], drawn[vi.name] = rng.standard_normal(shape).astype(dtype), "N(0, 1)"
+            elif dtype == np.bool_:
+                feeds[vi.name], drawn[vi.name] = rng.integers(0, 2, shape).astype(bool), "booleans"
+            elif np.issubdtype(dtype, np.integer):
+                high, table = tables.get(vi.name, (INT_HIGH, None))
+                feeds[vi.name] = rng.integers(0, high, shape).astype(dtype)
+                drawn[vi.name] = f"integers in [0, {high})" + (f" (indices into {table!r})" if table else "")
+            else:
+                raise InputError(f"input {vi.name!r} has dtype {dtype}; give it with --inputs")
+        except (MemoryError, ValueError) as e:
+            raise InputError(f"input {vi.name!r} of shape {list(shape)} ({dtype}, "
+                             f"{_size(math.prod(shape) * dtype.itemsize)}) cannot be drawn ({one_line(e)}); "
+                             f"{SHAPE_HINT}") from None
     return feeds, drawn
+
+
+SHAPE_HINT = "give smaller dims with --input-shape (bench: --batch)"
+
+
+def _room(name: str, shape: list[int], dtype: np.dtype, held: int, scratch: bool) -> int:
+    """The bytes an input of `shape` takes; InputError where drawing it (with numpy's float64/int64 `scratch`
+    array) on top of the `held` bytes already drawn would not fit in the memory available."""
+    count = math.prod(shape)
+    size = count * dtype.itemsize
+    peak = size + (count * 8 if scratch else 0)
+    free = memory_available()
+    if free is not None and held + peak > free:
+        extra = f", {_size(peak)} while it is drawn" if peak > size else ""
+        raise InputError(f"input {name!r} of shape {list(shape)} ({dtype}) takes {_size(size)}{extra}: more than "
+                         f"the {_size(max(free - held, 0))} of memory available; {SHAPE_HINT}")
+    return size
+
+
+def memory_available() -> int | None:
+    """Bytes this process can still allocate: the kernel's MemAvailable, or less under a cgroup v2 limit; else
+    the physical memory; None where none of these can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    return min(found) if found else None
+
+
+def _size(n: int) -> str:
+    """Bytes for a person: `96 TB`; past what a float holds, the power of ten."""
+    if n.bit_length() > 1000:
+        return f"about 10^{int((n.bit_length() - 1) * math.log10(2))} bytes"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def _index_tables(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
@@ -161,7 +221,17 @@ def session(model: onnx.ModelProto | Path, providers: list[str] | None = None, t
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, Path):
-        return ort.InferenceSession(str(model), so, providers=providers)
+        if io.is_utf8(model):
+            return ort.InferenceSession(str(model), so, providers=providers)
+        # ONNX Runtime takes a path only as UTF-8 text: hand it the file's bytes, and the folder its external
+        # data lives in through a link that it can name
+        with tempfile.TemporaryDirectory() as d:
+            folder = os.path.abspath(model.parent)
+            if not io.is_utf8(folder):
+                os.symlink(folder, Path(d) / "folder")
+                folder = str(Path(d) / "folder")
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            return ort.InferenceSession(model.read_bytes(), so, providers=providers)
     if not io.has_external(model) and io.serialized_size(model) <= PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory() as d:
@@ -175,6 +245,26 @@ class OutputError:
     max_abs: float
     rel_l2: float
     passed: bool
+    # integer and bool outputs (an argmax, a mask) are judged by the share of elements that differ, not by
+    # rtol/atol: `mismatch` is that share (inf: the shape changed), None for float outputs
+    mismatch: float | None = None
+    elements: int = 0
+    dtype: str = ""
+
+    def why(self, v: Validation) -> str:
+        """Why this output failed, naming the option that would let it pass (if any does)."""
+        if self.mismatch is None and math.isinf(self.rel_l2) and math.isinf(self.max_abs):
+            return (f"output {self.name!r} changed shape or where it is NaN/inf: no tolerance lets that pass; "
+                    f"lower --tol")
+        if self.mismatch is None:
+            return (f"output {self.name!r} differs by rel L2 {self.rel_l2:.3g} (max |abs| {self.max_abs:.3g}) "
+                    f"> rtol {v.rtol:.3g} (and atol {v.atol:.3g}); lower --tol or raise --rtol")
+        if math.isinf(self.mismatch):
+            return f"{self.dtype} output {self.name!r} changed shape: no option lets that pass; lower --tol"
+        return (f"{round(self.mismatch * self.elements)} of {self.elements} elements of {self.dtype} output "
+                f"{self.name!r} differ (a share of {self.mismatch:.3g} > --max-mismatch {v.max_mismatch:g}): an "
+                f"integer computed from floats flips where they nearly tie (an argmax); allow that share with "
+                f"--max-mismatch")
 
 
 @dataclass
@@ -188,13 +278,21 @@ class Validation:
     # provider cannot run, both cast to float32 for the comparison); `precision_note` says why
     precision: str = "as stored"
     precision_note: str = ""
+    max_mismatch: float = 0.0  # largest share of an integer/bool output's elements that may differ
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
+    def failure(self) -> str:
+        """The error line of a failed validation: the worst outputs first, each with the option that helps."""
+        bad = sorted((o for o in self.outputs if not o.passed), key=lambda o: -o.rel_l2)
+        more = [f"and {len(bad) - 3} more output(s)"] if len(bad) > 3 else []
+        return "validation failed: " + "; ".join([o.why(self) for o in bad[:3]] + more)
+
     def to_dict(self) -> dict:
-        return {"rtol": self.rtol, "atol": self.atol, "passed": self.passed, "inputs": self.inputs,
+        return {"rtol": self.rtol, "atol": self.atol, "max_mismatch": self.max_mismatch, "passed": self.passed,
+                "inputs": self.inputs,
                 "drawn": self.drawn, "precision": self.precision, "precision_note": self.precision_note,
                 "outputs": [asdict(o) for o in self.outputs]}
 
@@ -223,7 +321,7 @@ def default_atol(model: onnx.ModelProto) -> float:
 def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     if ref.shape != got.shape:
         return float("inf"), float("inf")
-    if not np.issubdtype(ref.dtype, np.floating):
+    if not (np.issubdtype(ref.dtype, np.floating) or np.issubdtype(ref.dtype, np.integer) or ref.dtype == np.bool_):
         same = np.array_equal(ref, got)
         return (0.0, 0.0) if same else (float("inf"), float("inf"))
     r, g = ref.astype(np.float64), got.astype(np.float64)
@@ -241,6 +339,13 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return max_abs, rel
 
 
+def _mismatch(ref: np.ndarray, got: np.ndarray) -> float:
+    """The share of elements that differ (inf where the shapes do)."""
+    if ref.shape != got.shape:
+        return float("inf")
+    return float(np.count_nonzero(np.asarray(ref != got))) / ref.size if ref.size else 0.0
+
+
 def return_freed_memory() -> None:
     """glibc keeps freed blocks (a dropped model's protobuf arenas, a closed session's tensors) in the heap
     below live ones, so the next session's weights would stack on top: hand those pages back first."""
@@ -256,17 +361,20 @@ class _OriginalFailed(Exception):
 
 
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            rtol: float, atol: float, source: Path | None = None, release: bool = False) -> Validation:
-    """Max |abs| and relative L2 error of every output; an output passes when rel L2 ≤ rtol or max |abs|
-    ≤ atol. The two sessions run one after the other, so only one model's weights are in ONNX Runtime at a
-    time; with `release` (large models) the first session's memory is handed back before the second.
+            rtol: float, atol: float, source: Path | None = None, release: bool = False,
+            max_mismatch: float = 0.0) -> Validation:
+    """Max |abs| and relative L2 error of every output; a float output passes when rel L2 ≤ rtol or max |abs|
+    ≤ atol, an integer or bool output when at most the share `max_mismatch` of its elements differ (an argmax
+    flips where float rounding reorders two near-equal values, whatever rtol says). The two sessions run one
+    after the other, so only one model's weights are in ONNX Runtime at a time; with `release` (large models)
+    the first session's memory is handed back before the second.
 
     A float16/bfloat16 model that ONNX Runtime's CPU provider cannot run (a kernel it lacks, as for most ops in
     bfloat16) is compared in float32 instead: both models are cast (`to_float32`: every half-precision weight,
     Constant, Cast target and declared type; the values are exact in float32, so the fused weights are compared
     as rounded to the model's dtype, with float32 arithmetic), the inputs too. `precision` says which was done."""
     try:
-        return _compare(original, optimized, feeds, rtol, atol, source, release)
+        return _compare(original, optimized, feeds, rtol, atol, source, release, max_mismatch)
     except _OriginalFailed as e:
         if not uses_half(optimized):
             raise InputError(str(e)) from None
@@ -275,7 +383,8 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
         wide = to_float32(original if isinstance(original, onnx.ModelProto) else io.read(original, False)[0], source)
         if release:
             return_freed_memory()
-        result = _compare(wide, to_float32(optimized, source), _wide_feeds(feeds), rtol, atol, source, release)
+        result = _compare(wide, to_float32(optimized, source), _wide_feeds(feeds), rtol, atol, source, release,
+                          max_mismatch)
     except _OriginalFailed:  # not a precision problem after all: say what the first try said
         raise InputError(why) from None
     result.precision = "float32"
@@ -285,7 +394,8 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
 
 
 def _compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-             rtol: float, atol: float, source: Path | None, release: bool) -> Validation:
+             rtol: float, atol: float, source: Path | None, release: bool, max_mismatch: float = 0.0) -> Validation:
+    check_share("--max-mismatch", max_mismatch)
     try:
         sess = session(original, source=source)
     except Exception as e:  # ORT's errors are of many kinds; all mean the same thing here
@@ -306,11 +416,24 @@ def _compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds
         raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
     if release:
         return_freed_memory()
-    result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()})
+    result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()},
+                        max_mismatch=max_mismatch)
     for name, r, g in zip(names, ref, got, strict=True):
-        max_abs, rel = _errors(np.asarray(r), np.asarray(g))
-        result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol or max_abs <= atol))
+        r, g = np.asarray(r), np.asarray(g)
+        max_abs, rel = _errors(r, g)
+        if np.issubdtype(r.dtype, np.floating):
+            result.outputs.append(OutputError(name, max_abs, rel, rel <= rtol or max_abs <= atol))
+        else:
+            share = _mismatch(r, g)
+            result.outputs.append(OutputError(name, max_abs, rel, share <= max_mismatch, share, int(r.size),
+                                              str(r.dtype)))
     return result
+
+
+def check_share(option: str, value: float) -> None:
+    """InputError unless `value` is a share: a number from 0 to 1."""
+    if not 0 <= value <= 1:
+        raise InputError(f"{option} {value}: must be a share from 0 to 1")
 
 
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
