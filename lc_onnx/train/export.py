@@ -17,7 +17,7 @@ from lc_onnx.train.trace import map_tensors
 
 def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: str | os.PathLike, *,
            dynamo: bool = False, attn_implementation: str | None = "eager", dtype: torch.dtype | None = None,
-           **kw) -> None:
+           dynamic: bool = True, **kw) -> None:
     """torch.onnx.export in eval mode: opset 17 for the legacy exporter, one file (no external data) for the
     new one unless asked. `example_inputs` is, as `prepare` takes it, a tuple (or list) of positional inputs, a
     dict of keyword inputs (HF style) or one tensor.
@@ -31,7 +31,13 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
     MatMul/Softmax ops but fails in torch.export's decompositions for T5 and Swin and, with grouped KV heads as in
     Llama, in the legacy exporter; None keeps the model's); with `dynamo=False` transformers' packed-sequence
     check (torch.diff on position ids, which opset 17 cannot export, reached when no attention_mask is given) is
-    off, so each row is one sequence."""
+    off, so each row is one sequence.
+
+    `dynamic` (the default) opens the batch dim (0) of every tensor input and the sequence dim (1) of token ids
+    and masks (integer inputs of rank 2), as optimum does, so the file takes any batch and length; other dims
+    (image sizes, a float input's length or channels) stay as exported. `dynamic=False` keeps the example's shapes, and
+    `dynamic_axes=`/`dynamic_shapes=` in `kw` name the open dims yourself. Give an example batch of 2 or more
+    (the dynamo exporter fixes dims of size 1)."""
     example_inputs = _as_inputs(example_inputs)
     model = _uncompiled(model)
     if isinstance(example_inputs, dict) and "kwargs" in kw:
@@ -60,6 +66,8 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
                     # the legacy exporter fills a keyword call up to the whole signature, so defaults such as
                     # HF's `logits_to_keep` would become graph inputs: call with exactly these keywords
                     target, args = _KeywordCall(model, list(example_inputs)), tuple(example_inputs.values())
+            if dynamic and "dynamic_axes" not in kw and "dynamic_shapes" not in kw:
+                _open_axes(example_inputs, kw, dynamo)
             try:
                 if dynamo:
                     kw["custom_translation_table"] = {**_prelu_translation(),
@@ -74,6 +82,36 @@ def export(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: 
                                    f"with {impl} attention ({first}); pass attn_implementation='eager'") from e
     finally:
         model.train(training)
+
+
+def _open_axes(inputs: tuple | dict, kw: dict, dynamo: bool) -> None:
+    """Open each tensor input's batch dim, and the sequence dim of token ids and masks (integers of rank 2): a
+    float input's dim 1 may be a length or a conv's channels, so it stays. Sequence dims of one example length
+    share a name (ids and their mask); other lengths get their own (T5's encoder and decoder ids). The legacy
+    exporter takes `dynamic_axes` by input name (positional inputs are named `input_0`, ... unless `input_names`
+    names them); the dynamo exporter `dynamic_shapes` of named dims, shaped like the inputs. A non-tensor
+    positional input leaves the shapes as they are (the graph's inputs would not follow that order)."""
+    if not isinstance(inputs, dict):
+        if not all(isinstance(v, torch.Tensor) for v in inputs):
+            return
+        kw.setdefault("input_names", [f"input_{i}" for i in range(len(inputs))])
+    lengths: dict[int, str] = {}
+
+    def axes(t) -> dict[int, str]:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return {}
+        if t.dim() == 2 and not (t.is_floating_point() or t.is_complex()):
+            return {0: "batch", 1: lengths.setdefault(t.shape[1], "sequence" + (f"_{len(lengths)}" if lengths else ""))}
+        return {0: "batch"}
+
+    named = {k: axes(v) for k, v in (inputs.items() if isinstance(inputs, dict) else
+                                      zip(kw["input_names"], inputs, strict=False))}
+    if not dynamo:
+        kw["dynamic_axes"] = {k: v for k, v in named.items() if v}
+        return
+    dims = {name: torch.export.Dim(name) for name in {n for v in named.values() for n in v.values()}}
+    shapes = {k: {i: dims[n] for i, n in v.items()} or None for k, v in named.items()}
+    kw["dynamic_shapes"] = shapes if isinstance(inputs, dict) else tuple(shapes.values())
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
