@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 import passes
@@ -74,9 +75,9 @@ def _open(model_or_path: onnx.ModelProto | str | os.PathLike) -> _Input:
     return _Input(model, path, path.parent.resolve() if external else None, owned=True, reads=reads)
 
 
-def _import(src: _Input) -> tuple[gs.Graph, list]:
+def _import(src: _Input) -> tuple[gs.Graph, list, dict[int, tuple[gs.Constant, gs.Graph]]]:
     """The checked graph, with the shapes that inference adds where the model leaves them open (and the
-    list of those, to take off before export)."""
+    list of those, to take off before export), and the weights its subgraphs read from around them."""
     light = check.check_model(src.model, src.source)
     try:
         graph = gs.import_onnx(src.model)
@@ -87,8 +88,66 @@ def _import(src: _Input) -> tuple[gs.Graph, list]:
     # graphsurgeon leaves initializers that are also graph inputs out of the inputs: put them back, so the
     # output keeps them and the passes see them as defaults a caller may override (IR >= 4), not constants
     tensors = graph.tensors()
+    homes = _outer_weights(graph, src.model)
+    for t, home in homes.values():  # a default only subgraphs read (an If branch's) is an input all the same
+        if home is graph:
+            tensors.setdefault(t.name, t)
     graph.inputs = [tensors[i.name] for i in src.model.graph.input if i.name in tensors]
-    return graph, shapes.annotate(graph, shapes.infer(light))
+    return graph, shapes.annotate(graph, shapes.infer(light)), homes
+
+
+def _outer_weights(graph: gs.Graph, model: onnx.ModelProto) -> dict[int, tuple[gs.Constant, gs.Graph]]:
+    """The initializers a subgraph reads from a graph around it (both If branches of optimum's merged decoders
+    read the main graph's weights), by id, each with the graph that holds it: graphsurgeon's export writes such a
+    weight into every subgraph that reads it, and `_rehome` puts it back. Read from `graph` as imported."""
+    homes: dict[int, tuple[gs.Constant, gs.Graph]] = {}
+
+    def walk(g: gs.Graph, proto: onnx.GraphProto, around: list[tuple[gs.Graph, set[str]]]) -> None:
+        here = around + [(g, {t.name for t in proto.initializer} | {t.values.name for t in proto.sparse_initializer})]
+        if around:
+            for t in g.tensors().values():
+                if isinstance(t, gs.Constant) and t.name not in here[-1][1]:
+                    home = next((h for h, names in reversed(around) if t.name in names), None)
+                    if home is not None:
+                        homes[id(t)] = (t, home)
+        for node, node_proto in zip(g.nodes, proto.node, strict=True):  # as imported: the same nodes, in order
+            for a in node_proto.attribute:
+                if a.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs.get(a.name), gs.Graph):
+                    walk(node.attrs[a.name], a.g, here)
+
+    walk(graph, model.graph, [])
+    return homes
+
+
+def _rehome(graph: gs.Graph, out: onnx.GraphProto, homes: dict[int, tuple[gs.Constant, gs.Graph]]) -> None:
+    """Each weight a subgraph reads from a graph around it, once, in that graph (`_outer_weights`): graphsurgeon's
+    export copied it into every subgraph that reads it (twice the weights for two If branches), and left it out of
+    its own graph when no node there reads it. A weight whose graph is gone stays where the export put it."""
+    exported: dict[int, tuple[onnx.GraphProto, set[str]]] = {}
+
+    def walk(g: gs.Graph, proto: onnx.GraphProto) -> None:
+        held = {t.name for t in proto.initializer} | {t.values.name for t in proto.sparse_initializer}
+        exported[id(g)] = proto, held
+        tensors = g.tensors() if g is not graph else {}
+        for field, name_of in (("initializer", lambda t: t.name), ("sparse_initializer", lambda t: t.values.name)):
+            entries = getattr(proto, field)
+            for i in reversed(range(len(entries))):
+                t = tensors.get(name_of(entries[i]))
+                home = homes.get(id(t))
+                if home is None or home[0] is not t or home[1] is g or id(home[1]) not in exported:
+                    continue
+                owner, owner_held = exported[id(home[1])]
+                if t.name not in owner_held:
+                    getattr(owner, field).append(entries[i])
+                    owner_held.add(t.name)
+                del entries[i]
+        for node, node_proto in zip(g.nodes, proto.node, strict=True):  # the export writes the nodes in order
+            for a in node_proto.attribute:
+                if a.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs.get(a.name), gs.Graph):
+                    walk(node.attrs[a.name], a.g)
+
+    if homes:
+        walk(graph, out)
 
 
 def totals(model: onnx.ModelProto) -> Totals:
@@ -108,10 +167,21 @@ def totals(model: onnx.ModelProto) -> Totals:
     return Totals(nodes, params, io.serialized_size(model) + io.external_size(model))
 
 
-def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
-    """The rewritten graph inside the original's model envelope: opsets, producer, functions, metadata."""
+def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report,
+            homes: dict[int, tuple[gs.Constant, gs.Graph]] | None = None) -> onnx.ModelProto:
+    """The rewritten graph inside the original's model envelope: opsets, producer, functions, metadata, the notes
+    graphsurgeon drops, training_info; each weight a subgraph reads from around it stays, once, where it was
+    (`homes`: see `_outer_weights`), and past 1 GB the subgraphs' fused weights join them (`_hoist_heavy`)."""
     _shield_source_tensors(graph)
+    homes = dict(homes or {})
+    hoisted = _hoist_heavy(graph, homes)
     out = gs.export_onnx(graph, do_type_check=False)
+    _rehome(graph, out.graph, homes)
+    for t in out.graph.initializer:
+        if t.name in hoisted:
+            t.CopyFrom(onnx.numpy_helper.from_array(hoisted[t.name]._values.values, t.name))
+    for constant in hoisted.values():
+        constant._values = constant._values.values  # the graph as it was
     out.ir_version = original.ir_version
     del out.opset_import[:]
     out.opset_import.extend(original.opset_import)
@@ -121,12 +191,47 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report) -> onnx.
         setattr(out, name, getattr(original, name))
     out.metadata_props.extend(p for p in original.metadata_props if p.key != STAMP_KEY)
     _restore_node_notes(original.graph, out.graph)
+    _restore_graph_notes(original.graph, out.graph)
+    out.training_info.extend(original.training_info)
     counts = {}
     for r in report.rewrites:
         counts[r.rule] = counts.get(r.rule, 0) + 1
     stamp = {"tol": report.tol, "rewrites": counts}
     out.metadata_props.add(key=STAMP_KEY, value=json.dumps(stamp, sort_keys=True))
     return out
+
+
+class _StandIn(gs.ir.tensor.LazyValues):
+    """A weight's values, exported as a data-less TensorProto (dtype and dims) that `_export` fills in place."""
+
+    def __init__(self, values: np.ndarray, name: str):
+        super().__init__(onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
+                                          dims=values.shape))
+        self.values = values
+
+    def load(self) -> np.ndarray:
+        return self.values
+
+
+def _hoist_heavy(graph: gs.Graph, homes: dict[int, tuple[gs.Constant, gs.Graph]]) -> dict[str, gs.Constant]:
+    """Past 1 GB, the weights the rewrites wrote in subgraphs (fused If-branch weights) move to the main graph, read
+    from there as optimum's merged decoders read theirs: a subgraph is copied whole, on export and by each check,
+    and protobuf cannot copy one past 2 GB ("Failed to serialize proto"), while the main graph's weights are
+    streamed. Each is exported as a `_StandIn` that `homes` sends to the main graph; returns them by name."""
+    fresh = {}
+    for g in graph.subgraphs(recursive=True):
+        for t in g.tensors().values():
+            if (isinstance(t, gs.Constant) and id(t) not in homes and isinstance(t._values, np.ndarray)
+                    and t._values.nbytes >= io.EXTERNAL_THRESHOLD and t._values.dtype.kind in "fiub"):
+                fresh[t.name] = t
+    if sum(t._values.nbytes for t in fresh.values()) <= io.PROTOBUF_LIMIT // 2:
+        return {}
+    taken = graph.tensors()
+    hoisted = {name: t for name, t in fresh.items() if name not in taken}
+    for name, t in hoisted.items():
+        t._values = _StandIn(t._values, name)
+        homes[id(t)] = (t, graph)
+    return hoisted
 
 
 def _shield_source_tensors(graph: gs.Graph) -> None:
@@ -161,6 +266,36 @@ def _restore_node_notes(original: onnx.GraphProto, out: onnx.GraphProto) -> None
                 n.doc_string = source.doc_string
                 del n.metadata_props[:]
                 n.metadata_props.extend(source.metadata_props)
+
+
+def _restore_graph_notes(original: onnx.GraphProto, out: onnx.GraphProto) -> None:
+    """graphsurgeon drops the doc strings of graph inputs, outputs and value_info, and each graph's
+    quantization_annotation (and the scale and zero-point initializers only an annotation reads): give back, by
+    name, those of the tensors that survive the rewrite."""
+    docs, notes, params = {}, [], {}
+    for g in shapes.graphs(original):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.doc_string:
+                docs.setdefault(vi.name, vi.doc_string)
+        if g.quantization_annotation:
+            notes += g.quantization_annotation
+            params.update((t.name, t) for t in g.initializer)
+    if not (docs or notes):
+        return
+    for g in shapes.graphs(out):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            vi.doc_string = docs.get(vi.name, vi.doc_string)
+        if not notes:
+            continue
+        defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+        for note in notes:
+            if note.tensor_name not in defined:
+                continue  # the tensor died in a rewrite (or lives in another graph)
+            g.quantization_annotation.add().CopyFrom(note)
+            for p in note.quant_parameter_tensor_names:
+                if p.value not in defined and p.value in params:
+                    g.initializer.add().CopyFrom(params[p.value])
+                    defined.add(p.value)
 
 
 def optimize(
@@ -205,7 +340,7 @@ def optimize(
     io.refuse_overlap(set(src.reads), [Path(w) for w in writes])
     original = src.model
     step("checking")
-    graph, annotated = _import(src)
+    graph, annotated, homes = _import(src)
     # sizes read string fields: only once they are checked
     report = Report(tol=tol, before=totals(original), allow_growth=allow_growth)
     step("rewriting")
@@ -224,7 +359,8 @@ def optimize(
         return OptimizeResult(original, report, src.source, src.path, src.reads)
 
     step("exporting")
-    model = _export(graph, original, report)
+    model = _export(graph, original, report, homes)
+    del homes
     del graph
     try:
         check.check_model(model, src.source)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import _get_initializer_tensors, uses_external_data
 
 from lc_onnx.errors import InputError, one_line
 
@@ -206,13 +206,41 @@ def serialized_size(model: onnx.ModelProto) -> int:
     payloads are counted from dims and dtype (reading `raw_data` copies it; lc_onnx.check has made sure
     every payload is as long as its dims say); every other byte is measured on a weightless shell."""
     shell = _without_initializers(model)
-    graph = shell.graph.ByteSize()
+    graph = _strip_subgraph_initializers(shell.graph) + shell.graph.ByteSize()
     for t in model.graph.initializer:
         size = _tensor_size(t)
         graph += _field_size(size)  # GraphProto.initializer = 5: a one-byte tag
     has_graph = model.HasField("graph")
     shell.ClearField("graph")
     return shell.ByteSize() + (_field_size(graph) if has_graph else 0)  # ModelProto.graph = 7
+
+
+def _strip_subgraph_initializers(g: onnx.GraphProto) -> int:
+    """Take the initializers of `g`'s subgraphs out of `g` (a copy), and return the bytes they took in its
+    encoding, counted as the main graph's are: fused If-branch weights past 2 GB are never encoded."""
+    removed = 0
+    for n in g.node:
+        in_node = 0
+        for a in n.attribute:
+            in_attr = sum(_shrunk(sub, _take_initializers(sub))
+                          for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs))
+            in_node += _shrunk(a, in_attr) if in_attr else 0  # AttributeProto.g = 6, graphs = 11: one-byte tags
+        removed += _shrunk(n, in_node) if in_node else 0  # GraphProto.node = 1, NodeProto.attribute = 5
+    return removed
+
+
+def _take_initializers(g: onnx.GraphProto) -> int:
+    """Bytes `g` (a subgraph, in a copy) loses when its initializers, and its own subgraphs', are taken out."""
+    taken = sum(_field_size(_tensor_size(t)) for t in g.initializer)
+    del g.initializer[:]
+    return taken + _strip_subgraph_initializers(g)
+
+
+def _shrunk(message, removed: int) -> int:
+    """How much a length-delimited field with a one-byte tag holding `message` shrank when `removed` bytes left
+    the message: the bytes themselves and, at times, one of its length's."""
+    after = message.ByteSize()
+    return _field_size(after + removed) - _field_size(after)
 
 
 def _tensor_size(t: onnx.TensorProto) -> int:
@@ -307,7 +335,8 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
                  source: Path | None, progress: Callable[[int, int], None] | None = None) -> int:
     """The main graph's large initializers to `data_path` one at a time, and a model that points at them
     under `data_name`; no second copy of the weights is made. External tensors elsewhere (Constant nodes,
-    subgraphs) move into the same file, so the output never points back at the input's files. Returns the
+    subgraphs) move into the same file, so the output never points back at the input's files, and so do the
+    subgraphs' large initializers, as the main graph's (the shell past 2 GB fails to serialize). Returns the
     bytes of external data."""
     shell = onnx.ModelProto()
     shell.CopyFrom(_without_initializers(model))
@@ -316,12 +345,16 @@ def _write_split(model: onnx.ModelProto, model_path: str, data_path: str, data_n
         for t in all_tensors(shell):  # main-graph initializers are not in the shell yet
             if uses_external_data(t):
                 _store(t, _raw_bytes(t, source), data, data_name)
+        for t in _get_initializer_tensors(shell):  # so these are the subgraphs' (fused If-branch weights)
+            raw = None if uses_external_data(t) else _raw_bytes(t, source)
+            if raw is not None and len(raw) >= EXTERNAL_THRESHOLD:
+                _store(t, raw, data, data_name)
         for i, t in enumerate(model.graph.initializer):
             if progress:
                 progress(i, total)
             stub = shell.graph.initializer.add()
             raw = _raw_bytes(t, source)
-            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+            if raw is None or (len(raw) < EXTERNAL_THRESHOLD and not uses_external_data(t)):
                 stub.CopyFrom(t)
                 continue
             stub.name, stub.data_type = t.name, t.data_type
@@ -341,7 +374,8 @@ def _store(t: onnx.TensorProto, raw: bytes, data, data_name: str) -> None:
         inline(t, raw)
         return
     del t.external_data[:]
-    t.ClearField("raw_data")
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)  # an inline tensor may hold its values in a typed field
     t.data_location = onnx.TensorProto.EXTERNAL
     offset = data.tell()
     data.write(raw)

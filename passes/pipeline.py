@@ -193,11 +193,9 @@ def _around(y: gs.Tensor, outputs: set[str]) -> list[gs.Node]:
     return [layer.nodes[0]] + ([nxt] if nxt is not None else [])
 
 
-def _plan_shared(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused) -> None:
-    """Chains a folding rule would take whose weights are also read elsewhere (ALBERT runs one MLP in every
-    layer): fusing each writes a weight of its own, and a shared weight dies only when all its readers are
-    folded. Grouped by the weights they share, a group whose folds would grow the parameters is refused (unless
-    `ctx.allow_growth`), all of it; either way each chain gets a note saying what was chosen and why."""
+def _shared_chains(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused) -> list[tuple[Chain, list]]:
+    """The chains of `g` a folding rule would take whose weights are also read elsewhere, each with its weights'
+    roots."""
     chains = []
     for node in list(g.nodes):
         rule, _, chain = _decide(node, rules, ctx, refused)
@@ -208,6 +206,26 @@ def _plan_shared(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused
         users = [sharing.readers(r, ctx.outputs) for r in roots]
         if any(u is None or any(id(n) not in inside and not is_op(n, *sharing.VIEWS) for n in u) for u in users):
             chains.append((chain, roots))
+    return chains
+
+
+def _plan_shared(g: gs.Graph, rules: list[Rule], ctx: Context, refused: _Refused,
+                 others: list[gs.Graph] = ()) -> None:
+    """Chains a folding rule would take whose weights are also read elsewhere (ALBERT runs one MLP in every
+    layer): fusing each writes a weight of its own, and a shared weight dies only when all its readers are
+    folded. Grouped by the weights they share, a group whose folds would grow the parameters is refused (unless
+    `ctx.allow_growth`), all of it; either way each chain gets a note saying what was chosen and why. A weight
+    read in `others` too (both If branches of optimum's merged decoders read the main graph's weights) groups
+    the chains there that read it: they are readers like any other, and each graph folds its own."""
+    chains = _shared_chains(g, rules, ctx, refused)
+    seen, new = {id(g)}, chains
+    while new:
+        outside = {id(n) for _, roots in new for r in roots for n in sharing.readers(r, ctx.outputs) or []
+                   if not ctx.inside([n])}
+        near = [o for o in others if id(o) not in seen and any(id(n) in outside for n in o.nodes)]
+        seen.update(id(o) for o in near)
+        new = [c for o in near for c in _shared_chains(o, rules, _context(o, ctx.tol, ctx.allow_growth), refused)]
+        chains += new
     group_of: dict[int, int] = {}  # weight root -> group
     groups: dict[int, list[Chain]] = {}
     for i, (chain, roots) in enumerate(chains):
@@ -335,9 +353,10 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
     trial = graph.copy()  # nodes and tensors copied, the weights shared: the node rules change only the copy
     names = Names(trial)
     found = []
+    every = [g for _, g in _graphs(trial)]
     with one_run(_defaults(trial)):
         for gname, g in _graphs(trial):
-            chains, nodes = _look(g, gname, rules, block_rules, tol, allow_growth), []
+            chains, nodes = _look(g, gname, rules, block_rules, tol, allow_growth, every), []
             for _ in range(len(g.nodes) + 1):
                 folding = frozenset().union(*(c.keys for c in chains if c.rule is not None))
                 rewrites, changed = _node_sweep(g, gname, node_rules, names, tol, folding)
@@ -345,7 +364,7 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
                 if not rewrites:
                     break
                 g.cleanup(remove_unused_graph_inputs=False).toposort()
-                again = _look(g, gname, rules, block_rules, tol, allow_growth)
+                again = _look(g, gname, rules, block_rules, tol, allow_growth, every)
                 if not any(c.rule is not None and not c.keys <= folding for c in again):
                     break  # as in `run`: the node rules opened no chain, what the earlier look left stands
                 chains = again
@@ -354,10 +373,11 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
 
 
 def _look(g: gs.Graph, gname: str, rules: list[Rule], block_rules: list[BlockRule], tol: float,
-          allow_growth: bool) -> list[Candidate]:
-    """The chains and blocks of `g` and the rule that would fire on each, or why none does; nothing changed."""
+          allow_growth: bool, others: list[gs.Graph] = ()) -> list[Candidate]:
+    """The chains and blocks of `g` and the rule that would fire on each, or why none does; nothing changed.
+    `others`: the model's other graphs, whose chains may share weights with `g`'s (see `_plan_shared`)."""
     ctx, refused = _context(g, tol, allow_growth), _Refused()
-    _plan_shared(g, rules, ctx, refused)
+    _plan_shared(g, rules, ctx, refused, others)
     chains = _sweep(g, gname, rules, ctx, None, refused)[1]
     return _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
 
@@ -382,7 +402,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
     def fixed_point(g: gs.Graph, gname: str, refused: _Refused) -> tuple[bool, list[Candidate]]:
         """The chain and block rules until none fires: whether any did, and what the last pass left."""
         ctx = _context(g, tol, allow_growth)
-        _plan_shared(g, rules, ctx, refused)  # again after the node rules: chains they opened may share weights
+        _plan_shared(g, rules, ctx, refused, every)  # again after the node rules: chains they opened may share
         fired = False
         for _ in range(len(g.nodes) + 1):  # a pass that fires removes nodes, so the fixed point comes first
             rewrites, candidates = _sweep(g, gname, rules, ctx, names, refused, count)
@@ -397,6 +417,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
             g.cleanup(remove_unused_graph_inputs=False).toposort()
         return fired, []
 
+    every = [g for _, g in _graphs(graph)]  # a weight read in several graphs groups their chains
     with one_run(_defaults(graph)):
         for gname, g in _graphs(graph):
             skipped: list[Candidate] = []
