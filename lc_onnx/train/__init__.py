@@ -5,6 +5,7 @@
     loss = ce + 0.2 * regularizer(model)                     # λ·Σ(α−1)²
     collapse(model, threshold=0.05)                          # blocks within 0.05 of slope 1 -> one Linear
     export(model, (x,), "model.onnx")                        # then `lc-onnx optimize` sees the PRelu chains
+    from_pretrained(BertModel, folder)                       # a saved HF model, its prepared/collapsed blocks rebuilt
 
 The only package of lc_onnx that imports torch (`pip install lc-onnx[train]`).
 """
@@ -14,8 +15,10 @@ from lc_onnx.train.collapse import collapse
 from lc_onnx.train.export import export
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
 from lc_onnx.train.prepare import Prepared, prepare
+from lc_onnx.train.pretrained import from_pretrained
 from lc_onnx.train.regularize import blocks, decoupled_step, param_groups, regularizer, slope_parameters, slopes
 from lc_onnx.train.sites import Site
 
 __all__ = ["LayerCollapseCallback", "LayerCollapsePReLU", "Prepared", "SharedActivation", "Site", "blocks", "collapse",
-           "decoupled_step", "export", "param_groups", "prepare", "regularizer", "slope_parameters", "slopes"]
+           "decoupled_step", "export", "from_pretrained", "param_groups", "prepare", "regularizer", "slope_parameters",
+           "slopes"]

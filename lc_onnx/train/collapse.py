@@ -11,7 +11,7 @@ import numbers
 import torch
 from torch import nn
 
-from lc_onnx.train import reach
+from lc_onnx.train import pretrained, reach
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
 from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
@@ -184,7 +184,22 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
     for _, act, _, base in chosen:
         _fuse(base, act.layout)
-    return [name for name, *_ in chosen]
+    done = [name for name, *_ in chosen]
+    if done:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
+        pretrained.note(model, "collapse", blocks=done)
+    return done
+
+
+def fuse_blocks(model: nn.Module, names: list[str]) -> None:
+    """Fuse the named prepared blocks as they are, in this order, unchecked: `from_pretrained`'s replay of a
+    collapse on a model just rebuilt from its config (the fused weights are loaded after)."""
+    acts = blocks(model)
+    missing = [n for n in names if n not in acts]
+    if missing:
+        raise ValueError(f"collapse: {_listed(missing)}: no prepared block of that name to fuse")
+    for name in names:
+        base_path = _paths(name, acts[name])[0]
+        _fuse(model.get_submodule(base_path) if base_path else model, acts[name].layout)
 
 
 def _fuse(base: nn.Module, lay: SiteLayout) -> None:

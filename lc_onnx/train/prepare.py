@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train import layers, names, reach, sites
+from lc_onnx.train import layers, names, pretrained, reach, sites
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.reach import set_module
 from lc_onnx.train.sites import Site
@@ -42,7 +42,7 @@ def _parts(path: str) -> list[str]:
     return path.split(".") if path else []
 
 
-def _no_fused_feed_forward(model: nn.Module) -> None:
+def no_fused_feed_forward(model: nn.Module) -> None:
     """nn.TransformerEncoderLayer, in eval mode without grad, computes its feed-forward in one fused kernel
     when its activation is ReLU/GELU, and never calls the activation module; nn.TransformerEncoder's
     nested-tensor path relies on that kernel. Turn both off where a prepared activation must run."""
@@ -118,9 +118,13 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
         if not _selected(site.name, include, exclude):
             continue
         _warn_dropped_hooks(model, site, warned)
-        _install(model, site, init, per_channel, verified=example_inputs is not None, keep_slopes=keep_slopes)
+        install(model, site, init, per_channel, verified=example_inputs is not None, keep_slopes=keep_slopes)
         chosen.append(site)
-    _no_fused_feed_forward(model)
+    no_fused_feed_forward(model)
+    if chosen:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
+        pretrained.note(model, "prepare", sites=[
+            pretrained.site_entry(s, model.get_submodule(s.name).num_parameters, example_inputs is not None)
+            for s in chosen])
     return Prepared([s.name for s in chosen], chosen, unswappable, example_inputs is not None)
 
 
@@ -175,8 +179,10 @@ def _new_prelu(model: nn.Module, site: Site, original: nn.Module, init: float, p
     return act
 
 
-def _install(model: nn.Module, site: Site, init: float, per_channel: bool, verified: bool,
-             keep_slopes: bool = True) -> None:
+def install(model: nn.Module, site: Site, init: float = 0.01, per_channel: bool = False, verified: bool = True,
+            keep_slopes: bool = True) -> None:
+    """The site's PReLU in place of its activation (in a SharedActivation where the module serves several
+    sites), unless an earlier `prepare` put it there."""
     current = model.get_submodule(site.act)
     if isinstance(current, LayerCollapsePReLU):
         if verified and _same_modules(current.layout, layout(site, model)):  # found by names before, proven now
