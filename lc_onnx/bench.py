@@ -168,7 +168,8 @@ LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 @dataclass
 class MacShare:
     """Analytic multiply-accumulates of the first model at the benchmark's input shapes: MatMul, Gemm and Conv
-    nodes of the main graph, and the part held by the chains and blocks `inspect` says a rule would rewrite (a run
+    nodes of the main graph and of its subgraphs (an If's costlier branch, a Loop or Scan body once: per
+    iteration), and the part held by the chains and blocks `inspect` says a rule would rewrite (a run
     of chains that share a layer counts once). `after` is the total once they are rewritten (per row: a collapsed
     chain costs d_in·d_out, a bottleneck whose activation is only dropped what it did, a fan-out d_in·Σd_i for its
     folded layers, a split d_in·d_out + n·(d_in+d_out) for its direct map and the narrow MLP of its n other
@@ -224,28 +225,48 @@ def node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[
     the reduced length: K of a MatMul or Gemm, C_in/group × kernel size of a Conv. Shapes come from ONNX shape
     inference; where it cannot tell (Reshape targets computed at run time), and `feeds` are given, from one run
     of the model on the CPU with those nodes' tensors as extra outputs (`source`: its external data's folder)."""
+    return _node_macs(model, inputs, feeds, source)[:2]
+
+
+def _node_macs(model: onnx.ModelProto, inputs: dict[str, list[int]], feeds: dict[str, np.ndarray] | None,
+               source: Path | None) -> tuple[dict[str, tuple[str, int]], list[str], Callable]:
+    """`node_macs`, and a `dims(name)` for subgraphs' tensors (inference walks them): there a symbolic dim that a
+    main-graph input names, a Loop body's batch `N` say, is read at the value `inputs` give that input."""
+    named = {d.dim_param: v for vi in model.graph.input if vi.name in inputs
+             for d, v in zip(vi.type.tensor_type.shape.dim, inputs[vi.name], strict=False) if d.dim_param}
     light = inference.weightless(model)
     for vi in light.graph.input:
         if vi.name in inputs:
             _declare(vi, inputs[vi.name])
     known = {name: dims for name, (_, dims) in inference.infer(light).items()}
-    for t in light.graph.initializer:
-        known[t.name] = list(t.dims)
+    for g in inference.graphs(light.graph):
+        for t in g.initializer:
+            known[t.name] = list(t.dims)
     for vi in light.graph.input:
         known.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None
                                    for d in vi.type.tensor_type.shape.dim])
 
-    def dims(name: str) -> list[int] | None:
+    def dims(name: str, bind: bool = False) -> list[int] | None:
         d = known.get(name)
+        d = [named.get(x, x) if isinstance(x, str) else x for x in d] if d is not None and bind else d
         return d if d is not None and all(isinstance(x, int) and x > 0 for x in d) else None
 
-    linear = [(node_label(n.name, i), n) for i, n in enumerate(model.graph.node)
-              if n.op_type in LINEAR_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
+    linear = _linear_nodes(model.graph)
     missing = [n for _, n in linear if any(dims(t) is None for t in (n.output[0], n.input[0], n.input[1]))]
     if missing and feeds is not None:
         known.update(_probe(model, {t for n in missing for t in (n.output[0], n.input[0], n.input[1])}, feeds, source))
+    return *_graph_macs(model.graph, dims), functools.partial(dims, bind=True)
+
+
+def _linear_nodes(graph: onnx.GraphProto) -> list[tuple[str, onnx.NodeProto]]:
+    return [(node_label(n.name, i), n) for i, n in enumerate(graph.node)
+            if n.op_type in LINEAR_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1]
+
+
+def _graph_macs(graph: onnx.GraphProto, dims: Callable) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    """`node_macs` of the nodes of one graph (the main graph or a subgraph), from shapes `dims` gives."""
     found, unknown = {}, []
-    for name, n in linear:
+    for name, n in _linear_nodes(graph):
         out, a, b = dims(n.output[0]), dims(n.input[0]), dims(n.input[1])
         if out is None or a is None or b is None:
             unknown.append(name)
@@ -285,34 +306,91 @@ def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: 
     last's d_out (or stays as it is, if that costs more). A collapse_fan_out or split_linear_units block costs
     what its rule's cost model says it leaves. Counted with no saving (`unsaved`): a block that shares a layer
     with other chains (what the run leaves depends on the order the rules fire in), and a split whose PRelu cannot
-    be told by its name (names repeat) or read."""
-    per_node, unknown = node_macs(model, inputs, feeds, source)
-    by_op = {op: 0 for op in LINEAR_OPS}
+    be told by its name (names repeat) or read. Subgraphs count as `_graph_share` says: an If its costlier
+    branch, a Loop or Scan body one iteration; a subgraph whose name repeats is counted, its chains not (inspect
+    tells candidates' graphs by name)."""
+    per_node, unknown, dims = _node_macs(model, inputs, feeds, source)
+    names = Counter(g.name or "subgraph" for g in list(inference.graphs(model.graph))[1:])
+    repeated = {name for name, k in names.items() if k > 1}
+    part = _graph_share(model.graph, "", per_node, unknown, candidates, _LinearUnits(model, source), dims, repeated)
+    return MacShare(part.total, part.by_op, part.chains, part.count, part.total - part.saved, part.unknown,
+                    part.unsaved)
+
+
+@dataclass
+class _Part:
+    """What one graph, with the subgraphs it runs, adds to a MacShare."""
+
+    by_op: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LINEAR_OPS, 0))
+    chains: int = 0
+    count: int = 0
+    saved: int = 0
+    unsaved: int = 0
+    unknown: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def add(self, other: _Part) -> None:
+        for op, m in other.by_op.items():
+            self.by_op[op] += m
+        self.chains, self.count = self.chains + other.chains, self.count + other.count
+        self.saved, self.unsaved = self.saved + other.saved, self.unsaved + other.unsaved
+        self.unknown += other.unknown
+
+
+def _graph_share(graph: onnx.GraphProto, gname: str, per_node: dict[str, tuple[str, int]], unknown: list[str],
+                 candidates: list, units: _LinearUnits, dims: Callable, repeated: set[str]) -> _Part:
+    """The share of one graph (`gname` as inspect names it, "" for the main graph): its own linear nodes and
+    chains, and each control-flow node's subgraphs: an If adds its costlier branch (one of them runs), a Loop or
+    Scan its body once (per iteration: the trip count is not known). Unknown nodes are listed from every branch."""
+    part = _chains_share(per_node, unknown, [c for c in candidates if c.graph == gname], units)
+    if gname:
+        part.unknown = [f"{gname}/{u}" for u in part.unknown]
+    for node in graph.node:
+        subs = []
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                name = g.name or "subgraph"
+                found, left = _graph_macs(g, dims)
+                subs.append(_graph_share(g, name, found, left, [] if name in repeated else candidates, units, dims,
+                                         repeated))
+        if node.op_type == "If" and subs:
+            costlier = max(subs, key=lambda p: p.total)
+            part.unknown += [u for p in subs if p is not costlier for u in p.unknown]
+            subs = [costlier]
+        for sub in subs:
+            part.add(sub)
+    return part
+
+
+def _chains_share(per_node: dict[str, tuple[str, int]], unknown: list[str], candidates: list,
+                  units: _LinearUnits) -> _Part:
+    """The MACs of one graph's linear nodes `per_node`, and of the chains and blocks among its `candidates`."""
+    part = _Part(unknown=list(unknown))
     for op, m in per_node.values():
-        by_op[op] += m
-    total = sum(by_op.values())
-    chains = saved = count = unsaved = 0
+        part.by_op[op] += m
     linear = set(per_node) | set(unknown)
-    counted = [c for c in candidates if c.kind == "chain" and c.rule in CHAIN_RULES + BLOCK_RULES and not c.graph]
-    units = _LinearUnits(model, source)
+    counted = [c for c in candidates if c.kind == "chain" and c.rule in CHAIN_RULES + BLOCK_RULES]
     for run in _runs([(c, [n for n in c.names if n in linear]) for c in counted]):
         layers = {k for _, keys in run for k in keys}
         macs = sum(per_node[k][1] for k in layers if k in per_node)
         if not macs:
             continue
-        count += 1
-        chains += macs
+        part.count += 1
+        part.chains += macs
         if not layers <= set(per_node):
             continue
         if any(c.rule in BLOCK_RULES for c, _ in run):
             after = _block_after(run[0], per_node, units) if len(run) == 1 else None
             if after is None:
-                unsaved += 1
+                part.unsaved += 1
             else:
-                saved += macs - after
+                part.saved += macs - after
         elif all(c.rule == "collapse_linear_chain" and c.shape and len(keys) == 2 for c, keys in run):
-            saved += max(0, macs - _chain_run_after(run, per_node))
-    return MacShare(total, by_op, chains, count, total - saved, unknown, unsaved)
+            part.saved += max(0, macs - _chain_run_after(run, per_node))
+    return part
 
 
 CHAIN_RULES = ("collapse_linear_chain", "drop_unit_activation")
@@ -353,7 +431,7 @@ def _block_after(block: tuple, per_node: dict[str, tuple[str, int]], units: _Lin
     if c.rule == "collapse_fan_out":  # shape's d_out is the heads' Σd_i
         per_row = fan_out_cost(d_in, hidden, [d_out], 0, 0, 0).macs_after
     else:
-        linear = units.count(c.names, c.slope_range)
+        linear = units.count(c.names, c.slope_range, c.graph)
         if linear is None:
             return None
         per_row = split_cost(d_in, hidden, d_out, hidden - linear, 0, 0, bias_in=False, bias_out=False).macs_after
@@ -364,16 +442,17 @@ class _LinearUnits:
     """How many units of a split block's PRelu the split takes as linear. The candidate gives only their slope
     range (lo, hi): a unit is linear exactly when its slope lies in it, since both ends are within tol of 1 and
     every linear unit's slope is between them. The slopes are read as the chain match reads them (flat, float64,
-    through Identity, Cast, Transpose of a constant); the main graph is imported once, at the first split."""
+    through Identity, Cast, Transpose of a constant); the model is imported once, at the first split."""
 
     def __init__(self, model: onnx.ModelProto, source: Path | None):
         self.model, self.source, self.nodes = model, source, None
 
-    def count(self, names: list[str], slope_range: tuple[float, float]) -> int | None:
-        """The linear units of the split block of nodes `names`; None where its PRelu or slopes cannot be had."""
+    def count(self, names: list[str], slope_range: tuple[float, float], graph: str = "") -> int | None:
+        """The linear units of the split block of nodes `names` in `graph` (its name as inspect gives it, "" for
+        the main graph); None where its PRelu or slopes cannot be had."""
         if self.nodes is None:
             self.nodes = self._by_label()
-        acts = [self.nodes[n] for n in names if n in self.nodes and self.nodes[n].op == "PRelu"]
+        acts = [self.nodes[graph, n] for n in names if (graph, n) in self.nodes and self.nodes[graph, n].op == "PRelu"]
         value = const_value(acts[0].inputs[1]) if len(acts) == 1 else None
         if value is None:
             return None
@@ -381,14 +460,16 @@ class _LinearUnits:
         lo, hi = slope_range
         return int(np.count_nonzero((lo <= slopes) & (slopes <= hi)))
 
-    def _by_label(self) -> dict[str, gs.Node]:
-        """The main graph's nodes by `node_label`, but for labels that repeat (names may: legal ONNX)."""
+    def _by_label(self) -> dict[tuple[str, str], gs.Node]:
+        """The nodes of the model's graphs by (graph name as inspect gives it, `node_label`), but for those that
+        repeat (names may: legal ONNX)."""
         graph = gs.import_onnx(self.model)
         if self.source is not None:
             io.attach_external(graph, self.source)
-        labels = [node_label(n.name, i) for i, n in enumerate(graph.nodes)]
-        seen = Counter(labels)
-        return {label: n for label, n in zip(labels, graph.nodes, strict=True) if seen[label] == 1}
+        keys = [("" if g is graph else g.name or "subgraph", node_label(n.name, i), n)
+                for g in [graph, *graph.subgraphs(recursive=True)] for i, n in enumerate(g.nodes)]
+        seen = Counter((gname, label) for gname, label, _ in keys)
+        return {(gname, label): n for gname, label, n in keys if seen[gname, label] == 1}
 
 
 @dataclass

@@ -218,7 +218,7 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
             return Reject(nodes, f"fan-out into {len(heads)} layers: slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, "
                                  f"outside tolerance {ctx.tol:g}", (lo, hi), shape)
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
-    block = _priced(first, between, heads, slopes, nodes, ctx)
+    block = _priced(first, between, heads, slopes, nodes, ctx, act)
     if isinstance(block, str):
         return Reject(nodes, block, srange, shape)
     block.flattens = flattens
@@ -246,14 +246,16 @@ def _layout_problem(first: LinearLayer, between: list[gs.Node], flattens: list[g
 
 
 def _priced(first: LinearLayer, between: list[gs.Node], heads: list[LinearLayer], slopes: np.ndarray | None,
-            nodes: list[gs.Node], ctx: Context) -> FanOut | str:
+            nodes: list[gs.Node], ctx: Context, act: gs.Node | None = None) -> FanOut | str:
     """The block where the fused heads cost no more MACs and, unless --allow-growth, do not grow the model."""
     layers = [first, *heads]
     has_bias = [first.bias is not None or h.bias is not None for h in heads]
     params_after = sum(first.d_in * h.d_out + (h.d_out if b else 0) for h, b in zip(heads, has_bias, strict=True))
     freed, shared = sharing.freed(layers, nodes, ctx.outputs)
-    cost = fan_out_cost(first.d_in, first.d_out, [h.d_out for h in heads], sum(la.params for la in layers),
-                        params_after, freed)
+    # a PRelu's stored slopes go with the fold where nothing else reads them (as split_linear_units counts them)
+    gone = sharing.dying(act.inputs[1], nodes, ctx.outputs) if act is not None and len(act.inputs) > 1 else 0
+    cost = fan_out_cost(first.d_in, first.d_out, [h.d_out for h in heads], sum(la.params for la in layers) + gone,
+                        params_after, freed + gone)
     if cost.macs_after > cost.macs_before:
         return (f"fan-out into {len(heads)} layers: the fused layers ({cost.macs_after} MACs/row) cost "
                 f"more than the shared layer and its heads ({cost.macs_before})")

@@ -178,9 +178,20 @@ def _detach_dead(nodes: list[gs.Node], ctx: Context) -> None:
                 or any(t.outputs or t.name in ctx.outputs for t in node.outputs)):
             continue
         feeders = [producer(t) for t in node.inputs]
-        node.inputs.clear()
+        _unhook(node)
         node.outputs.clear()
         todo += [p for p in feeders if p is not None]
+
+
+def _unhook(node: gs.Node) -> None:
+    """`node.inputs.clear()` without gs's `list.remove`, which compares `node` with each reader before it by a deep
+    `__eq__`: a tensor read by thousands of nodes (the input every folded exit of a cascade reads) made each
+    unhook cost that many. The reader is found by identity from both ends (a rewrite appends its nodes)."""
+    for t in node.inputs:
+        readers, n = t.outputs, len(t.outputs)
+        i = next(j for k in range(n) for j in (k, n - 1 - k) if readers[j] is node)
+        list.__delitem__(readers, i)
+    list.clear(node.inputs)
 
 
 def _around(y: gs.Tensor, outputs: set[str]) -> list[gs.Node]:
@@ -262,7 +273,9 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
     given. Each match is read from the graph as it now is, so a rewrite earlier in the pass is seen."""
     rewrites, candidates = [], []
     ctx.nodes = {id(n) for n in g.nodes}
-    for node in list(g.nodes):
+    todo = deque(g.nodes)
+    while todo:
+        node = todo.popleft()
         if not node.outputs:
             continue  # died in a rewrite of this pass
         found, left = None, []
@@ -285,9 +298,13 @@ def _block_sweep(g: gs.Graph, gname: str, rules: list[BlockRule], ctx: Context, 
             continue
         if names is None:
             continue
+        before = len(g.nodes)
         rewrites.append(_apply(rule, g, names, m, gname, ctx))
         on_rewrite()
         _detach_dead(m.nodes, ctx)
+        # a fused layer may start a block at once (an early-exit cascade: each level's fold makes the next level's
+        # first layer): looked at now, so a cascade folds in one pass, not one level (or half of them) per pass
+        todo.extendleft(reversed(g.nodes[before:]))
     return rewrites, candidates
 
 
