@@ -20,6 +20,7 @@ from lc_onnx import check, io, shapes
 from lc_onnx import validate as validation
 from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.report import Report, Totals
+from lc_onnx.report import why_unfolded as _why_unfolded
 
 # graphsurgeon prints its own [W] lines on stderr (bfloat16 weights it cannot convert, a missing `colored`
 # module): only its errors, so a run says one line of its own
@@ -339,6 +340,7 @@ def optimize(
     src = _open(model_or_path)
     io.refuse_overlap(set(src.reads), [Path(w) for w in writes])
     original = src.model
+    check_input_names(original, input_shapes, inputs)  # here, not only in validation: a run may fold nothing
     step("checking")
     graph, annotated, homes = _import(src)
     # sizes read string fields: only once they are checked
@@ -384,6 +386,49 @@ def optimize(
         if not report.validation.passed:
             raise ValidationError(report.validation.failure(), report)
     return OptimizeResult(model, report, src.source, src.path, src.reads)
+
+
+def check_input_names(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None,
+                      inputs: dict[str, np.ndarray] | None) -> None:
+    """InputError, in one line naming the model's inputs, where `input_shapes` or `inputs` name no input of the
+    model: checked whether or not anything is folded or validated, so that a typo is never silently ignored."""
+    held = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in held]
+    for name in [*(input_shapes or {}), *(inputs or {})]:
+        if name not in names:
+            raise InputError(f"the model has no input {name!r}; its inputs are {', '.join(names) or 'none'}")
+
+
+ACTIVATION_OPS = ("Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Sigmoid", "HardSigmoid", "HardSwish", "Swish",
+                  "Tanh", "Erf", "Softplus", "Softsign", "Mish", "Elu", "Selu", "Celu", "ThresholdedRelu", "PRelu",
+                  "LeakyRelu")
+
+
+def why_unfolded(model: onnx.ModelProto, candidates: list[passes.Candidate], tol: float) -> str:
+    """One paragraph on why no chain of `model` is folded at `tol`, from `inspect`'s candidates (or a report's
+    `skipped`), and where there is none, from the model: its linear layers with constant weights, its activation
+    nodes and lc-onnx's stamp tell a model that looks collapsed already from one that never had a block."""
+    layers = activations = 0
+
+    def walk(g: onnx.GraphProto, outer: frozenset[str]) -> None:
+        nonlocal layers, activations
+        consts = outer | {t.name for t in g.initializer} | {
+            o for n in g.node if n.op_type == "Constant" for o in n.output}
+        for n in g.node:
+            if n.op_type in ("Gemm", "MatMul", "Conv") and any(i in consts for i in n.input[:2]):
+                layers += 1
+            activations += n.op_type in ACTIVATION_OPS
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sub, consts)
+
+    walk(model.graph, frozenset())
+    stamp = next((p.value for p in model.metadata_props if p.key == STAMP_KEY), None)
+    try:
+        stamp = None if stamp is None else dict(json.loads(stamp))
+    except (ValueError, TypeError):
+        stamp = {}
+    return _why_unfolded(candidates, tol, layers, activations, stamp)
 
 
 def check_limit(option: str, value: float | None) -> None:

@@ -18,8 +18,9 @@ from lc_onnx import api, io
 from lc_onnx import bench as bench_mod
 from lc_onnx.errors import InputError, LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
-from passes import ALL_RULES, rule_names
+from passes import ALL_RULES, NODE_RULES, rule_names
 
+NODE_RULE_NAMES = frozenset(r.name for r in NODE_RULES)  # rules on one node: they fold no chain
 TOL_HELP = f"Largest |slope - 1| that still counts as the identity (default {api.DEFAULT_TOL:g})."
 
 
@@ -222,7 +223,10 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
         v = result.report.validation
         if v is not None and v.precision != "as stored":
             click.echo(f"validated in {v.precision}: {v.precision_note}")
-        click.echo(_printable(f"wrote {output}"))
+        if not any(r.rule not in NODE_RULE_NAMES for r in result.report.rewrites):
+            click.echo("why no chain was folded: " + api.why_unfolded(result.model, result.report.skipped, tol))
+        unchanged = "" if result.report.modified else " (a copy of the input: nothing rewritten)"
+        click.echo(_printable(f"wrote {output}{unchanged}"))
 
 
 @main.command()
@@ -241,10 +245,14 @@ def inspect(model, tol, as_json, allow_growth, skip) -> None:
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(c) for c in found], indent=2))
         return
+    chains = [c for c in found if c.kind == "chain"]
+    fire = sum(c.rule is not None for c in chains)
+    # read again (weights left on disk) only where nothing would be folded: the model says why
+    why = None if fire else api.why_unfolded(io.read(model, load_weights=False)[0], found, tol)
     if not found:
         click.echo("no candidate chain (no linear -> activation -> linear with constant weights)")
+        click.echo(f"why no chain would be folded: {why}")
         return
-    chains = [c for c in found if c.kind == "chain"]
     for i, c in enumerate(chains):
         slope = "-" if c.slope_range is None else (
             f"{c.slope_range[0]:.4g}" if c.slope_range[0] == c.slope_range[1]
@@ -253,8 +261,9 @@ def inspect(model, tol, as_json, allow_growth, skip) -> None:
         shape = "{}>{}>{}".format(*c.shape) if c.shape else "?"
         verdict = f"-> {c.rule}" if c.rule else f"left: {c.reason}"
         click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  {shape}  slope {slope}  {verdict}")
-    fire = sum(c.rule is not None for c in chains)
     click.echo(f"{fire} of {len(chains)} chain(s) would be rewritten at tol {tol:g}")
+    if why:
+        click.echo(f"why no chain would be folded: {why}")
     for c in found:
         if c.kind == "node":
             click.echo(f"node {'[' + c.graph + '] ' if c.graph else ''}{c.names[0]}  -> {c.rule}")

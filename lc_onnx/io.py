@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
         raise InputError(f"{p}: is a directory, not an ONNX file")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file")
+    if is_torch_file(p):
+        raise InputError(f"{p}: {TORCH_HINT}")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        if p.suffix.lower() in TORCH_SUFFIXES:  # not ONNX, and named as torch names its files
+            raise InputError(f"{p}: {TORCH_HINT}") from None
         raise InputError(f"{p}: not a readable ONNX model ({one_line(e)})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputError(f"{p}: the file holds no ONNX graph")
@@ -52,6 +57,28 @@ def read(path: str | os.PathLike, load_weights: bool = True) -> tuple[onnx.Model
     except (OSError, ValueError) as e:
         raise InputError(f"{p}: cannot read its external data ({one_line(e)})") from None
     return model, bool(external)
+
+
+TORCH_HINT = "a PyTorch file; export it to ONNX with lc_onnx.train.export (see README)"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether the file is a PyTorch checkpoint rather than ONNX, by its content: a zip archive holding a pickle
+    (torch.save, TorchScript), a pickle (the legacy torch.save), or a safetensors header. No ONNX file starts so:
+    its first byte is a field tag of ModelProto, never b"P" or 0x80, and its first 8 bytes as a length are huge."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith(".pkl") or n.endswith("/version") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle's PROTO opcode and its protocol
+        return True
+    size = path.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _external_span(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from lc_onnx.validate import Validation
 from passes import Candidate, Rewrite
+from passes.chain import NOT_LINEAR
 
 
 @dataclass
@@ -119,3 +122,62 @@ def _bytes(x: int) -> str:
         if x >= size:
             return f"{x / size:.3g} {unit}"
     return f"{x} B"
+
+
+_NOT_LINEAR = re.compile(re.escape(NOT_LINEAR).replace(re.escape("{}"), r"(\S+)"))
+GELU_HINT = ("fine-tune with lc_onnx.train to make them collapsible; if you did, export the prepared model from "
+             "memory with lc_onnx.train.export (transformers' save_pretrained/from_pretrained round trip, or "
+             "optimum's export of the saved folder, gives the GELU model back; lc_onnx.train.from_pretrained loads "
+             "it prepared)")
+
+
+def why_unfolded(candidates: list[Candidate], tol: float, layers: int, activations: int,
+                 stamp: dict | None = None) -> str:
+    """Why no chain is folded, in one paragraph, from `inspect`'s candidates (or a report's `skipped`): blocks
+    with non-linear activations, slopes outside `tol`, chains left for other reasons; with none of those, the
+    model's `layers` (linear layers with constant weights), `activations` (activation nodes) and lc-onnx's
+    `stamp` (its metadata, where lc-onnx wrote the model) tell a collapsed model from one that never had a block."""
+    acts, slopes, other = Counter(), [], []
+    for c in candidates:
+        if c.kind != "chain" or c.rule is not None:
+            continue
+        found = _NOT_LINEAR.search(c.reason or "")
+        if found:
+            acts[found.group(1)] += 1
+        elif c.slope_range is not None and max(abs(s - 1) for s in c.slope_range) > tol:
+            slopes.append(c)
+        else:
+            other.append(c)
+    parts = []
+    if acts:
+        n = sum(acts.values())
+        ops = ", ".join(f"{k} {op}" for op, k in sorted(acts.items(), key=lambda a: (-a[1], a[0])))
+        parts.append(f"{n} {'block has' if n == 1 else 'blocks have'} non-linear activations ({ops}), not PRelu "
+                     f"near 1: {GELU_HINT}")
+    if slopes:
+        shown = list(dict.fromkeys(_slope(c.slope_range) for c in slopes))
+        nearest = min(max(abs(s - 1) for s in c.slope_range) for c in slopes)
+        which = (f"slope {shown[0]}, {nearest:.3g} from 1" if len(slopes) == 1 else
+                 f"slopes {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; the nearest {nearest:.3g} from 1")
+        parts.append(f"{len(slopes)} {'chain has' if len(slopes) == 1 else 'chains have'} slopes outside --tol "
+                     f"{tol:g} ({which}): train them nearer 1 with lc_onnx.train, or raise --tol (validation then "
+                     f"judges the error)")
+    if other:
+        parts.append(f"{len(other)} {'chain is' if len(other) == 1 else 'chains are'} left for other reasons, "
+                     f"listed above (first: {other[0].reason})")
+    return "; ".join(parts or [_no_block(layers, activations, stamp)]) + "."
+
+
+def _no_block(layers: int, activations: int, stamp: dict | None) -> str:
+    if stamp is not None:
+        made = stamp.get("rewrites")
+        made = sum(made.values()) if isinstance(made, dict) else "some"
+        return (f"the model looks collapsed already (lc-onnx optimize wrote it: {made} rewrite(s) at tol "
+                f"{stamp.get('tol', '?')}): nothing left to fold")
+    if layers >= 2 and not activations:
+        return (f"the model looks collapsed already: its {layers} linear layers have no activation between them "
+                f"(as lc_onnx.train.collapse leaves them): nothing left to fold")
+    if not layers:
+        return "no linear -> activation -> linear block in the graph (no Gemm, MatMul or Conv with constant weights)"
+    return (f"no linear -> activation -> linear block in the graph ({layers} Gemm/MatMul/Conv node(s) with constant "
+            f"weights, {activations} activation node(s))")
