@@ -2,7 +2,7 @@
 
     names = prepare(model, (x,))                             # sites from one recorded forward pass
     opt = torch.optim.AdamW(param_groups(model, lr=1e-3))    # slopes get their own step size, no decay
-    loss = ce + 0.2 * regularizer(model)                     # λ·Σ(α−1)²
+    loss = ce + 1.0 * regularizer(model)                     # λ·Σ(α−1)², λ = 1 (the README's recipe)
     collapse(model, threshold=0.05)                          # blocks within 0.05 of slope 1 -> one Linear
     export(model, (x,), "model.onnx")                        # then `lc-onnx optimize` sees the PRelu chains
     from_pretrained(BertModel, folder)                       # a saved HF model, its prepared/collapsed blocks rebuilt

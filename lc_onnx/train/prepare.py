@@ -100,7 +100,8 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
 
     With `example_inputs` (a tuple of positional inputs, or a dict of keyword inputs as HF models take them)
     the model runs once in eval mode and a site is an activation module whose input is exactly one linear
-    layer's output and whose output feeds exactly one linear layer and nothing else (see `sites`). Without
+    layer's output and whose output feeds exactly one linear layer and nothing else (see `sites`): an MLP's,
+    and a head's too, such as BERT's pooler `dense -> tanh -> classifier` (`exclude="*pooler*"` keeps it). Without
     them, sites are guessed from names, with a warning, and `collapse` refuses them until verified.
     `include`/`exclude` are fnmatch patterns on the names (one pattern or a list). Blocks prepared before are
     kept as they are; one found by names before is marked verified if the recorded pass shows the same site."""
