@@ -372,6 +372,7 @@ def optimize(
     if validate:
         step("validating in ONNX Runtime")
         feeds, drawn = validation.draw_inputs(original, input_shapes, inputs, seed)
+        guessed = validation.guessed_inputs(original, input_shapes, inputs)
         limit = validation.default_rtol(original, report.rewrites) if rtol is None else rtol
         abs_limit = validation.default_atol(original) if atol is None else atol
     big = report.before.bytes > RELEASE_ABOVE
@@ -382,7 +383,7 @@ def optimize(
     if validate:
         report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source, release=big,
                                                max_mismatch=max_mismatch)
-        report.validation.drawn = drawn
+        report.validation.drawn, report.validation.guessed = drawn, guessed
         if not report.validation.passed:
             raise ValidationError(report.validation.failure(), report)
     return OptimizeResult(model, report, src.source, src.path, src.reads)

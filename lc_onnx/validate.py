@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import math
 import os
 import tempfile
@@ -17,17 +18,20 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from lc_onnx import io
+from lc_onnx import io, pins
 from lc_onnx.errors import InputError, ValidationError, one_line
 from lc_onnx.io import PROTOBUF_LIMIT
 
-DYNAMIC_DIM = 2  # size given to a dimension the model leaves open
+DYNAMIC_DIM = pins.DEFAULT  # size given to a dimension the model leaves open and nothing in it pins
 INT_HIGH = 8  # random integers are drawn in [0, INT_HIGH) unless they index a table
 RTOL_CAP = 1e-2  # the default rtol never allows more than this
 
 # ONNX Runtime prints its own coloured error lines on stderr beside ours (a failing kernel, a model it cannot
 # load): only fatal ones, before any session exists
 ort.set_default_logger_severity(4)
+# the shapes drawn for open dims are said here (one line, as Polygraphy does); with no logging set up, Python
+# prints a warning's bare message on stderr
+log = logging.getLogger(__name__)
 
 
 def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -74,8 +78,10 @@ def draw_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Seeded inputs for every graph input, and what was drawn for each: floats ~ N(0,1), masks (a name
     ending in `mask`) all ones, integers that index a constant table (a Gather's indices) below its size,
-    other integers in [0, 8); open dims of size 2. Values real models accept: OPT's position ids come from
-    the cumulative attention mask and overrun their table on random masks."""
+    other integers in [0, 8); open dims as the graph pins them (`pins.guess_shapes`: a Conv's channels, the image
+    a ViT's position table fits, a mask over past and new tokens), else 2, said in one logged line. Values real
+    models accept: OPT's position ids come from the cumulative attention mask and overrun their table on random
+    masks."""
     shapes, given = shapes or {}, given or {}
     check_seed(seed)
     rng = np.random.default_rng(seed)
@@ -86,6 +92,9 @@ def draw_inputs(
         if name not in names:
             raise InputError(f"the model has no input {name!r}; its inputs are {', '.join(names)}")
     tables = _index_tables(model)
+    guessed, why = pins.guess_shapes(model, shapes, given)
+    if guessed:
+        log.warning(pins.guess_line(guessed, why))
     for vi in _graph_inputs(model):
         if vi.name in given:
             feeds[vi.name], drawn[vi.name] = given[vi.name], "given"
@@ -96,6 +105,8 @@ def draw_inputs(
         dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if vi.name in shapes:
             shape = shapes[vi.name]
+        elif vi.name in guessed:
+            shape = guessed[vi.name]
         else:
             shape = [d.dim_value if d.HasField("dim_value") else DYNAMIC_DIM for d in ttype.shape.dim]
         numeric = dtype == np.bool_ or np.issubdtype(dtype, np.number)
@@ -120,6 +131,13 @@ def draw_inputs(
                              f"{_size(math.prod(shape) * dtype.itemsize)}) cannot be drawn ({one_line(e)}); "
                              f"{SHAPE_HINT}") from None
     return feeds, drawn
+
+
+def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None,
+                   given: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+    """For the report: the inputs whose open dims `draw_inputs` fills, each with its shape and what set its dims."""
+    found, why = pins.guess_shapes(model, shapes, given)
+    return {k: {"shape": v, "from": why[k]} for k, v in found.items()}
 
 
 SHAPE_HINT = "give smaller dims with --input-shape (bench: --batch)"
@@ -274,6 +292,8 @@ class Validation:
     outputs: list[OutputError] = field(default_factory=list)
     inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
     drawn: dict[str, str] = field(default_factory=dict)  # name -> what its values are (see draw_inputs)
+    # inputs with open dims that no shape or data was given for: name -> {"shape", "from": what set its dims}
+    guessed: dict[str, dict] = field(default_factory=dict)
     # how the models ran: "as stored" (their own dtypes), or "float32" (float16/bfloat16 models that the CPU
     # provider cannot run, both cast to float32 for the comparison); `precision_note` says why
     precision: str = "as stored"
@@ -293,7 +313,8 @@ class Validation:
     def to_dict(self) -> dict:
         return {"rtol": self.rtol, "atol": self.atol, "max_mismatch": self.max_mismatch, "passed": self.passed,
                 "inputs": self.inputs,
-                "drawn": self.drawn, "precision": self.precision, "precision_note": self.precision_note,
+                "drawn": self.drawn, "guessed": self.guessed,
+                "precision": self.precision, "precision_note": self.precision_note,
                 "outputs": [asdict(o) for o in self.outputs]}
 
 

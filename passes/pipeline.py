@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes import sharing
+from passes import quantized, sharing
 from passes.chain import Chain, Reject, find_chain, next_layer_node
 from passes.cost import later_pair_first_is_cheaper
 from passes.linear import LinearLayer, Names, read_linear_ending_at
@@ -396,7 +396,13 @@ def _look(g: gs.Graph, gname: str, rules: list[Rule], block_rules: list[BlockRul
     ctx, refused = _context(g, tol, allow_growth), _Refused()
     _plan_shared(g, rules, ctx, refused, others)
     chains = _sweep(g, gname, rules, ctx, None, refused)[1]
-    return _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1])
+    return _merge(chains + _block_sweep(g, gname, block_rules, ctx, None)[1] + _quantized(g, gname))
+
+
+def _quantized(g: gs.Graph, gname: str) -> list[Candidate]:
+    """The quantized blocks of `g` (no rule folds quantized weights), each with the reason and what to do."""
+    return [Candidate(nodes, slopes, None, quantized.REASON, shape, gname)
+            for nodes, slopes, shape in quantized.blocks(g)]
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
@@ -427,7 +433,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
                 rewrites, more = _block_sweep(g, gname, block_rules, ctx, names, count)
                 candidates += more
             if not rewrites:
-                return fired, [c for c in _merge(candidates) if c.rule is None]
+                return fired, [c for c in _merge(candidates + _quantized(g, gname)) if c.rule is None]
             fired = True
             result.rewrites += rewrites
             result.modified = True
