@@ -11,7 +11,7 @@ import numbers
 import torch
 from torch import nn
 
-from lc_onnx.train import pretrained, reach
+from lc_onnx.train import pretrained, reach, wrapped
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
 from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
@@ -182,9 +182,14 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         _check_hooks(name, base, base_path, act)
         if any(base.get_submodule(p).training for p in act.layout.batchnorms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
+    replaced = [p for _, act, _, base in chosen for path in (act.layout.first, act.layout.second,
+                                                              *act.layout.batchnorms, act.layout.slot)
+                for p in base.get_submodule(path).parameters()]
     for _, act, _, base in chosen:
         _fuse(base, act.layout)
     done = [name for name, *_ in chosen]
+    if done:  # an optimizer or DDP wrapper built before now would train the old parameters: stop it saying so
+        wrapped.guard_stale(model, replaced, done)
     if done:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
         pretrained.note(model, "collapse", blocks=done)
     return done

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train import layers, names, pretrained, reach, sites
+from lc_onnx.train import layers, names, pretrained, reach, sites, wrapped
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, tag_feeder
 from lc_onnx.train.reach import set_module
 from lc_onnx.train.sites import Site
@@ -105,6 +105,7 @@ def prepare(model: nn.Module, example_inputs=None, *, init: float = 0.01, per_ch
     them, sites are guessed from names, with a warning, and `collapse` refuses them until verified.
     `include`/`exclude` are fnmatch patterns on the names (one pattern or a list). Blocks prepared before are
     kept as they are; one found by names before is marked verified if the recorded pass shows the same site."""
+    wrapped.refuse_wrapped(model)
     if example_inputs is None:
         warnings.warn("prepare() without example_inputs finds sites by module names, which cannot show that "
                       "the forward pass really chains them (collapse() refuses them unless it gets example_inputs "
