@@ -70,9 +70,9 @@ def test_prepare_after_accelerator_prepare_is_refused():
         quiet_prepare(model)
 
 
-def test_a_dropped_wrapper_does_not_count():
+def test_a_dropped_wrapper_does_not_count(group):
     model = Mlp()
-    ddp = nn.DataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
     del ddp
     assert list(quiet_prepare(model)) == ["act"]
 

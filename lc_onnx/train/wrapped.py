@@ -10,8 +10,10 @@ import gc
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
-WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)  # a module holding a model of its own
 
 
 def _fsdp1() -> tuple[type, ...]:
@@ -30,6 +32,10 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _holders(model: nn.Module) -> list[nn.Module]:
     """Wrappers (DDP, DataParallel, FSDP) that hold `model` or a module inside it."""
     kinds = WRAPPERS + _fsdp1()
@@ -43,10 +49,12 @@ def why_wrapped(model: nn.Module) -> str:
     """Why `model` is already wrapped for distributed training, or ""."""
     if isinstance(model, WRAPPERS + _fsdp1()):
         return f"the model is a {type(model).__name__}"
-    if any(_is_dtensor(p) for p in model.parameters()):
-        return "its parameters are DTensors (FSDP's fully_shard or tensor parallel sharded it)"
     if getattr(model, "_is_accelerate_prepared", False):
         return "accelerator.prepare() has prepared it"
+    if not _distributed():  # DDP, FSDP and DTensors need a process group; DataParallel replicates the module
+        return ""
+    if any(_is_dtensor(p) for p in model.parameters()):
+        return "its parameters are DTensors (FSDP's fully_shard or tensor parallel sharded it)"
     held = _holders(model)
     if held:
         gc.collect()  # a wrapper the user dropped may only be waiting for the cycle collector
@@ -65,26 +73,47 @@ def refuse_wrapped(model: nn.Module) -> None:
 
 
 class _Stale:
-    """A hook on an optimizer's step or a wrapper's forward that stops training on after `collapse` replaced
-    parameters it holds (a class, so a model or optimizer with it still pickles)."""
+    """A forward pre-hook on a DDP wrapper built before `collapse` (a class, so the model still pickles)."""
 
     def __init__(self, what: str, blocks: list[str]):
         self.what, self.blocks = what, blocks
 
     def __call__(self, *args, **kwargs):
-        shown = ", ".join(self.blocks[:3]) + (f" and {len(self.blocks) - 3} more" if len(self.blocks) > 3 else "")
-        raise RuntimeError(f"{self.what} was built before collapse() fused {shown}, and still holds the replaced "
-                           "layers' parameters (the fused layers would not train, and DDP ranks would drift); build "
-                           "a new optimizer (and DDP wrapper, or Trainer) for the collapsed model")
+        raise RuntimeError(_stale_message(self.what, self.blocks))
+
+
+def _stale_message(what: str, blocks: list[str]) -> str:
+    shown = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
+    return (f"{what} was built before collapse() fused {shown}, and still holds the replaced layers' parameters "
+            "(the fused layers would not train, and DDP ranks would drift); build a new optimizer (and DDP wrapper, "
+            "or Trainer) for the collapsed model")
+
+
+_REPLACED = WeakIdKeyDictionary()  # parameter -> the blocks whose collapse replaced it (gone with the parameter)
+_hook = None
+
+
+def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A global optimizer step pre-hook: refuse a step of an optimizer that holds a replaced parameter."""
+    if not _REPLACED:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            blocks = _REPLACED.get(p)
+            if blocks is not None:
+                raise RuntimeError(_stale_message(f"the optimizer {type(optimizer).__name__}", blocks))
 
 
 def guard_stale(model: nn.Module, replaced: list[nn.Parameter], blocks: list[str]) -> None:
-    """Make each optimizer holding a parameter in `replaced`, and each wrapper holding `model`, refuse the next
-    step or forward with one line: training on with them would silently freeze the fused layers."""
-    ids = {id(p) for p in replaced}
-    for obj in gc.get_objects():
-        if issubclass(type(obj), torch.optim.Optimizer) and any(
-                id(p) in ids for group in obj.param_groups for p in group["params"]):
-            obj.register_step_pre_hook(_Stale(f"the optimizer {type(obj).__name__}", blocks))
-    for wrapper in _holders(model) + ([model] if isinstance(model, WRAPPERS + _fsdp1()) else []):
+    """Make each optimizer holding a parameter in `replaced`, and each DDP wrapper holding `model`, refuse the next
+    step or forward with one line: training on with them would silently freeze the fused layers. Optimizers are
+    checked by one global step pre-hook (only while replaced parameters are alive); wrappers exist only under an
+    initialized process group, and only then are they looked for."""
+    global _hook
+    for p in replaced:
+        _REPLACED[p] = blocks
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_step)
+    wrappers = _holders(model) if _distributed() else []
+    for wrapper in wrappers + ([model] if isinstance(model, WRAPPERS + _fsdp1()) else []):
         wrapper.register_forward_pre_hook(_Stale(f"the {type(wrapper).__name__} wrapper", blocks))
