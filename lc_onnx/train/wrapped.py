@@ -47,12 +47,14 @@ def _holders(model: nn.Module) -> list[nn.Module]:
 
 def why_wrapped(model: nn.Module) -> str:
     """Why `model` is already wrapped for distributed training, or ""."""
-    if isinstance(model, WRAPPERS + _fsdp1()):
+    if isinstance(model, WRAPPERS):
         return f"the model is a {type(model).__name__}"
     if getattr(model, "_is_accelerate_prepared", False):
         return "accelerator.prepare() has prepared it"
     if not _distributed():  # DDP, FSDP and DTensors need a process group; DataParallel replicates the module
         return ""
+    if isinstance(model, _fsdp1()):
+        return f"the model is a {type(model).__name__}"
     if any(_is_dtensor(p) for p in model.parameters()):
         return "its parameters are DTensors (FSDP's fully_shard or tensor parallel sharded it)"
     held = _holders(model)
@@ -115,5 +117,5 @@ def guard_stale(model: nn.Module, replaced: list[nn.Parameter], blocks: list[str
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_step)
     wrappers = _holders(model) if _distributed() else []
-    for wrapper in wrappers + ([model] if isinstance(model, WRAPPERS + _fsdp1()) else []):
+    for wrapper in wrappers + ([model] if isinstance(model, WRAPPERS) else []):
         wrapper.register_forward_pre_hook(_Stale(f"the {type(wrapper).__name__} wrapper", blocks))
