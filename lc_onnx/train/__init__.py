@@ -11,14 +11,15 @@ The only package of lc_onnx that imports torch (`pip install lc-onnx[train]`).
 """
 
 from lc_onnx.train.callbacks import LayerCollapseCallback
-from lc_onnx.train.collapse import collapse
+from lc_onnx.train.collapse import Collapsed, collapse
 from lc_onnx.train.export import export
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
 from lc_onnx.train.prepare import Prepared, prepare
 from lc_onnx.train.pretrained import from_pretrained
 from lc_onnx.train.regularize import blocks, decoupled_step, param_groups, regularizer, slope_parameters, slopes
+from lc_onnx.train.sensitivity import Sensitivity, sensitivity
 from lc_onnx.train.sites import Site
 
-__all__ = ["LayerCollapseCallback", "LayerCollapsePReLU", "Prepared", "SharedActivation", "Site", "blocks", "collapse",
-           "decoupled_step", "export", "from_pretrained", "param_groups", "prepare", "regularizer", "slope_parameters",
-           "slopes"]
+__all__ = ["Collapsed", "LayerCollapseCallback", "LayerCollapsePReLU", "Prepared", "Sensitivity", "SharedActivation",
+           "Site", "blocks", "collapse", "decoupled_step", "export", "from_pretrained", "param_groups", "prepare",
+           "regularizer", "sensitivity", "slope_parameters", "slopes"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout
 from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
 from lc_onnx.train.reach import set_module
 from lc_onnx.train.regularize import blocks
+from lc_onnx.train.sensitivity import within_budget
 
 
 def _check(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
@@ -148,9 +150,19 @@ def verify(model: nn.Module, example_inputs) -> None:
     _verify(model, [(name, act) for name, act in blocks(model).items() if not act.verified], example_inputs, False)
 
 
+class Collapsed(list):
+    """The names of the blocks collapsed (a list), and `left`: for each block within the threshold that a
+    `max_drop` budget kept, the metric drop folding it would have caused."""
+
+    def __init__(self, names: list[str], left: dict[str, float] | None = None):
+        super().__init__(names)
+        self.left = left or {}
+
+
 @torch.no_grad()
 def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | None = None, *,
-             example_inputs=None, trust_names: bool = False) -> list[str]:
+             example_inputs=None, trust_names: bool = False, eval_fn=None, max_drop: float | None = None,
+             higher_is_better: bool = True) -> Collapsed:
     """Replace each block whose slope is within `threshold` of 1 by one layer of the second's kind (nn.Linear,
     or a pointwise nn.Conv1d/2d/3d): W = W2·W1, b = W2·b1 + b2, BatchNorm between folded in. Returns the names
     collapsed; the others stay; `slopes(model)` says where they are. `only` limits it to that block name or
@@ -159,10 +171,18 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     Blocks `prepare` found by names (no example inputs) are verified first on `example_inputs` (as `prepare`
     takes them) and refused if the recorded pass does not show them; without example inputs they are refused
     unless `trust_names=True`. A block whose modules carry hooks (a user's or a library's, registered after
-    `prepare`) is refused too, naming them. A refusal raises before anything is fused."""
+    `prepare`) is refused too, naming them. A refusal raises before anything is fused.
+    With `eval_fn(model) -> float` and `max_drop`, the blocks within the threshold are taken from the slope
+    nearest 1, each kept while the metric with it and those kept before folded stays within `max_drop` of the
+    model's now (a fold computes what a slope of exactly 1 does, so each trial sets slopes to 1, then puts them
+    back); the others stay, each with its drop in the result's `left` and in one warning."""
     if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
+    if (eval_fn is None) != (max_drop is None):
+        raise ValueError("collapse: eval_fn and max_drop go together (the metric, and how far it may drop)")
+    if max_drop is not None and not (isinstance(max_drop, numbers.Real) and max_drop >= 0):
+        raise ValueError(f"collapse: max_drop must be a number >= 0, got {max_drop!r}")
     only = one_or_many(only)
     if only is not None:
         _check_only(list(only), list(blocks(model)))
@@ -182,6 +202,14 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         _check_hooks(name, base, base_path, act)
         if any(base.get_submodule(p).training for p in act.layout.batchnorms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
+    left: dict[str, float] = {}
+    if eval_fn is not None and chosen:
+        nearest = sorted(chosen, key=lambda c: float((c[1].weight.detach() - 1).abs().max()))
+        kept, left = within_budget(model, [c[0] for c in nearest], eval_fn, max_drop, higher_is_better)
+        chosen = [c for c in chosen if c[0] in kept]
+        for name, drop in left.items():
+            warnings.warn(f"collapse: left {name}: folding it moves the metric by {drop:.4g}, over max_drop "
+                          f"{max_drop:g}", stacklevel=2)
     replaced = [p for _, act, _, base in chosen for path in (act.layout.first, act.layout.second,
                                                               *act.layout.batchnorms, act.layout.slot)
                 for p in base.get_submodule(path).parameters()]
@@ -192,7 +220,7 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
         wrapped.guard_stale(model, replaced, done)
     if done:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
         pretrained.note(model, "collapse", blocks=done)
-    return done
+    return Collapsed(done, left)
 
 
 def fuse_blocks(model: nn.Module, names: list[str]) -> None:
