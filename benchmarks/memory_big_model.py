@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/memory_big_model.py             # GPT-2-large shape (3.1 GB) + the study's models
     .venv/bin/python benchmarks/memory_big_model.py --quick     # 2 layers, no peers, writes nothing
     .venv/bin/python benchmarks/memory_big_model.py --model path/to/model.onnx    # an existing model
+    .venv/bin/python benchmarks/memory_big_model.py --wide 1024 65536 1024 --no-peers   # one wide chain only
 
 The big model is built directly in ONNX with numpy, tensor by tensor (never held in memory): GPT-2-large
 shape, 36 layers, d 1280, MLP 5120, 20 heads, vocabulary 50257, float32, external data (3.1 GB). Each
@@ -109,6 +110,37 @@ def build(folder: Path, layers: int, seed: int = 0) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def build_wide(folder: Path, d_in: int, hidden: int, d_out: int, seed: int = 0) -> Path:
+    """One chain x > MatMul+Add d_in x hidden > PRelu(1) > MatMul+Add hidden x d_out, float32, external data:
+    a model that is all one fold, so both weights are read, and the fused one written, whole."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    inits, nodes = [], []
+    with open(folder / "model.onnx.data", "wb") as data:
+        for name, rows, cols in (("a", d_in, hidden), ("b", hidden, d_out)):
+            for part, shape in ((f"{name}.weight", (rows, cols)), (f"{name}.bias", (cols,))):
+                tensor = TensorProto(name=part, data_type=TensorProto.FLOAT, dims=shape)
+                tensor.data_location = TensorProto.EXTERNAL
+                offset = data.tell()
+                for i in range(0, shape[0], 256):  # a block of rows at a time
+                    block = rng.standard_normal((min(256, shape[0] - i), *shape[1:]), dtype=np.float32)
+                    data.write((block / np.float32(np.sqrt(rows))).tobytes())
+                for k, v in (("location", "model.onnx.data"), ("offset", str(offset)),
+                             ("length", str(data.tell() - offset))):
+                    tensor.external_data.add(key=k, value=v)
+                inits.append(tensor)
+    inits.append(onnx.numpy_helper.from_array(np.ones(1, np.float32), "slope"))
+    nodes = [helper.make_node("MatMul", ["x", "a.weight"], ["a.mm"], name="a.mm"),
+             helper.make_node("Add", ["a.mm", "a.bias"], ["a.out"], name="a.add"),
+             helper.make_node("PRelu", ["a.out", "slope"], ["h"], name="act"),
+             helper.make_node("MatMul", ["h", "b.weight"], ["b.mm"], name="b.mm"),
+             helper.make_node("Add", ["b.mm", "b.bias"], ["y"], name="b.add")]
+    graph = helper.make_graph(nodes, "wide_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d_out])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
     return folder / "model.onnx"
 
 
@@ -222,6 +254,8 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=Path("/tmp/lc_big"), help="where the big model is built")
     ap.add_argument("--keep", action="store_true", help="keep the big model afterwards")
     ap.add_argument("--model", type=Path, help="measure this model only, instead of the built and study models")
+    ap.add_argument("--wide", nargs=3, type=int, metavar=("D_IN", "H", "D_OUT"),
+                    help="measure one wide chain D_IN > H > D_OUT only (built in --folder, external data)")
     ap.add_argument("--no-peers", action="store_true", help="do not time onnxsim and onnxslim")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a command is stopped")
     ap.add_argument("--quick", action="store_true", help="2 layers, no peers, no study models; writes nothing")
@@ -243,6 +277,12 @@ def main() -> None:
 
     if args.model:
         add(args.model.resolve(), args.model.name)
+    elif args.wide:
+        try:
+            add(build_wide(args.folder, *args.wide), "one chain {}>{}>{}".format(*args.wide))
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.folder)
     else:
         for name in ([] if args.quick else ["ViT-T_16", "BERT-base", "GPT-2_small", "VGG11_head"]):
             src = STUDY / name / "full" / "original.onnx"
@@ -261,7 +301,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(args.folder)
     shutil.rmtree(work)
-    if not (args.quick or args.model):
+    if not (args.quick or args.model or args.wide):
         write(rows, traces, verdicts, args)
 
 

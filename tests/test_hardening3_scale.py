@@ -209,3 +209,26 @@ def test_item11_loop_body_counts_one_iteration(tmp_path):
     assert [c.graph for c in candidates if c.rule] == ["body"]
     share = bench.mac_share(onnx.load(path), {"x": [2, 8]}, candidates)
     assert share.total == 2 * (64 + 512) and share.chains == 2 * 512 and share.after == 2 * (64 + 64)
+
+
+# --- item 10: the README states the memory bound of a model that is one wide chain ------------------------------
+
+
+def test_item10_readme_states_the_memory_bound_of_one_wide_chain(tmp_path):
+    """`--no-validate` stays far below the model size only where chains are a small part of it: a chain's two
+    weights are read whole. The README states the bound for one wide chain, measured on the benchmark's `--wide`
+    model, which folds to one layer."""
+    import importlib.util
+    from pathlib import Path
+
+    import lc_onnx
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("memory_big_model", root / "benchmarks" / "memory_big_model.py")
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
+    path = bench_memory.build_wide(tmp_path / "wide", 16, 256, 16)
+    (r,) = lc_onnx.optimize(path, validate=False).report.rewrites
+    assert r.rule == "collapse_linear_chain" and r.params_before == 16 * 256 + 256 + 256 * 16 + 16
+    text = " ".join((root / "README.md").read_text().split())
+    assert "memory_big_model.py --wide" in text and "a model that is one wide chain peaks at" in text
