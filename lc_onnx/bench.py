@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from lc_onnx import io
+from lc_onnx import io, pins
 from lc_onnx import shapes as inference
 from lc_onnx.api import node_label
 from lc_onnx.errors import InputError, one_line
@@ -34,6 +36,7 @@ class Latency:
     p10_ms: float
     p90_ms: float
     runs: int
+    samples_ms: list[float] = field(default_factory=list)  # every timed run, in the order run
 
 
 def interleaved(
@@ -97,7 +100,7 @@ def interleaved(
             "check the data in --inputs"
         raise InputError(f"ONNX Runtime failed running {names[j]} on {where} ({one_line(e)}); {hint}") from None
     return [
-        Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs)
+        Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs, t)
         for t in times
     ]
 
@@ -143,23 +146,58 @@ def provider(name: str) -> str:
     return full
 
 
-def batch_shapes(model: onnx.ModelProto, batch: int | None, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """`shapes` plus, for every other input, its declared shape with the open first dim set to `batch`."""
-    if batch is None:
-        return shapes
-    out = dict(shapes)
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits or vi.name in out:
+def feed_shapes(model: onnx.ModelProto, batch: int | None, shapes: dict[str, list[int]] | None = None,
+                given: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[int]], dict[str, dict]]:
+    """The shape of every input with open dims that bench draws: `shapes` (--input-shape) as given; with `batch`,
+    every other input's open first dim set to it (and only that dim); the open dims left as the graph pins them
+    (`pins.guess_shapes`: a Conv's channels, a ViT's image, dims named alike), else 2. Also, per input that has
+    open dims, where they came from: `batch` (its first dim set by --batch), `alike` (dims named like one of an
+    input the caller sized: {index: that input}), `guessed` (the indices of the other dims) and `why` (how, from
+    the guess). Inputs in `given` (--inputs) are not drawn and not listed. `model` is left as it was."""
+    shapes, given = dict(shapes or {}), given or {}
+    held = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in held]
+    pinned: list[tuple[onnx.TensorShapeProto.Dimension, onnx.TensorShapeProto.Dimension]] = []  # (dim, as it was)
+    batched: dict[str, list[int]] = {}
+    try:  # the batch is set on the declared dims (and put back below), so that the guess sees it as fixed
+        for vi in inputs if batch is not None else []:
+            dims = vi.type.tensor_type.shape.dim
+            if vi.name in shapes or vi.name in given or not dims:
+                continue
+            if dims[0].HasField("dim_value"):
+                if dims[0].dim_value != batch:
+                    raise InputError(f"input {vi.name!r} has a fixed first dim {dims[0].dim_value}; --batch {batch} "
+                                     f"cannot apply (export with a dynamic batch axis, or use --input-shape)")
+                continue
+            was = onnx.TensorShapeProto.Dimension()
+            was.CopyFrom(dims[0])
+            pinned.append((dims[0], was))
+            dims[0].dim_value = batch
+            batched[vi.name] = [d.dim_value for d in dims] if all(d.HasField("dim_value") for d in dims) else []
+        guessed, why = pins.guess_shapes(model, shapes, given)
+    finally:
+        for dim, was in pinned:
+            dim.CopyFrom(was)
+    full = {**shapes, **{k: v for k, v in batched.items() if v}, **guessed}
+    named: dict[str, str] = {}  # dim names -> the input the caller sized that names it: a dim named so is no guess
+    for vi in inputs:
+        dims, size = vi.type.tensor_type.shape.dim, shapes.get(vi.name, np.shape(given.get(vi.name, ())))
+        if (vi.name in shapes or vi.name in given) and len(dims) == len(size):
+            for d in dims:
+                if d.dim_param:
+                    named.setdefault(d.dim_param, vi.name)
+    where: dict[str, dict] = {}
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in given or vi.name in shapes or not any(not d.HasField("dim_value") for d in dims):
             continue
-        dims = list(vi.type.tensor_type.shape.dim)
-        if not dims:
-            continue
-        if dims[0].HasField("dim_value") and dims[0].dim_value != batch:
-            raise InputError(f"input {vi.name!r} has a fixed first dim {dims[0].dim_value}; --batch {batch} "
-                             f"cannot apply (export with a dynamic batch axis, or use --input-shape)")
-        out[vi.name] = [batch] + [d.dim_value if d.HasField("dim_value") else 2 for d in dims[1:]]
-    return out
+        open_dims = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+        if vi.name in batched:
+            open_dims.remove(0)
+        alike = {i: named[dims[i].dim_param] for i in open_dims if dims[i].dim_param in named}
+        where[vi.name] = {"batch": vi.name in batched, "guessed": [i for i in open_dims if i not in alike],
+                          "alike": alike, "why": why.get(vi.name, ""), "dim_names": [d.dim_param or None for d in dims]}
+    return full, where
 
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
@@ -194,11 +232,11 @@ class MacShare:
     def mac_ratio(self) -> float:
         return self.total / self.after if self.after else 1.0
 
-    def line(self) -> str:
+    def line(self, model: str = "the first model") -> str:
         if not self.total:
-            return "MACs: no MatMul/Gemm/Conv with known shapes in the first model"
+            return f"MACs of {model}: no MatMul/Gemm/Conv with known shapes"
         ops = ", ".join(f"{k} {_count(v)}" for k, v in self.by_op.items() if v)
-        text = (f"MACs of the first model {_count(self.total)} ({ops}); the {self.chain_count} collapsible chain(s) "
+        text = (f"MACs of {model}: {_count(self.total)} ({ops}); the {self.chain_count} collapsible chain(s) "
                 f"hold {100 * self.share:.1f}%; folded: {_count(self.total)} -> {_count(self.after)} MACs "
                 f"({self.mac_ratio:.2f}x fewer)")
         if self.unknown:
@@ -438,6 +476,32 @@ def _block_after(block: tuple, per_node: dict[str, tuple[str, int]], units: _Lin
     return round(_rows(keys[0], d_in, hidden, per_node) * per_row)
 
 
+def row_macs(candidates: list, model: onnx.ModelProto, source: Path | None = None) -> list[tuple[int, int] | None]:
+    """Per chain among `candidates` (`lc_onnx.inspect`; node rules' single nodes are not chains), its MACs per input
+    row before and after the rule that would fire (a chain left as it is: unchanged), as the rules' cost models
+    count them; None where its shape is not known, or a split whose linear units cannot be told. `source`: the
+    folder of the model's external data."""
+    units, out = _LinearUnits(model, source), []
+    for c in candidates:
+        if c.kind != "chain":
+            continue
+        if c.shape is None:
+            out.append(None)
+            continue
+        d_in, hidden, d_out = c.shape
+        before = hidden * (d_in + d_out)
+        if c.rule in ("collapse_linear_chain", "collapse_fan_out"):  # a fan-out's d_out is its heads' sum
+            out.append((before, d_in * d_out))
+        elif c.rule == "split_linear_units":
+            linear = units.count(c.names, c.slope_range, c.graph)
+            out.append(None if linear is None else
+                       (before, split_cost(d_in, hidden, d_out, hidden - linear, 0, 0, bias_in=False,
+                                           bias_out=False).macs_after))
+        else:  # left, or drop_unit_activation: the two layers stay
+            out.append((before, before))
+    return out
+
+
 class _LinearUnits:
     """How many units of a split block's PRelu the split takes as linear. The candidate gives only their slope
     range (lo, hi): a unit is linear exactly when its slope lies in it, since both ends are within tol of 1 and
@@ -479,31 +543,92 @@ class BenchResult:
     runs: int
     warmup: int
     inputs: dict[str, list[int]]
-    models: list[dict] = field(default_factory=list)  # path, median/p10/p90 ms, speedup vs the first
+    models: list[dict] = field(default_factory=list)  # path, median/p10/p90 ms, samples, speedup vs the first
     io_binding: bool = False
     cuda_graph: bool = False
     macs: MacShare | None = None  # of the first model
+    # per input: shape, dtype, how drawn, whether --batch set its first dim, the dims guessed and how
+    input_details: dict[str, dict] = field(default_factory=dict)
+    model_macs: list[MacShare | str | None] = field(default_factory=list)  # per model: its share, or why none
+    ort_provider: str = ""  # the provider's name in ONNX Runtime
+    versions: dict[str, str] = field(default_factory=dict)
+    timestamp: str = ""  # when the timing started, ISO 8601 in UTC
 
     def table(self) -> str:
         first = self.models[0]["median_ms"]
-        width = max(len(m["path"]) for m in self.models)
-        lines = [f"{'model'.ljust(width)}  median ms     p10     p90  speedup vs first"]
-        for m in self.models:
-            lines.append(f"{m['path'].ljust(width)}  {m['median_ms']:9.3f} {m['p10_ms']:7.3f} {m['p90_ms']:7.3f}"
-                         f"  {first / m['median_ms']:.2f}x")
-        shapes = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
+        rows = [("model", "median ms", "p10 ms", "p90 ms", "speedup vs first")]
+        rows += [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}", f"{m['p90_ms']:.3f}",
+                  f"{first / m['median_ms']:.2f}x") for m in self.models]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
+                 for r in rows]
         binding = ", inputs and outputs bound on the device (IOBinding)" if self.io_binding else ""
         binding += ", CUDA graph" if self.cuda_graph else ""
         lines.append(f"{self.provider}{binding}, {self.threads or 'default'} thread(s), {self.runs} interleaved "
-                     f"runs after {self.warmup} warm-up; inputs: {shapes}")
-        if self.macs is not None:
-            lines.append(self.macs.line())
+                     f"runs after {self.warmup} warm-up")
+        lines += [_input_line(k, self.input_details.get(k, {"shape": v})) for k, v in self.inputs.items()]
+        shares = self.model_macs or ([self.macs] if self.macs is not None else [])
+        for m, share in zip(self.models, shares, strict=False):
+            if isinstance(share, MacShare):
+                lines.append(share.line(m["path"]))
+            elif share:
+                lines.append(f"MACs of {m['path']}: not computed ({share})")
+        lines += [f"warning: {w}" for w in self.warnings()]
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What the numbers do not show: input dims bench guessed, and speedups within the models' spread."""
+        out = []
+        guessed = [f"{k} {_dim_label(d, i)} = {self.inputs[k][i]}" for k, d in self.input_details.items()
+                   for i in d.get("guessed", [])]
+        if guessed:
+            first = any(0 in d.get("guessed", []) for d in self.input_details.values())
+            out.append(f"open dims guessed, so the latency is at sizes lc-onnx chose: {', '.join(guessed)}; set them "
+                       f"with --input-shape NAME:D1,D2,.." + (" (or the first dim with --batch N)" if first else ""))
+        ref = self.models[0] if self.models else None
+        for m in self.models[1:]:
+            apart = abs(ref["median_ms"] - m["median_ms"])
+            spread = [ref["p90_ms"] - ref["p10_ms"], m["p90_ms"] - m["p10_ms"]]
+            if max(spread) > apart:
+                out.append(f"the speedup of {m['path']} ({ref['median_ms'] / m['median_ms']:.2f}x) is not resolved: "
+                           f"the medians are {apart:.3f} ms apart, less than the p10-p90 spread ({spread[0]:.3f} ms "
+                           f"of {ref['path']}, {spread[1]:.3f} ms of {m['path']}); time on a quieter machine, or "
+                           f"look at the distributions (--plot)")
+        return out
 
     def to_json(self) -> str:
         data = asdict(self)
         data["macs"] = self.macs.to_dict() if self.macs is not None else None
+        del data["model_macs"]
+        for entry, share in zip(data["models"], self.model_macs, strict=False):
+            entry["macs"] = share.to_dict() if isinstance(share, MacShare) else None
+            if isinstance(share, str):
+                entry["macs_error"] = share
+        data["warnings"] = self.warnings()
         return json.dumps(data, indent=2) + "\n"
+
+
+def _dim_label(details: dict, i: int) -> str:
+    """`dim 1 (sequence)`: a dim by its place, and its declared name where it has one."""
+    names = details.get("dim_names") or []
+    return f"dim {i}" + (f" ({names[i]})" if i < len(names) and names[i] else "")
+
+
+def _input_line(name: str, d: dict) -> str:
+    """One input as bench fed it: `input x: [4, 3, 8] float32, N(0, 1); dim 0 = 4 from --batch; ...`."""
+    drawn = "given with --inputs" if d.get("drawn") == "given" else d.get("drawn", "")
+    text = f"input {name}: {list(d['shape'])}" + "".join(f" {x}" for x in [d.get("dtype")] if x) + \
+        (f", {drawn}" if drawn else "")
+    if d.get("batch"):
+        text += f"; {_dim_label(d, 0)} = {d['shape'][0]} from --batch"
+    by_source: dict[str, list[str]] = {}  # "alike": {dim: the input the caller sized whose dim has the same name}
+    for i, src in d.get("alike", {}).items():
+        by_source.setdefault(src, []).append(f"{_dim_label(d, int(i))} = {d['shape'][int(i)]}")
+    text += "".join(f"; {', '.join(dims)} from {src} (same dim name)" for src, dims in by_source.items())
+    if d.get("guessed"):
+        dims = ", ".join(f"{_dim_label(d, i)} = {d['shape'][i]}" for i in d["guessed"])
+        text += f"; guessed {dims} ({d.get('why') or 'open dims ' + str(pins.DEFAULT)})"
+    return text
 
 
 def pinned(path: Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
@@ -559,10 +684,12 @@ def bench_files(
     io_binding: bool = False,
     cuda_graph: bool = False,
     candidates: list | None = None,
+    model_candidates: list[list | str] | None = None,
 ) -> BenchResult:
     """Latency of model files on the same inputs, interleaved; the first model is the reference. With
     `cuda_graph` (CUDA only; implies `io_binding`) ONNX Runtime captures each model's run as a CUDA graph and
-    replays it. With `candidates` (`lc_onnx.inspect` of the first model) the result carries its MAC share."""
+    replays it. With `candidates` (`lc_onnx.inspect` of the first model) the result carries its MAC share; with
+    `model_candidates` (per model: its `lc_onnx.inspect`, or a string saying why there is none) every model's."""
     check_options(provider_name, threads, batch, runs, warmup, seed, cuda_graph)
     full = provider(provider_name)
     heads = [io.read(p, load_weights=False)[0] for p in paths]
@@ -571,21 +698,41 @@ def bench_files(
     for p, n in zip(paths[1:], names[1:], strict=True):
         if n != names[0]:
             raise InputError(f"{p} has inputs {n}, {paths[0]} has {names[0]}: they cannot share inputs")
-    feeds, drawn = draw_inputs(heads[0], batch_shapes(heads[0], batch, shapes or {}), given, seed)
+    wanted, where = feed_shapes(heads[0], batch, shapes, given)
+    feeds, drawn = draw_inputs(heads[0], wanted, given, seed)
     shapes_used = {k: list(v.shape) for k, v in feeds.items()}
-    macs = None
-    if candidates is not None:
-        folder = Path(paths[0]).parent.resolve() if io.has_external(heads[0]) else None
-        macs = mac_share(heads[0], shapes_used, candidates, feeds, folder)
+    details = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "drawn": drawn.get(k, ""),
+                   **where.get(k, {"batch": False, "guessed": [], "alike": {}, "why": "", "dim_names": []})}
+               for k, v in feeds.items()}
+    if model_candidates is None:
+        model_candidates = [] if candidates is None else [candidates]
+    shares: list[MacShare | str | None] = []
+    for p, head, found in zip(paths, heads, model_candidates, strict=False):
+        if isinstance(found, str) or found is None:
+            shares.append(found)
+            continue
+        folder = Path(p).parent.resolve() if io.has_external(head) else None
+        shares.append(mac_share(head, shapes_used, found, feeds, folder))
     del heads
     entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
     models = [pinned(p, shapes_used) for p in paths] if cuda_graph else list(paths)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lat = interleaved(models, feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph,
                       given=[k for k, what in drawn.items() if what == "given"], names=[str(p) for p in paths])
     result = BenchResult(provider_name, threads, runs, warmup, shapes_used, io_binding=io_binding or cuda_graph,
-                         cuda_graph=cuda_graph, macs=macs)
+                         cuda_graph=cuda_graph, macs=shares[0] if shares and isinstance(shares[0], MacShare) else None,
+                         input_details=details, model_macs=shares, ort_provider=full, versions=versions(),
+                         timestamp=started)
     for p, latency in zip(paths, lat, strict=True):
         entry = {"path": str(p), **asdict(latency)}
         entry["speedup_vs_first"] = lat[0].median_ms / latency.median_ms
         result.models.append(entry)
     return result
+
+
+def versions() -> dict[str, str]:
+    """The versions a benchmark's numbers depend on, as its JSON records them."""
+    import lc_onnx
+
+    return {"lc-onnx": lc_onnx.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}

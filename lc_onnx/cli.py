@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from lc_onnx import api, io
+from lc_onnx import api, io, plots
 from lc_onnx import bench as bench_mod
 from lc_onnx.errors import InputError, LcOnnxError, one_line
 from lc_onnx.validate import load_inputs, parse_shapes
@@ -236,12 +236,23 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
 @click.option("--allow-growth", is_flag=True,
               help="Judge chains that read shared weights as `optimize --allow-growth` would (fold them even "
                    "where the model's parameters grow).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), metavar="FILE.png",
+              help="Also draw each chain's slope against the --tol band and its MACs per row before/after "
+                   "(needs matplotlib: lc-onnx[plot]).")
 @_skip_option
 @_handle_errors
-def inspect(model, tol, as_json, allow_growth, skip) -> None:
+def inspect(model, tol, as_json, allow_growth, plot_path, skip) -> None:
     """List every candidate chain in MODEL: its slope, shape, and whether it would collapse and why not;
     then the single nodes a node rule would change."""
+    if plot_path:
+        plots.check(plot_path)
+        if plot_path.exists():  # only a file that exists can be one the model reads
+            io.refuse_overlap(io.files_read(model, io.read(model, load_weights=False)[0]), [plot_path])
     found = api.inspect(model, tol=tol, skip=tuple(skip), allow_growth=allow_growth)
+    if plot_path:
+        head = io.read(model, load_weights=False)[0]
+        source = Path(model).parent.resolve() if io.has_external(head) else None
+        plots.inspect_plot(found, bench_mod.row_macs(found, head, source), tol, plot_path)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(c) for c in found], indent=2))
         return
@@ -288,40 +299,48 @@ def inspect(model, tol, as_json, allow_growth, skip) -> None:
                    "shape computations it would run on the CPU).")
 @click.option("--tol", type=float, default=api.DEFAULT_TOL, show_default=True,
               help="Slope tolerance for the chains counted in the MAC share of the first model.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Also write the results as JSON (with every run's time, the versions and a timestamp).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), metavar="FILE.png",
+              help="Also draw the latency distributions side by side (needs matplotlib: lc-onnx[plot]).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
 def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, io_binding, cuda_graph, tol,
-          json_path, quiet) -> None:
+          json_path, plot_path, quiet) -> None:
     """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
-    median, p10, p90 and the speedup against the first model; then the share of the first model's MACs held
-    by the chains lc-onnx would collapse and how far their fold cuts the MACs."""
+    median, p10, p90 and the speedup against the first model; the shapes they ran at; then the share of each
+    model's MACs held by the chains lc-onnx would collapse and how far their fold cuts the MACs."""
     bench_mod.check_options(provider, threads, batch, runs, warmup, seed, cuda_graph)  # before reading the models
     api.check_limit("--tol", tol)
     if json_path:
         io.check_target(json_path, "--json")
+    if plot_path:  # matplotlib there, a format it writes, a path to write, not the --json file
+        plots.check(plot_path, writes=(json_path,))
+    for out in [p for p in (json_path, plot_path) if p]:
         if inputs_path:
-            io.refuse_overlap({inputs_path}, [json_path])
-        if json_path.exists():  # only a file that exists can be one the models read
+            io.refuse_overlap({inputs_path}, [out])
+        if out.exists():  # only a file that exists can be one the models read
             for m in models:
-                io.refuse_overlap(io.files_read(m, io.read(m, load_weights=False)[0]), [json_path])
+                io.refuse_overlap(io.files_read(m, io.read(m, load_weights=False)[0]), [out])
     given = load_inputs(inputs_path) if inputs_path else None
-    try:
-        candidates, why = api.inspect(models[0], tol=tol), None
-    except InputError as e:  # a model ONNX Runtime runs but lc-onnx cannot read: time it all the same
-        candidates, why = None, str(e)
+    found = []
+    for m in models:
+        try:
+            found.append(api.inspect(m, tol=tol))
+        except InputError as e:  # a model ONNX Runtime runs but lc-onnx cannot read: time it all the same
+            found.append(str(e))
     show = not quiet and sys.stderr.isatty()
     with click.progressbar(length=runs, label="timing", file=sys.stderr if show else None,
                            hidden=not show) as bar:
         result = bench_mod.bench_files(
             list(models), provider, threads, batch, runs, warmup, parse_shapes(input_shape), given, seed,
-            progress=lambda i: bar.update(1), io_binding=io_binding, cuda_graph=cuda_graph, candidates=candidates,
+            progress=lambda i: bar.update(1), io_binding=io_binding, cuda_graph=cuda_graph, model_candidates=found,
         )
     click.echo(_printable(result.table()))
-    if why:
-        click.echo(f"MACs: not computed ({why})")
     if json_path:
         json_path.write_text(result.to_json())
+    if plot_path:
+        plots.bench_plot(result, plot_path)
 
 
 @main.command()

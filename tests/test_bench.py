@@ -100,7 +100,7 @@ def test_one_model_with_given_inputs_prints_no_progress_off_a_terminal(pair, tmp
     result = invoke(pair[0], "--inputs", feeds, "--runs", 2, "--warmup", 0, "--threads", 1, "--json", out)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # CliRunner is not a terminal: no progress bar
-    assert len(result.stdout.splitlines()) == 4  # header, one model, the settings line, the MAC share
+    assert len(result.stdout.splitlines()) == 5  # header, one model, the settings line, the input, the MAC share
     data = json.loads(out.read_text())
     assert data["inputs"] == {"x": [5, 3, 8]} and data["threads"] == 1 and len(data["models"]) == 1
 
