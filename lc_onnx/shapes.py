@@ -62,12 +62,92 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer(light: onnx.ModelProto) -> dict[str, tuple[int, list]]:
-    """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails."""
+    """name -> (ONNX elem type, dims) for every tensor shape inference can tell; {} when it fails. ONNX's own
+    inference first; where it leaves a layer's or an activation's input without a rank (it skips the com.microsoft
+    ops of ONNX Runtime's transformers optimizer: Attention, SkipLayerNormalization, ...), ONNX Runtime's symbolic
+    inference fills the gaps. Plain models never reach it, so they pay nothing for it."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        found = _collect(onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True).graph)
     except Exception:  # inference is a help, not a requirement: rewrites then need ranks the graph states
+        found = {}
+    if unranked(light, found):
+        found = merge(found, infer_ort(light))
+    return found
+
+
+ORT_PASSES = 16  # passes of ONNX Runtime's symbolic inference at most (it repeats one after merging dims)
+RANKED_OPS = ("Gemm", "MatMul", "Conv", "PRelu", "LeakyRelu")  # whose first input's rank a rule needs
+
+
+def unranked(light: onnx.ModelProto, found: dict[str, tuple[int, list]]) -> list[str]:
+    """The inputs of layers and activations (in any graph) whose rank neither the model nor `found` states."""
+    missing = []
+    for g in graphs(light.graph):
+        stated = {t.name for t in g.initializer} | {vi.name for vi in g.input if _dims(vi) is not None}
+        for node in g.node:
+            if node.op_type in RANKED_OPS and node.input and node.input[0] not in found and node.input[0] not in stated:
+                missing.append(node.input[0])
+    return missing
+
+
+def infer_ort(light: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """What ONNX Runtime's symbolic shape inference (which knows its contrib ops) tells, as far as it gets; {} when
+    onnxruntime is not installed or the inference fails. Its loop is run here rather than through `infer_shapes`,
+    which saves the model to the working directory when it stops early."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank
+        inference._preprocess(_sliced_shapes(light))
+        for _ in range(ORT_PASSES):  # it passes again after merging symbolic dims; where it stops at a node it
+            if not inference.run_:  # cannot tell, what it found before that node still holds
+                break
+            inference._infer_impl()
+        return _collect(inference.out_mp_.graph)
+    except Exception:  # ImportError (no onnxruntime, no sympy), or any failure of the inference itself
         return {}
-    return _collect(inferred.graph)
+
+
+def _sliced_shapes(light: onnx.ModelProto) -> onnx.ModelProto:
+    """`light`, or a copy with each `Shape(start, end)` written as `Slice(Shape(x))`: ONNX Runtime's symbolic
+    inference read such a Shape as the whole shape up to some version (1.32 reads it right; the project allows 1.17,
+    see microsoft/onnxruntime#28075), which gives a Reshape target built from it, and the Reshape's rank, wrongly."""
+    def partial(n: onnx.NodeProto) -> bool:
+        return n.op_type == "Shape" and n.domain in ("", "ai.onnx") and any(
+            a.name == "end" or (a.name == "start" and a.i != 0) for a in n.attribute)
+
+    if not any(partial(n) for g in graphs(light.graph) for n in g.node):
+        return light
+    model = onnx.ModelProto()
+    model.CopyFrom(light)
+    for g in graphs(model.graph):
+        nodes = []
+        for n in g.node:
+            if not partial(n):
+                nodes.append(n)
+                continue
+            attrs = {a.name: a.i for a in n.attribute}
+            full, out = n.output[0] + "__whole_shape", n.output[0]
+            ends = (("start", attrs.get("start", 0)), ("end", attrs.get("end", 2**62)))
+            bounds = [(f"{out}__{k}", v) for k, v in ends]
+            nodes += [helper.make_node("Shape", [n.input[0]], [full])]
+            nodes += [helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
+                                                                                       [1], [v])) for name, v in bounds]
+            nodes += [helper.make_node("Slice", [full, bounds[0][0], bounds[1][0]], [out])]
+        g.ClearField("node")
+        g.node.extend(nodes)
+    return model
+
+
+def merge(first: dict[str, tuple[int, list]], then: dict[str, tuple[int, list]]) -> dict[str, tuple[int, list]]:
+    """`first`, with `then` filling its gaps: tensors it lacks, and dims it leaves open where both agree on rank."""
+    merged = dict(then)
+    for name, (elem, dims) in first.items():
+        other = then.get(name)
+        if other is not None and len(other[1]) == len(dims):
+            dims = [d if d is not None else o for d, o in zip(dims, other[1], strict=True)]
+        merged[name] = (elem or (other[0] if other else 0), dims)
+    return merged
 
 
 def annotate(graph: gs.Graph, shapes: dict[str, tuple[int, list]]) -> list[tuple[gs.Variable, object]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,9 @@ from passes.match import (
     is_op,
     only_feeds,
     producer,
+    rank_of,
     redirect_readers,
+    reshape_last_dim,
     slope_problem,
 )
 
@@ -44,6 +47,10 @@ class Chain:
     # Shape nodes outside the chain that read a chain tensor, with a surviving tensor holding that shape
     shape_readers: list[tuple[gs.Node, gs.Tensor]] = field(default_factory=list)
     folded: tuple[np.ndarray, np.ndarray | None] | None = None  # the fused weight and bias, once computed
+    # the mixed layout (ONNX Runtime's GPT-2: a 3-D MatMul+Add, then Reshape(-1, h) and a Gemm): that Reshape, and a
+    # tensor, made only when the chain is rewritten, holding the hidden tensor's shape before it for Shape readers
+    flatten: gs.Node | None = None
+    hidden_shape: gs.Variable | None = None
 
     @property
     def names(self) -> list[str]:
@@ -57,9 +64,12 @@ class Chain:
         """Read both weights (a rule is about to use them); why they cannot be used, or None."""
         return self.first.load() or self.second.load()
 
-    def rewire_shape_readers(self) -> None:
-        """Point the Shape readers at their surviving tensors, so the chain's nodes can die."""
+    def rewire_shape_readers(self, graph: gs.Graph | None = None, names=None) -> None:
+        """Point the Shape readers at their surviving tensors, so the chain's nodes can die. In the mixed layout
+        a reader of the hidden tensor before the flatten gets `Concat(Shape(x)[:-1], [h])`, written into `graph`."""
         for reader, shape in self.shape_readers:
+            if shape is self.hidden_shape and not shape.inputs:
+                write_hidden_shape(graph, names, self.first, shape)
             for out in reader.outputs:
                 redirect_readers(out, shape)
 
@@ -178,13 +188,15 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
             return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
-    reason = shape_problem(first, between, second)
+    flatten = flattening(first, between, second)
+    reason = flatten if isinstance(flatten, str) else shape_problem(first, between, second, flatten)
     if bn is not None and not reason:
         reason = _input_batchnorm(bn, first, between, second)
-    readers = reason or _outside_readers(first, between, second, graph_outputs)
+    hidden = gs.Variable("hidden_shape", dtype=np.int64) if isinstance(flatten, gs.Node) else None  # no node yet
+    readers = reason or _outside_readers(first, between, second, graph_outputs, flatten, hidden)
     if isinstance(readers, str):
         return Reject(nodes, readers, srange, shape)
-    return Chain(first, second, between, activation, slopes, readers)
+    return Chain(first, second, between, activation, slopes, readers, flatten=flatten, hidden_shape=hidden)
 
 
 def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | None:
@@ -204,9 +216,10 @@ def next_layer_node(layer: LinearLayer, graph_outputs: set[str]) -> gs.Node | No
     return None
 
 
-def shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
+def shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLayer,
+                  flatten: gs.Node | None = None) -> str | None:
     """Why the layers' shapes may not chain, or None. (PRelu's slope broadcasts one way, to the input's
-    shape, so the activation never changes a shape.)"""
+    shape, so the activation never changes a shape.) `flatten` is the mixed layout's Reshape (`flattening`)."""
     if first.d_out != second.d_in:
         return f"shapes do not chain: {first.d_in}x{first.d_out} then {second.d_in}x{second.d_out}"
     if first.dtype != second.dtype:
@@ -218,9 +231,32 @@ def shape_problem(first: LinearLayer, between: list[gs.Node], second: LinearLaye
     reshaped = any(is_op(n, "Reshape") for n in between) or first.reshape or second.reshape
     if reshaped and first.conv_rank:
         return "a Reshape between two convolutions"
-    if reshaped and not (first.x_rank == 2 and second.x_rank == 2):
+    if reshaped and not (first.x_rank == 2 and second.x_rank == 2) and flatten is None:
         return "a Reshape between the layers, and the layers' inputs are not both known to be 2-D"
     return None
+
+
+def flattening(first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> gs.Node | str | None:
+    """The mixed layout ONNX Runtime's transformers optimizer leaves in GPT-2 (c_fc a 3-D MatMul+Add, c_proj
+    `Reshape(-1, h) → Gemm`): the one Reshape between a MatMul layer whose input is not known to be 2-D and a 2-D
+    second layer. It flattens only the leading dims: its input is `[..., h]` and its output `[rows, h]` (a
+    row-major reshape to that keeps every row), h stated by its target or by shape inference, and where neither
+    states it, by the second layer itself (a Gemm's input, or a 2-D MatMul's, is `[rows, d_in]`, d_in = h: the
+    model runs only so). None where the layout is another; why not where a stated shape says otherwise."""
+    reshapes = [n for n in between if is_op(n, "Reshape")]
+    if (len(reshapes) != 1 or first.reshape or second.reshape or first.conv_rank or second.conv_rank
+            or first.x_rank == 2 or second.x_rank != 2):
+        return None
+    node = reshapes[0]
+    out = node.outputs[0].shape
+    last = reshape_last_dim(node)
+    if last is None and out is not None and len(out) == 2 and isinstance(out[-1], int):
+        last = out[-1]
+    if rank_of(node.outputs[0]) not in (None, 2) or last not in (None, first.d_out):
+        rank = f"a {first.x_rank}-D" if first.x_rank else "a rank-unknown"
+        return (f"{node.name} between {rank} and a 2-D layer does not flatten its input to [rows, {first.d_out}] "
+                f"(its output's shape is stated as {out})")
+    return node
 
 
 def _input_batchnorm(bn: gs.Node, first: LinearLayer, between: list[gs.Node], second: LinearLayer) -> str | None:
@@ -241,24 +277,33 @@ def _input_batchnorm(bn: gs.Node, first: LinearLayer, between: list[gs.Node], se
 
 
 def _outside_readers(
-    first: LinearLayer, between: list[gs.Node], second: LinearLayer, graph_outputs: set[str]
+    first: LinearLayer, between: list[gs.Node], second: LinearLayer, graph_outputs: set[str],
+    flatten: gs.Node | None = None, hidden: gs.Variable | None = None,
 ) -> list[tuple[gs.Node, gs.Tensor]] | str:
     """Nodes outside the chain that read its inner tensors: none may, but a Shape may read one whose shape
     another tensor states (HF GPT-2 takes Reshape targets from Shape(activation)). Returns those Shape
-    readers with that tensor, or why the chain's nodes cannot be removed."""
+    readers with that tensor, or why the chain's nodes cannot be removed. In the mixed layout the tensors before
+    `flatten` have the shape `x.shape[:-1] + [h]`, which `hidden` will hold once written."""
     kept = ancestors(second.reshape.inputs[1]) if second.reshape is not None else set()  # the fused layer keeps
     # the second layer's Reshape target: a Shape that computes it must be rewired, it does not die
     inner = first.internal + [first.y] + [n.outputs[0] for n in between] + second.internal
+    before = set()
+    if flatten is not None:
+        before = {id(t) for t in first.internal + [first.y]}
+        before |= {id(n.outputs[0]) for n in between[: between.index(flatten)]}
     return shape_readers(inner, first.nodes + between + second.nodes, first, between, kept, graph_outputs,
-                         once=True)
+                         once=True, unstated=lambda t: hidden if id(t) in before else None)
 
 
 def shape_readers(inner: list[gs.Tensor], nodes: list[gs.Node], first: LinearLayer, between: list[gs.Node],
-                  kept: set[int], graph_outputs: set[str], once: bool) -> list[tuple[gs.Node, gs.Tensor]] | str:
+                  kept: set[int], graph_outputs: set[str], once: bool,
+                  unstated: Callable[[gs.Tensor], gs.Tensor | None] = lambda t: None,
+                  ) -> list[tuple[gs.Node, gs.Tensor]] | str:
     """The readers of the `inner` tensors outside `nodes` (a chain, or a block of several heads): none may, but
     a Shape that feeds only `nodes` (and computes no Reshape target in `kept`) dies with them, and one reading a
     tensor whose shape another tensor states (`stated_shape`) is returned with that tensor, to be rewired. Else
-    why the nodes cannot be removed; with `once`, also where a tensor feeds `nodes` more than once."""
+    why the nodes cannot be removed; with `once`, also where a tensor feeds `nodes` more than once. `unstated(t)`
+    gives a tensor for `t`'s shape where no Reshape target states it (the chain rule's mixed layout)."""
     inside = {id(n) for n in nodes}
     readers = []
     for tensor in inner:
@@ -269,13 +314,41 @@ def shape_readers(inner: list[gs.Tensor], nodes: list[gs.Node], first: LinearLay
             if (is_op(user, "Shape") and id(user) not in kept
                     and all(only_feeds(o, nodes, graph_outputs) for o in user.outputs)):
                 continue  # computes a target for a Reshape of the nodes: dies with them
-            same = stated_shape(tensor, first, between) if is_op(user, "Shape") and not user.attrs else None
+            whole = is_op(user, "Shape") and whole_shape(user)
+            same = stated_shape(tensor, first, between) if whole else None
+            same = unstated(tensor) if whole and same is None else same
             if same is None:
                 return f"{tensor.name} also feeds {user.name} ({user.op})"
             readers.append((user, same))
         if once and len(tensor.outputs) - len(users) != 1:
             return f"{tensor.name} feeds the chain more than once"
     return readers
+
+
+def whole_shape(node: gs.Node) -> bool:
+    """A Shape node that gives its input's whole shape (no `start` past 0, no `end`; ONNX Runtime's optimizer
+    writes `start=0`)."""
+    return int(node.attrs.get("start", 0)) == 0 and "end" not in node.attrs
+
+
+def write_hidden_shape(graph: gs.Graph, names, first: LinearLayer, out: gs.Variable) -> None:
+    """Make `out` hold the shape of `first`'s output, `Concat(Shape(x)[:-1], [h])` (a MatMul keeps the leading
+    dims of its input; the bias and the activation change no shape)."""
+    base = first.nodes[0].name + "_shape"
+    full = gs.Variable(names(f"{base}.input"), dtype=np.int64)  # no shapes: the output states what the input did
+    lead = gs.Variable(names(f"{base}.lead"), dtype=np.int64)
+    out.name = names(base)
+
+    def const(name: str, value: list[int]) -> gs.Constant:
+        return gs.Constant(names(f"{base}.{name}"), np.array(value, dtype=np.int64))
+
+    graph.nodes.extend([
+        gs.Node("Shape", names(f"{base}.shape"), inputs=[first.x], outputs=[full]),
+        gs.Node("Slice", names(f"{base}.slice"), inputs=[full, const("starts", [0]), const("ends", [-1]),
+                                                         const("axes", [0])], outputs=[lead]),
+        gs.Node("Concat", names(f"{base}.concat"), attrs={"axis": 0}, inputs=[lead, const("h", [first.d_out])],
+                outputs=[out]),
+    ])
 
 
 def ancestors(tensor: gs.Tensor, limit: int = 64) -> set[int]:

@@ -68,9 +68,10 @@ def verify(chain: Chain) -> str | None:
 def rewrite(graph: gs.Graph, names: Names, chain: Chain) -> Rewrite:
     a, b = chain.first, chain.second
     weight, bias = chain.folded or _fuse(chain)
-    chain.rewire_shape_readers()
+    chain.rewire_shape_readers(graph, names)
     base = re.sub(r"_collapsed(_\d+)?$", "", b.nodes[0].name) + "_collapsed"  # not _collapsed_1_collapsed..
-    write_fused(graph, names, base, a, b, weight, bias)  # in b's layout: Gemm, MatMul(+Add), Conv, tf2onnx's
+    # in b's layout: Gemm, MatMul(+Add), Conv, tf2onnx's, or Reshape → Gemm for the mixed layout
+    write_fused(graph, names, base, a, b, weight, bias, flatten=chain.flatten is not None)
     cost = chain.cost
     return Rewrite(
         NAME,

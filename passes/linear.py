@@ -420,15 +420,23 @@ def write_linear(
 
 
 def write_fused(graph: gs.Graph, names: Names, base: str, a: LinearLayer, b: LinearLayer, weight: np.ndarray,
-                bias: np.ndarray | None) -> list[gs.Node]:
+                bias: np.ndarray | None, flatten: bool = False) -> list[gs.Node]:
     """Make `b.y` the output of one layer on `a.x` computing `x·weight + bias`, in the second layer's layout: a
-    pointwise Conv for convolutions, `MatMul → Reshape(b's target) → Add` for tf2onnx's dense, else `write_linear`."""
+    pointwise Conv for convolutions, `MatMul → Reshape(b's target) → Add` for tf2onnx's dense, `Reshape(x, [-1,
+    d_in]) → Gemm` where b's 2-D input was a's output flattened (`flatten`: the chain rule's mixed layout), else
+    `write_linear`."""
     if b.conv_rank:
         return [write_conv(graph, names, base, a.x, b.y, weight, bias, b.dtype, b.conv_rank)]
     if b.reshape is not None:
         mid = gs.Variable(names(f"{base}.flat"), dtype=b.dtype)
         nodes = write_linear(graph, names, base, a.x, mid, weight, None, b.dtype, gemm=False)
         return nodes + write_reshaped_bias(graph, names, base, b, mid, bias)
+    if flatten:  # b's input was a's output flattened to (rows, h): a's input flattened the same way keeps the rows
+        flat = gs.Variable(names(f"{base}.flat"), dtype=b.dtype)
+        target = gs.Constant(names(f"{base}.flat_shape"), np.array([-1, a.d_in], dtype=np.int64))
+        reshape = gs.Node("Reshape", names(f"{base}.flatten"), inputs=[a.x, target], outputs=[flat])
+        graph.nodes.append(reshape)
+        return [reshape, *write_linear(graph, names, base, flat, b.y, weight, bias, b.dtype, gemm=True)]
     return write_linear(graph, names, base, a.x, b.y, weight, bias, b.dtype, gemm=a.x_rank == 2,
                         bias_first=b.bias_first)
 

@@ -103,6 +103,9 @@ def layout_problem(chain: Chain) -> str | None:
     units: a Reshape before the activation must keep them on the last axis. Shape readers of the block's tensors
     are the chain's (`Chain.shape_readers`): rewired as the chain rule does, or the chain is refused."""
     a, act = chain.first, chain.activation
+    if chain.flatten is not None:
+        return (f"{chain.flatten.name} flattens a layer's output for a 2-D one (the chain rule's mixed layout): the "
+                f"split is not written for it")
     for node in chain.between[: chain.between.index(act)]:
         if is_op(node, "Reshape") and reshape_last_dim(node) != a.d_out:
             return (f"{node.name} (Reshape) before {act.name} does not keep the {a.d_out} units on the last axis "
