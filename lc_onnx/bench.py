@@ -1,4 +1,5 @@
-"""Interleaved ONNX Runtime latency: models run in turn (A B, B A, ...) so machine drift hits all alike."""
+"""Interleaved latency in ONNX Runtime, or in OpenVINO's CPU plugin (`runtime="openvino"`, imported only then):
+models run in turn (A B, B A, ...) so machine drift hits all alike."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from passes.match import const_value
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # OrtValue device of each provider
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # --runtime: its name in messages
+# OpenVINO's CPU plugin runs float32 models in bf16 where the CPU has it (its default hint): benchmarks ask for f32
+OV_PRECISIONS = ("f32", "bf16", "f16")
+OV_EXTRA = "pip install 'lc-onnx[openvino]'"
 
 
 @dataclass
@@ -50,16 +55,25 @@ def interleaved(
     io_binding: bool = False,
     given: Collection[str] = (),
     names: list[str] | None = None,
+    runtime: str = "onnxruntime",
+    ov_precision: str = "f32",
 ) -> list[Latency]:
     """Median, p10 and p90 latency of each model, same session options (ORT_ENABLE_ALL, no spinning
     worker threads, which would take the cores from the model that runs next) for all. `providers` as ONNX
     Runtime takes them (names, or (name, options) pairs). With `io_binding` the inputs are copied to the
     provider's device once and every run writes into the same output buffers there (ORT IOBinding): a run is
-    device work, not host copies (what CUDA graphs need too). `names` label the models in errors."""
+    device work, not host copies (what CUDA graphs need too). `names` label the models in errors. With
+    `runtime="openvino"` each model is compiled for OpenVINO's CPU plugin instead (`ov_compile`: `threads`, at
+    `ov_precision`) and a run is one `infer` of its request on the same feeds; `providers` and `io_binding` are
+    ONNX Runtime's and do not apply."""
     names = names or [_name(m) for m in models]
     want = _provider_name(providers[0]) if providers else None
     sessions = []
+    steps: list[Callable[[], object]] = []
     for m, name in zip(models, names, strict=True):
+        if runtime == "openvino":
+            steps.append(_ov_step(ov_compile(m, name, threads, ov_precision), feeds))
+            continue
         try:
             sessions.append(session(m, providers, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False))
         except Exception as e:  # ORT's errors are of many kinds; all mean it cannot load this model
@@ -71,22 +85,21 @@ def interleaved(
             if s.get_providers()[0] != want:  # ORT falls back to the CPU when a provider fails to load
                 raise InputError(f"ONNX Runtime could not start {want} (it fell back to "
                                  f"{s.get_providers()[0]}); no CPU numbers are given in its place")
-    times: list[list[float]] = [[] for _ in sessions]
+    times: list[list[float]] = [[] for _ in models]
     j = 0
     try:
         device = DEVICES.get(want or "CPUExecutionProvider", "cpu")
-        steps = []
         for j in range(len(sessions)):
             steps.append(_Bound(sessions[j], feeds, device) if io_binding
                          else functools.partial(sessions[j].run, None, feeds))
         for _ in range(warmup):
-            for j in range(len(sessions)):
+            for j in range(len(steps)):
                 steps[j]()
         for i in range(runs):
             # the order turns each round (A B C, B C A, C A B, ...): the model that runs right after a large
             # one finds the caches cold, and no model should always be that one
-            for k in range(len(sessions)):
-                j = (i + k) % len(sessions)
+            for k in range(len(steps)):
+                j = (i + k) % len(steps)
                 start = time.perf_counter()
                 steps[j]()
                 times[j].append((time.perf_counter() - start) * 1e3)
@@ -98,7 +111,8 @@ def interleaved(
                  else f"the inputs given with --inputs and random ones for {', '.join(drawn)}")
         hint = "pass real data with --inputs" if not given else "give all of them with --inputs" if drawn else \
             "check the data in --inputs"
-        raise InputError(f"ONNX Runtime failed running {names[j]} on {where} ({one_line(e)}); {hint}") from None
+        raise InputError(f"{RUNTIMES.get(runtime, runtime)} failed running {names[j]} on {where} ({one_line(e)}); "
+                         f"{hint}") from None
     return [
         Latency(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), runs, t)
         for t in times
@@ -131,6 +145,71 @@ class _Bound:
     def __call__(self) -> None:
         self.sess.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()
+
+
+def openvino():
+    """The openvino module, imported only when asked for (it takes ~0.4 s); InputError naming the extra where it
+    cannot be imported."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise InputError(f"--runtime openvino needs OpenVINO, which cannot be imported ({one_line(e)}): "
+                         f"{OV_EXTRA}") from None
+    return ov
+
+
+def ov_config(threads: int = 0, precision: str = "f32") -> dict[str, str | int]:
+    """What bench asks of OpenVINO's CPU plugin: `precision` for float math (f32 by default: the plugin's own
+    default is bf16 where the CPU has it, 5e-2 off on the demo), latency mode (one stream), and `threads` (0: its
+    choice)."""
+    config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+@functools.cache
+def _ov_core():
+    return openvino().Core()
+
+
+def ov_compile(model: onnx.ModelProto | Path, name: str, threads: int = 0, precision: str = "f32"):
+    """`model` compiled for OpenVINO's CPU plugin with `ov_config`, its open dims left open as ONNX Runtime
+    leaves them. InputError where OpenVINO cannot load it, or runs it at another precision than asked (the plugin
+    falls back silently where the CPU lacks one: f16 on most x86)."""
+    core = _ov_core()
+    try:
+        source = str(model) if isinstance(model, Path) else model.SerializeToString()
+        compiled = core.compile_model(core.read_model(source), "CPU", ov_config(threads, precision))
+    except Exception as e:  # OpenVINO raises RuntimeError and its own kinds; all mean it cannot load this model
+        raise InputError(f"OpenVINO cannot load {name} ({one_line(e)})") from None
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if got != precision:
+        caps = ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        raise InputError(f"OpenVINO's CPU plugin runs {name} in {got}, not the {precision} asked for with "
+                         f"--ov-precision: this CPU lacks it (it has {caps})")
+    return compiled
+
+
+def _ov_step(compiled, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One inference of `compiled` on `feeds` through its own request: the inputs shared, not copied (as ONNX
+    Runtime's `run` wraps numpy arrays), the outputs copied out to numpy (as `run` returns them)."""
+    request = compiled.create_infer_request()
+    names = {n for port in compiled.inputs for n in port.get_names()}
+    return functools.partial(request.infer, {k: v for k, v in feeds.items() if k in names}, share_inputs=True)
+
+
+def run_once(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray], runtime: str = "onnxruntime",
+             threads: int = 0, ov_precision: str = "f32") -> list[np.ndarray]:
+    """The outputs of one inference of `model` on `feeds` as bench runs it in `runtime` (ONNX Runtime's CPU
+    provider at ORT_ENABLE_ALL, or OpenVINO's CPU plugin at `ov_precision`), in the graph's output order: to
+    check that what is timed in one runtime computes what it does in the other."""
+    if runtime == "openvino":
+        compiled = ov_compile(model, _name(model), threads, ov_precision)
+        result = _ov_step(compiled, feeds)()
+        return [np.asarray(result[port]) for port in compiled.outputs]
+    sess = session(model, None, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, spinning=False)
+    return list(sess.run(None, feeds))
 
 
 def _name(model: onnx.ModelProto | Path) -> str:
@@ -553,6 +632,9 @@ class BenchResult:
     ort_provider: str = ""  # the provider's name in ONNX Runtime
     versions: dict[str, str] = field(default_factory=dict)
     timestamp: str = ""  # when the timing started, ISO 8601 in UTC
+    runtime: str = "onnxruntime"  # or "openvino" (its CPU plugin)
+    runtime_version: str = ""
+    runtime_options: dict = field(default_factory=dict)  # what the runtime was asked for (OpenVINO: `ov_config`)
 
     def table(self) -> str:
         first = self.models[0]["median_ms"]
@@ -564,7 +646,11 @@ class BenchResult:
                  for r in rows]
         binding = ", inputs and outputs bound on the device (IOBinding)" if self.io_binding else ""
         binding += ", CUDA graph" if self.cuda_graph else ""
-        lines.append(f"{self.provider}{binding}, {self.threads or 'default'} thread(s), {self.runs} interleaved "
+        where = f"{self.provider}{binding}"
+        if self.runtime == "openvino":
+            where = (f"OpenVINO {self.runtime_version.split('-')[0]} CPU plugin, "
+                     f"{self.runtime_options.get('INFERENCE_PRECISION_HINT', 'f32')} inference precision")
+        lines.append(f"{where}, {self.threads or 'default'} thread(s), {self.runs} interleaved "
                      f"runs after {self.warmup} warm-up")
         lines += [_input_line(k, self.input_details.get(k, {"shape": v})) for k, v in self.inputs.items()]
         shares = self.model_macs or ([self.macs] if self.macs is not None else [])
@@ -656,8 +742,23 @@ def _declare(vi: onnx.ValueInfoProto, dims: list[int]) -> None:
 
 
 def check_options(provider_name: str = "cpu", threads: int = 0, batch: int | None = None, runs: int = 50,
-                  warmup: int = 10, seed: int = 0, cuda_graph: bool = False) -> None:
-    """InputError for options `bench_files` cannot take; the CLI asks before any work (reading the models)."""
+                  warmup: int = 10, seed: int = 0, cuda_graph: bool = False, runtime: str = "onnxruntime",
+                  io_binding: bool = False, ov_precision: str | None = None) -> None:
+    """InputError for options `bench_files` cannot take; the CLI asks before any work (reading the models). With
+    `runtime="openvino"`, also where OpenVINO cannot be imported."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"--runtime {runtime}: one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        onnxruntime_only = [name for name, on in (("--provider cuda", provider_name == "cuda"),
+                                                  ("--io-binding", io_binding), ("--cuda-graph", cuda_graph)) if on]
+        if onnxruntime_only:
+            raise InputError(f"{', '.join(onnxruntime_only)}: ONNX Runtime's, not OpenVINO's (--runtime openvino "
+                             f"times OpenVINO's CPU plugin); leave {'it' if len(onnxruntime_only) == 1 else 'them'} "
+                             f"out, or use --runtime onnxruntime")
+        if ov_precision is not None and ov_precision not in OV_PRECISIONS:
+            raise InputError(f"--ov-precision {ov_precision}: one of {', '.join(OV_PRECISIONS)}")
+    elif ov_precision is not None:
+        raise InputError("--ov-precision is OpenVINO's inference precision: it needs --runtime openvino")
     if runs < 1 or warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup at least 0")
     if batch is not None and batch < 1:
@@ -668,6 +769,8 @@ def check_options(provider_name: str = "cpu", threads: int = 0, batch: int | Non
     if cuda_graph and provider_name != "cuda":
         raise InputError(f"--cuda-graph needs --provider cuda (ONNX Runtime captures CUDA graphs only there), "
                          f"not {provider_name}")
+    if runtime == "openvino":
+        openvino()  # installed: said before any model is read or timed
 
 
 def bench_files(
@@ -685,13 +788,17 @@ def bench_files(
     cuda_graph: bool = False,
     candidates: list | None = None,
     model_candidates: list[list | str] | None = None,
+    runtime: str = "onnxruntime",
+    ov_precision: str | None = None,
 ) -> BenchResult:
     """Latency of model files on the same inputs, interleaved; the first model is the reference. With
     `cuda_graph` (CUDA only; implies `io_binding`) ONNX Runtime captures each model's run as a CUDA graph and
     replays it. With `candidates` (`lc_onnx.inspect` of the first model) the result carries its MAC share; with
-    `model_candidates` (per model: its `lc_onnx.inspect`, or a string saying why there is none) every model's."""
-    check_options(provider_name, threads, batch, runs, warmup, seed, cuda_graph)
-    full = provider(provider_name)
+    `model_candidates` (per model: its `lc_onnx.inspect`, or a string saying why there is none) every model's.
+    With `runtime="openvino"` the models run in OpenVINO's CPU plugin at `ov_precision` (default f32)."""
+    check_options(provider_name, threads, batch, runs, warmup, seed, cuda_graph, runtime, io_binding, ov_precision)
+    full = provider(provider_name) if runtime == "onnxruntime" else ""
+    precision = ov_precision or "f32"
     heads = [io.read(p, load_weights=False)[0] for p in paths]
     names = [sorted(i.name for i in h.graph.input if i.name not in {t.name for t in h.graph.initializer})
              for h in heads]
@@ -717,12 +824,15 @@ def bench_files(
     entry = (full, {"enable_cuda_graph": "1"}) if cuda_graph else full
     models = [pinned(p, shapes_used) for p in paths] if cuda_graph else list(paths)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lat = interleaved(models, feeds, runs, warmup, threads, [entry], progress, io_binding or cuda_graph,
-                      given=[k for k, what in drawn.items() if what == "given"], names=[str(p) for p in paths])
+    lat = interleaved(models, feeds, runs, warmup, threads, [entry] if full else None, progress,
+                      io_binding or cuda_graph, given=[k for k, what in drawn.items() if what == "given"],
+                      names=[str(p) for p in paths], runtime=runtime, ov_precision=precision)
+    stack = versions(runtime)
     result = BenchResult(provider_name, threads, runs, warmup, shapes_used, io_binding=io_binding or cuda_graph,
                          cuda_graph=cuda_graph, macs=shares[0] if shares and isinstance(shares[0], MacShare) else None,
-                         input_details=details, model_macs=shares, ort_provider=full, versions=versions(),
-                         timestamp=started)
+                         input_details=details, model_macs=shares, ort_provider=full, versions=stack,
+                         timestamp=started, runtime=runtime, runtime_version=stack[runtime],
+                         runtime_options=ov_config(threads, precision) if runtime == "openvino" else {})
     for p, latency in zip(paths, lat, strict=True):
         entry = {"path": str(p), **asdict(latency)}
         entry["speedup_vs_first"] = lat[0].median_ms / latency.median_ms
@@ -730,9 +840,12 @@ def bench_files(
     return result
 
 
-def versions() -> dict[str, str]:
-    """The versions a benchmark's numbers depend on, as its JSON records them."""
+def versions(runtime: str = "onnxruntime") -> dict[str, str]:
+    """The versions a benchmark's numbers depend on, as its JSON records them (OpenVINO's where it timed)."""
     import lc_onnx
 
-    return {"lc-onnx": lc_onnx.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    found = {"lc-onnx": lc_onnx.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+             "numpy": np.__version__, "python": platform.python_version()}
+    if runtime == "openvino":
+        found["openvino"] = openvino().__version__
+    return found

@@ -284,7 +284,14 @@ def inspect(model, tol, as_json, allow_growth, plot_path, skip) -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--provider", type=click.Choice(sorted(bench_mod.PROVIDERS)), default="cpu", show_default=True,
               help="Execution provider; cuda fails (exit 2) where it is not available, with no CPU fallback.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: ONNX Runtime's choice).")
+@click.option("--runtime", type=click.Choice(list(bench_mod.RUNTIMES)), default="onnxruntime", show_default=True,
+              help="Time in ONNX Runtime, or in OpenVINO's CPU plugin (needs lc-onnx[openvino]; not with --provider "
+                   "cuda, --io-binding, --cuda-graph).")
+@click.option("--ov-precision", type=click.Choice(bench_mod.OV_PRECISIONS), default=None,
+              help="OpenVINO's inference precision (default f32; the plugin's own default is bf16 where the CPU "
+                   "has it). Exit 2 where the CPU cannot run it.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Intra-op threads (0: the runtime's choice; OpenVINO: INFERENCE_NUM_THREADS).")
 @click.option("--batch", type=int, default=None, help="Set the open first dim of every input to this.")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model first.")
@@ -305,12 +312,13 @@ def inspect(model, tol, as_json, allow_growth, plot_path, skip) -> None:
               help="Also draw the latency distributions side by side (needs matplotlib: lc-onnx[plot]).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_path, seed, io_binding, cuda_graph, tol,
-          json_path, plot_path, quiet) -> None:
-    """Latency of one or more models in ONNX Runtime, run in turn (A B, B A, ...) on the same inputs, with
-    median, p10, p90 and the speedup against the first model; the shapes they ran at; then the share of each
-    model's MACs held by the chains lc-onnx would collapse and how far their fold cuts the MACs."""
-    bench_mod.check_options(provider, threads, batch, runs, warmup, seed, cuda_graph)  # before reading the models
+def bench(models, provider, runtime, ov_precision, threads, batch, runs, warmup, input_shape, inputs_path, seed,
+          io_binding, cuda_graph, tol, json_path, plot_path, quiet) -> None:
+    """Latency of one or more models in ONNX Runtime (or OpenVINO: --runtime openvino), run in turn (A B, B A, ...)
+    on the same inputs, with median, p10, p90 and the speedup against the first model; the shapes they ran at; then
+    the share of each model's MACs held by the chains lc-onnx would collapse and how far their fold cuts the MACs."""
+    bench_mod.check_options(provider, threads, batch, runs, warmup, seed, cuda_graph, runtime, io_binding,
+                            ov_precision)  # before reading the models
     api.check_limit("--tol", tol)
     if json_path:
         io.check_target(json_path, "--json")
@@ -335,6 +343,7 @@ def bench(models, provider, threads, batch, runs, warmup, input_shape, inputs_pa
         result = bench_mod.bench_files(
             list(models), provider, threads, batch, runs, warmup, parse_shapes(input_shape), given, seed,
             progress=lambda i: bar.update(1), io_binding=io_binding, cuda_graph=cuda_graph, model_candidates=found,
+            runtime=runtime, ov_precision=ov_precision,
         )
     click.echo(_printable(result.table()))
     if json_path:
