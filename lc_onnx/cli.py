@@ -353,6 +353,42 @@ def bench(models, provider, runtime, ov_precision, threads, batch, runs, warmup,
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(sorted(bench_mod.PROVIDERS)), default="cpu", show_default=True,
+              help="Execution provider (cuda: exit 2 where it is not available).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads (0: ONNX Runtime's choice).")
+@click.option("--batch", type=int, default=None, help="Set the open first dim of every input to this.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per model first.")
+@click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,..", help="Shape of an input (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--no-per-block", is_flag=True, help="Time only the last quarter, half and all blocks, not each one.")
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False),
+              help="Leave the what-if models in this folder (named *.what-if-N.onnx, marked in their metadata).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the rows as JSON.")
+@_handle_errors
+def estimate(model, provider, threads, batch, runs, warmup, input_shape, seed, no_per_block, keep, json_path) -> None:
+    """What a LayerCollapse fine-tune would buy here, before doing it: each MLP block of MODEL whose activation
+    (GELU, ReLU, Swish, ...) is its only obstacle is folded as if the activation were the identity, and these
+    what-if models (each block; the last quarter, half, all) are timed against MODEL, interleaved. The what-if
+    models compute something else: never deploy them."""
+    from lc_onnx import estimate as estimate_mod
+
+    bench_mod.check_options(provider, threads, batch, runs, warmup, seed)
+    if keep is not None and not keep.is_dir():
+        raise InputError(f"--keep {keep}: not a folder")
+    if json_path:
+        io.check_target(json_path, "--json")
+        io.refuse_overlap(io.files_read(Path(model), io.read(model, load_weights=False)[0]), [json_path])
+    result = estimate_mod.estimate(Path(model), provider, threads, batch, runs, warmup, parse_shapes(input_shape),
+                                   seed, per_block=not no_per_block, keep=keep)
+    click.echo(result.table())
+    if json_path:
+        json_path.write_text(json.dumps({"blocks": result.blocks, "rows": result.rows, "settings": result.settings},
+                                        indent=2) + "\n")
+
+
+@main.command()
 def rules() -> None:
     """List the rules and what each does (names for --skip)."""
     for r in ALL_RULES:

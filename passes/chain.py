@@ -99,6 +99,9 @@ class Reject:
     reason: str
     slope_range: tuple[float, float] | None = None
     shape: tuple[int, int, int] | None = None  # d_in, hidden, d_out where both layers could be read
+    # a block whose only obstacle is a non-linear activation: (the node reading the activation's output, that
+    # output, the first layer's output) — what `what_if` rewires to see the block as if its slope were 1
+    linearize: tuple[gs.Node, gs.Tensor, gs.Tensor] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -403,7 +406,7 @@ def _nonlinear_block(tensor: gs.Tensor, between: list[gs.Node], node: gs.Node,
         return None
     nodes.reverse()  # in graph order, roughly: the walk went back from the second layer
     return Reject(first.nodes + nodes + between + second.nodes, NOT_LINEAR.format(_activation_name(nodes)), None,
-                  (first.d_in, first.d_out, second.d_out))
+                  (first.d_in, first.d_out, second.d_out), ((between or [node])[0], tensor, sources[0]))
 
 
 def _activation_name(nodes: list[gs.Node]) -> str:

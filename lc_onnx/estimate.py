@@ -1,0 +1,119 @@
+"""`lc-onnx estimate`: what a LayerCollapse fine-tune would buy on this machine, measured before doing it. Each
+`linear → activation → linear` block whose only obstacle is its activation is folded as if the activation were
+the identity (the what-if graph: `passes.what_if`), and those graphs — one block at a time, and the last quarter,
+half and all of them (the paper's layer-wise view) — are timed against the original with `bench`'s interleaved
+timer. A what-if graph computes something else: it is never written as an optimized model; when kept for a look,
+its file name and its metadata say what it is."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+import passes.what_if
+from lc_onnx import api, bench, io, shapes
+from lc_onnx.errors import InputError
+
+WHAT_IF_KEY = "lc_onnx.what_if"
+WHAT_IF_NOTE = ("what-if model from lc-onnx estimate: activations taken out of its MLP blocks, so it computes "
+                "something else; for timing only, never an optimized model")
+
+
+def what_if(model: onnx.ModelProto, only: set[int] | None = None) -> tuple[onnx.ModelProto, int]:
+    """The model with the blocks numbered in `only` (all when None) linearized and folded, marked as a what-if
+    in its metadata (and not stamped as lc-onnx's output); and how many such blocks the model has."""
+    graph, annotated, _ = api._import(api._open(model))
+    found = passes.what_if.linearize(graph, only)
+    shapes.unannotate(annotated)
+    linear = gs.export_onnx(graph, do_type_check=False)
+    linear.ir_version = model.ir_version
+    del linear.opset_import[:]
+    linear.opset_import.extend(model.opset_import)
+    folded = api.optimize(linear, tol=0.0, validate=False).model
+    kept = [p for p in folded.metadata_props if p.key != api.STAMP_KEY]
+    del folded.metadata_props[:]
+    folded.metadata_props.extend(kept)
+    folded.metadata_props.add(key=WHAT_IF_KEY, value=WHAT_IF_NOTE)
+    return folded, len(found)
+
+
+def is_what_if(model: onnx.ModelProto) -> bool:
+    return any(p.key == WHAT_IF_KEY for p in model.metadata_props)
+
+
+def _params(model: onnx.ModelProto) -> int:
+    return sum(math.prod(t.dims) for t in io.all_tensors(model))
+
+
+@dataclass
+class Estimate:
+    """Per variant (the original first): its label, blocks folded, params, MACs and latency against the original."""
+
+    rows: list[dict] = field(default_factory=list)
+    blocks: int = 0
+    settings: str = ""
+
+    def table(self) -> str:
+        if not self.blocks:
+            return ("no linear -> activation -> linear block whose activation alone keeps it apart: a fine-tune "
+                    "would collapse nothing")
+        width = max(len(r["label"]) for r in self.rows)
+        lines = [f"{'what-if':<{width}}  {'blocks':>6}  {'params':>10}  {'MACs':>10}  {'median ms':>9}  {'speedup':>7}"]
+        for r in self.rows:
+            macs = bench._count(r["macs"]) if r["macs"] else "?"
+            lines.append(f"{r['label']:<{width}}  {r['blocks']:>6}  {bench._count(r['params']):>10}  {macs:>10}  "
+                         f"{r['median_ms']:>9.3f}  {r['speedup']:>6.2f}x")
+        lines.append(self.settings)
+        lines.append("what-if: each block's activation taken out (as a fine-tune to slope 1 would leave it) and "
+                     "folded; the accuracy that costs is what the fine-tune must recover (train.sensitivity measures "
+                     "it)")
+        return "\n".join(lines)
+
+
+def _variants(n: int, per_block: bool) -> list[tuple[str, set[int]]]:
+    out = [(f"block {i}", {i}) for i in range(n)] if per_block else []
+    for part, name in ((4, "last quarter"), (2, "last half")):
+        k = n // part
+        if 0 < k < n:
+            out.append((f"{name} ({k})", set(range(n - k, n))))
+    out.append((f"all ({n})", set(range(n))))
+    return out
+
+
+def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: int | None = None, runs: int = 20,
+             warmup: int = 3, shapes: dict[str, list[int]] | None = None, seed: int = 0, per_block: bool = True,
+             keep: Path | None = None, progress=None) -> Estimate:
+    """Time the original model at `path` against its what-if graphs (see the module's docstring). `keep`: a
+    folder where the what-if models are left, named `*.what-if.onnx`."""
+    model, _ = io.read(path)
+    if is_what_if(model):
+        raise InputError(f"{path}: a what-if model from lc-onnx estimate; give the original")
+    n = what_if(model, set())[1]
+    result = Estimate(blocks=n)
+    if not n:
+        return result
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = keep or Path(tmp)
+        variants = _variants(n, per_block)
+        paths = [Path(path)]
+        for i, (_, only) in enumerate(variants):
+            target = folder / f"{Path(path).stem}.what-if-{i}.onnx"
+            io.save(what_if(model, only)[0], target)
+            paths.append(target)
+        found = [api.inspect(p, tol=0.0) for p in paths]
+        timed = bench.bench_files(paths, provider_name, threads, batch, runs, warmup, shapes, None, seed,
+                                  progress=progress, model_candidates=found)
+        params = [_params(io.read(p)[0]) for p in paths]
+    labels = [("original", 0), *[(label, len(only)) for label, only in variants]]
+    for (label, count), row, share, p in zip(labels, timed.models, timed.model_macs, params, strict=True):
+        macs = share.total if isinstance(share, bench.MacShare) else 0
+        result.rows.append({"label": label, "blocks": count, "params": p, "macs": macs,
+                            "median_ms": row["median_ms"], "speedup": row["speedup_vs_first"]})
+    result.settings = (f"{timed.provider}, {threads or 'default'} thread(s), {runs} interleaved runs, inputs "
+                       + ", ".join(f"{k} {v}" for k, v in timed.inputs.items()))
+    return result

@@ -1,0 +1,28 @@
+"""What a collapse would give, before any fine-tune: every `linear → activation → linear` block whose only
+obstacle is its activation (Gelu, Relu, Swish, … in any exported form) gets the activation taken out, so the second
+layer reads the first layer's output — the block as a fine-tune to slope 1 would leave it — and the chain rule then
+folds it. The graph computes something else: `lc-onnx estimate` times it and never writes it as an optimized model."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from passes.chain import Reject, find_chain
+
+
+def linearize(graph: gs.Graph, only: set[int] | None = None) -> list[Reject]:
+    """Take the activation out of each such block in `graph` (the blocks numbered in graph order; with `only`,
+    of those numbers alone); returns every block found, in that order. Readers of the activation outside the
+    block keep it."""
+    outputs = {t.name for t in graph.outputs}
+    found: list[Reject] = []
+    for node in list(graph.toposort().nodes):
+        block = find_chain(node, outputs, tol=0.0)
+        if not isinstance(block, Reject) or block.linearize is None:
+            continue
+        if only is None or len(found) in only:
+            reader, activation_out, first_out = block.linearize
+            reader.inputs = [first_out if t is activation_out else t for t in reader.inputs]
+        found.append(block)
+    graph.cleanup()
+    return found
