@@ -190,3 +190,57 @@ def test_item03_a_parameter_shared_with_another_module_is_not_prepared():
     found, said = prepared(tied)
     assert list(found) == [] and not train.blocks(tied)
     assert any("block.fc2.weight" in line for line in said), said
+
+
+# the second hostile pass: state read by a subclass's own forward that changes after prepare, a global hook, and
+# width reads through nbytes and the storage
+
+
+class ScaledLinear(nn.Linear):
+    """Its own forward reads a plain float, no registered state: recorded exact at 1.0, changed after."""
+
+    scale = 1.0
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * self.scale
+
+
+def test_item01_state_a_subclass_reads_that_changed_since_prepare_is_refused_by_collapse():
+    model = nn.Sequential(ScaledLinear(16, 32), nn.GELU(), nn.Linear(32, 16)).eval()
+    found, _ = prepared(model)
+    assert list(found) == ["1"]
+    model[0].scale = 0.5
+    with pytest.raises(RuntimeError, match=r"0 \(ScaledLinear\), called now, does not compute its weights' map"):
+        train.collapse(model)
+    assert train.blocks(model)  # nothing fused
+
+
+def test_item01_a_global_forward_hook_that_changes_a_layer_is_refused_by_collapse():
+    model = PeftBlock().eval()
+    prepared(model)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: out * 1.5 if m is model.fc1 else None)
+    try:
+        with pytest.raises(RuntimeError, match="fc1 .*does not compute its weights' map"):
+            train.collapse(model)
+    finally:
+        handle.remove()
+
+
+class NbytesScaled(WidthScaled):
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h) / math.sqrt(h.nbytes)
+
+
+class StorageScaled(WidthScaled):
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h) / math.sqrt(h.untyped_storage().nbytes())
+
+
+@pytest.mark.parametrize("cls", [NbytesScaled, StorageScaled])
+def test_item02_width_read_through_nbytes_or_the_storage_is_not_prepared(cls):
+    model = cls()
+    found, said = prepared(model)
+    assert list(found) == [] and any("shape" in line for line in said), said

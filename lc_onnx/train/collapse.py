@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train import pretrained, reach, wrapped
+from lc_onnx.train import layers, pretrained, reach, wrapped
 from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
 from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
@@ -71,6 +71,32 @@ def foreign_hooks(module: nn.Module) -> list[str]:
     if "forward" in vars(module):
         found.append(f"forward replaced on the instance by {hook_name(vars(module)['forward'])}")
     return found
+
+
+@torch.no_grad()
+def _check_maps(name: str, base: nn.Module, act: LayerCollapsePReLU) -> None:
+    """Refuse a block whose layers, called now, do not compute their weights' map: state a subclass's own forward
+    reads changed since `prepare` (an adapter trained from zero, a scale set after), or a global hook changes the
+    output. One call of each layer on a small seeded input; what the recorded pass saw is no longer enough."""
+    g = torch.Generator().manual_seed(0)
+    for path in (act.layout.first, act.layout.second):
+        layer = base.get_submodule(path)
+        ref = layer.weight
+        features = layers.in_features(layer)
+        shape = (2, features) if not isinstance(layer, layers.CONVS) else (2, features, *([1] * len(layer.kernel_size)))
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=ref.device, dtype=ref.dtype)
+        training = layer.training
+        layer.eval()
+        try:
+            y = layer(x)
+        finally:
+            layer.train(training)
+        if not isinstance(y, torch.Tensor) or not layers.reproduces(layer, x, y):
+            raise RuntimeError(f"collapse: {name}: {path} ({type(layer).__name__}), called now, does not compute its "
+                               "weights' map (its own forward reads state that changed since prepare, such as an "
+                               "adapter or a scale, or a global hook changes its output), so fusing its weights would "
+                               "change the model; merge that state into the weights first, or leave the block out "
+                               "with only=[...]")
 
 
 def _check_hooks(name: str, base: nn.Module, base_path: str, act: LayerCollapsePReLU) -> None:
@@ -200,6 +226,7 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     for name, act, base_path, base in chosen:
         _check(name, base, act)
         _check_hooks(name, base, base_path, act)
+        _check_maps(name, base, act)
         if any(base.get_submodule(p).training for p in act.layout.batchnorms):
             raise RuntimeError(f"{name}: put the model in eval() before collapse (BatchNorm uses running stats)")
     left: dict[str, float] = {}

@@ -94,7 +94,8 @@ class Record:
 
 
 # reading these tells the forward a tensor's width: a collapse that changes the width changes what follows
-_SHAPE_METHODS = {"size", "numel", "nelement", "__len__", "stride"}  # Tensor methods, and torch.numel
+# Tensor methods, and torch.numel; nbytes and the storage tell the width too
+_SHAPE_METHODS = {"size", "numel", "nelement", "__len__", "stride", "untyped_storage", "storage"}
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -107,7 +108,7 @@ class _ShapeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if not self.paused and args and isinstance(args[0], torch.Tensor) and (
                 getattr(func, "__name__", None) in _SHAPE_METHODS
-                or getattr(func, "__self__", None) is torch._C.TensorBase.shape):
+                or getattr(func, "__self__", None) in (torch._C.TensorBase.shape, torch._C.TensorBase.nbytes)):
             self.reads.setdefault(id(args[0]), []).append(self.stack[-1] if self.stack else None)
             self.kept.append(args[0])  # alive for the record's lifetime, so its id is not reused
         return func(*args, **(kwargs or {}))
