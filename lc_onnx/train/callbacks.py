@@ -5,7 +5,8 @@
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])
     trainer.train()          # slopes pulled to 1 alongside the task; blocks within 0.05 collapsed at the end
 
-The user's loss is not touched: the callback adds λ·∂Σ(α−1)²/∂α to the slopes' gradients before each optimizer
+The user's loss is not touched: the callback (a thin adapter over `slope_step.SlopeStepper`, which Lightning's
+`lightning.LayerCollapse` shares) adds λ·∂Σ(α−1)²/∂α to the slopes' gradients before each optimizer
 step and steps the slopes with its own Adam at `slope_lr` (no weight decay), taking them out of the Trainer's
 step (a torch optimizer skips a parameter whose `.grad` is None). With Adam a parameter moves about its lr a
 step whatever the gradient, so at the Trainer's lr (5e-5 by default) a slope could not travel from 0.01 to 1;
@@ -27,9 +28,8 @@ import warnings
 import torch
 from torch import nn
 
-from lc_onnx.train.collapse import collapse, verify
-from lc_onnx.train.regularize import blocks, decoupled_step, regularizer, slope_parameters
-from lc_onnx.train.trace import map_tensors
+from lc_onnx.train.regularize import blocks
+from lc_onnx.train.slope_step import OnCore, SlopeStepper
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +82,22 @@ class LayerCollapseCallback:
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
                  mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
                  collapse_inputs=None, trust_names: bool = False):
-        if mode not in ("adam", "decoupled"):
-            raise ValueError(f"LayerCollapseCallback: mode must be 'adam' or 'decoupled', not {mode!r}")
-        if lam < 0 or slope_lr <= 0:
-            raise ValueError(f"LayerCollapseCallback: needs lam >= 0 and slope_lr > 0 (got lam={lam}, "
-                             f"slope_lr={slope_lr})")
-        if mode == "decoupled" and 2 * slope_lr * lam >= 1:
-            raise ValueError(f"LayerCollapseCallback: the decoupled step overshoots 1 when 2·slope_lr·lam >= 1 "
-                             f"(got {2 * slope_lr * lam:g}); lower lam or slope_lr")
-        self.lam, self.collapse_threshold, self.slope_lr, self.mode = lam, collapse_threshold, slope_lr, mode
-        self.betas, self.report_threshold = betas, report_threshold
-        self.collapse_inputs, self.trust_names = collapse_inputs, trust_names
+        self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
+                                 report_threshold=report_threshold, collapse_inputs=collapse_inputs,
+                                 trust_names=trust_names, who="LayerCollapseCallback")
         self.collapsed: list[str] = []
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._params: list[nn.Parameter] = []
         self._warned_unsaved = False
+
+    lam, collapse_threshold, slope_lr, mode, betas, report_threshold, collapse_inputs, trust_names = (
+        OnCore() for _ in range(8))  # the core's: set here, it sees them
+
+    @property
+    def _optimizer(self) -> torch.optim.Optimizer | None:  # the slopes' Adam (mode="adam", once training began)
+        return self.core.optimizer
+
+    @property
+    def _params(self) -> list[nn.Parameter]:
+        return self.core.params
 
     def attach(self, trainer):
         """Add this callback to `trainer` so that its `report_to` integrations (TensorBoard, wandb, ...) log the
@@ -116,54 +117,19 @@ class LayerCollapseCallback:
     # ---- the regularization ------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._params = slope_parameters(model)
-        if not self._params:
-            raise ValueError("LayerCollapseCallback: the model has no prepared blocks; call "
-                             "lc_onnx.train.prepare(model, example_inputs) before building the Trainer")
-        self._check_collapsible(model)
+        self.core.start(model, "call lc_onnx.train.prepare(model, example_inputs) before building the Trainer")
         if self.mode == "adam" and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
             raise ValueError("LayerCollapseCallback: mode='adam' needs the slopes' gradients in .grad, which "
                              "DeepSpeed/FSDP shard; pass mode='decoupled'")
-        if self.mode == "adam":
-            self._optimizer = torch.optim.Adam(self._params, lr=self.slope_lr, betas=self.betas, weight_decay=0.0)
-            if state.global_step > 0:  # the Trainer resumed from a checkpoint: it loaded global_step from there
-                self._resume_optimizer(args, state.global_step)
+        if self.mode == "adam" and state.global_step > 0:  # the Trainer resumed: it loaded global_step from there
+            self._resume_optimizer(args, state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         """After clipping, before the Trainer's step: step the slopes here and hide them from that step."""
-        if self.mode != "adam" or self._optimizer is None:
-            return
-        with torch.enable_grad():
-            reg = self.lam * regularizer(model)
-            pulls = torch.autograd.grad(reg, self._params, allow_unused=True) if reg.requires_grad else \
-                [None] * len(self._params)
-        grads = []
-        for p, pull in zip(self._params, pulls, strict=True):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads.append(g + pull if pull is not None else g)
-        if all(bool(torch.isfinite(g).all()) for g in grads):  # an fp16 overflow step is skipped, as the Trainer does
-            for p, g in zip(self._params, grads, strict=True):
-                p.grad = g
-            self._optimizer.step()
-        for p in self._params:
-            p.grad = None  # torch optimizers skip a parameter without a gradient: no second step, no weight decay
+        self.core.step()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.mode == "decoupled":
-            decoupled_step(model, self.slope_lr, self.lam)
-
-    def _check_collapsible(self, model: nn.Module) -> None:
-        """`collapse` at the end refuses blocks found by names alone that inputs do not prove: prove them now
-        (they stay proven), or say so before training, not after it."""
-        if self.collapse_threshold is None or self.trust_names:
-            return
-        unverified = [name for name, act in blocks(model).items() if not act.verified]
-        if unverified and self.collapse_inputs is not None:
-            verify(model, _on_device(self.collapse_inputs, model))
-        elif unverified:
-            raise ValueError(f"LayerCollapseCallback: {', '.join(unverified)} were found by names alone, which the "
-                             f"collapse at the end of training refuses; pass collapse_inputs=<example inputs> to "
-                             f"verify them on, trust_names=True, or prepare the model with example_inputs")
+        self.core.after_step()
 
     # ---- the slopes' Adam in checkpoints -----------------------------------------------------------------
 
@@ -178,8 +144,8 @@ class LayerCollapseCallback:
         if not os.path.isdir(folder):
             self._warn_unsaved(folder)
             return
-        torch.save({"global_step": state.global_step, "slopes": [p.detach().cpu() for p in self._params],
-                    "optimizer": self._optimizer.state_dict()}, os.path.join(folder, SLOPE_STATE_NAME))
+        torch.save({"global_step": state.global_step, **self.core.state_dict()},
+                   os.path.join(folder, SLOPE_STATE_NAME))
 
     def _warn_unsaved(self, folder: str) -> None:
         if not self._warned_unsaved:
@@ -198,9 +164,7 @@ class LayerCollapseCallback:
                           f"in an uninterrupted run. A checkpoint outside output_dir is found when "
                           f"TrainingArguments(resume_from_checkpoint=...) names it too", stacklevel=2)
             return
-        self._optimizer.load_state_dict(saved["optimizer"])
-        for group in self._optimizer.param_groups:  # this run's slope_lr and betas, should they have changed
-            group.update(lr=self.slope_lr, betas=self.betas)
+        self.core.load_state_dict(saved)
 
     def _saved_state(self, args, step: int) -> tuple[dict | None, list[str]]:
         """The state saved at `step` with exactly the slopes the Trainer just loaded, and why others were not.
@@ -218,31 +182,17 @@ class LayerCollapseCallback:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("global_step") != step:
                 reasons.append(f"{path} was saved at step {saved.get('global_step')}")
-            elif not self._same_slopes(saved.get("slopes")):
+            elif not self.core.matches(saved):
                 reasons.append(f"{path} holds other slopes than the checkpoint's model")
             else:
                 return saved, reasons
         return None, reasons
 
-    def _same_slopes(self, saved: list[torch.Tensor] | None) -> bool:
-        """Whether `saved` holds exactly the slopes the Trainer loaded, i.e. it belongs to this checkpoint."""
-        if saved is None or len(saved) != len(self._params):
-            return False
-        return all(s.shape == p.shape and torch.equal(s.to(p.dtype), p.detach().cpu())
-                   for s, p in zip(saved, self._params, strict=True))
-
     # ---- logging and the collapse ------------------------------------------------------------------------
 
     def stats(self, model: nn.Module) -> dict[str, float]:
         """Slope min/max/mean over every slope, and how many blocks lie within the threshold of 1."""
-        found = blocks(model)
-        if not found:
-            return {}
-        values = torch.cat([m.weight.detach().double().flatten() for m in found.values()])
-        threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
-        within = sum(float((m.weight.detach() - 1).abs().max()) <= threshold for m in found.values())
-        return {"lc_slope_min": float(values.min()), "lc_slope_max": float(values.max()),
-                "lc_slope_mean": float(values.mean()), "lc_blocks_within": int(within)}
+        return self.core.stats(model)
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         """Add the slope stats to this log: to `logs` (callbacks after this one: progress bar, printer) and to
@@ -257,14 +207,7 @@ class LayerCollapseCallback:
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.collapse_threshold is None or model is None:
             return
-        training = model.training
-        model.eval()  # a BatchNorm between the layers folds with its running stats
-        try:
-            self.collapsed = collapse(model, threshold=self.collapse_threshold,
-                                      example_inputs=_on_device(self.collapse_inputs, model),
-                                      trust_names=self.trust_names)
-        finally:
-            model.train(training)
+        self.collapsed = self.core.finish(model)
         left = len(blocks(model))
         logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
                     len(self.collapsed), self.collapse_threshold, left)
@@ -279,11 +222,3 @@ class _SlopeStatsFirst:
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         self.owner.on_log(args, state, control, model=model, logs=logs)
-
-
-def _on_device(inputs, model: nn.Module):
-    """Example inputs moved to the model's device (the Trainer may have moved the model to a GPU)."""
-    if inputs is None:
-        return None
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return map_tensors(lambda t: t.to(device), inputs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,12 @@ def blocks(model: nn.Module) -> dict[str, LayerCollapsePReLU]:
 
 def regularizer(model: nn.Module) -> torch.Tensor:
     """Σ over prepared blocks of (α − 1)² (mean over channels when per-channel); add λ times it to the loss."""
-    terms = [((m.weight - 1.0) ** 2).mean() for m in blocks(model).values()]
+    return penalty(blocks(model).values())
+
+
+def penalty(acts: Iterable[LayerCollapsePReLU]) -> torch.Tensor:
+    """`regularizer` over these blocks (the slope-stepping core keeps them, rather than walk the model a step)."""
+    terms = [((m.weight - 1.0) ** 2).mean() for m in acts]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
@@ -42,7 +49,13 @@ def param_groups(model: nn.Module, lr: float, slope_lr: float = 2e-2, weight_dec
 @torch.no_grad()
 def decoupled_step(model: nn.Module, lr: float, lam: float) -> None:
     """The paper's decoupled update, after each optimizer step: α ← α − lr·λ·2(α − 1)."""
-    for p in slope_parameters(model):
+    decoupled_update(slope_parameters(model), lr, lam)
+
+
+@torch.no_grad()
+def decoupled_update(params: Iterable[torch.Tensor], lr: float, lam: float) -> None:
+    """`decoupled_step` on these slopes."""
+    for p in params:
         p.sub_(lr * lam * 2.0 * (p - 1.0))
 
 

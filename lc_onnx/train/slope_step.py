@@ -1,0 +1,179 @@
+"""`SlopeStepper`: the one slope-stepping core under every framework's callback.
+
+transformers' Trainer (`callbacks.LayerCollapseCallback`) and Lightning (`lightning.LayerCollapse`) are thin
+adapters that map their framework's hooks onto it: `start` when training starts, `step` just before the
+framework's optimizer steps (adds the pull λ·∂Σ(α−1)²/∂α to the slopes' gradients, steps them with their own Adam
+at `slope_lr`, and hides them from that optimizer), `after_step` just after it (mode="decoupled"), `stats` for
+the logs, `state_dict`/`load_state_dict` for checkpoints, and `finish` at the end (the collapse). How a framework
+names its checkpoint folders, logs and events stays in its adapter; nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lc_onnx.train.collapse import collapse, verify
+from lc_onnx.train.regularize import blocks, decoupled_update, penalty
+from lc_onnx.train.trace import map_tensors
+
+MODES = ("adam", "decoupled")
+
+
+class SlopeStepper:
+    """The LayerCollapse regularization of one model's prepared slopes, whatever runs the training loop.
+
+    `lam`: λ of λ·Σ(α−1)² (per block; the mean over channels when per-channel). `mode="adam"`: the slopes get the
+    task's gradient plus λ·2(α−1) and their own Adam at `slope_lr` (no weight decay); `mode="decoupled"`: the
+    paper's α ← α − slope_lr·λ·2(α−1) after each step, the framework's optimizer stepping the task gradient.
+    `collapse_threshold`, `collapse_inputs`, `trust_names`: what `finish` collapses, as `collapse` takes them.
+    `who` starts each error message (the adapter's name)."""
+
+    def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
+                 mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
+                 collapse_inputs=None, trust_names: bool = False, who: str = "LayerCollapse"):
+        if mode not in MODES:
+            raise ValueError(f"{who}: mode must be 'adam' or 'decoupled', not {mode!r}")
+        if lam < 0 or slope_lr <= 0:
+            raise ValueError(f"{who}: needs lam >= 0 and slope_lr > 0 (got lam={lam}, slope_lr={slope_lr})")
+        if mode == "decoupled" and 2 * slope_lr * lam >= 1:
+            raise ValueError(f"{who}: the decoupled step overshoots 1 when 2·slope_lr·lam >= 1 "
+                             f"(got {2 * slope_lr * lam:g}); lower lam or slope_lr")
+        self.lam, self.collapse_threshold, self.slope_lr, self.mode = lam, collapse_threshold, slope_lr, mode
+        self.betas, self.report_threshold = betas, report_threshold
+        self.collapse_inputs, self.trust_names, self.who = collapse_inputs, trust_names, who
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[nn.Parameter] = []
+        self._acts: list[nn.Module] = []
+
+    # ---- the start and each step ------------------------------------------------------------------------
+
+    def start(self, model: nn.Module, how_to_prepare: str = "call lc_onnx.train.prepare(model, example_inputs) "
+              "before training") -> None:
+        """Take the model's prepared slopes, prove the blocks the final collapse needs proven, and build the
+        slopes' Adam (mode="adam"; its state appears at the first step, on the slopes' device)."""
+        self._acts = list(blocks(model).values())
+        self.params = [m.weight for m in self._acts]
+        if not self.params:
+            raise ValueError(f"{self.who}: the model has no prepared blocks; {how_to_prepare}")
+        self._check_collapsible(model)
+        self.optimizer = None
+        if self.mode == "adam":
+            self.optimizer = torch.optim.Adam(self.params, lr=self.slope_lr, betas=self.betas, weight_decay=0.0)
+
+    def step(self) -> bool:
+        """Just before the framework's optimizer steps, gradients final: add λ·∂Σ(α−1)²/∂α to the slopes'
+        gradients, step them with their own Adam, and leave their `.grad` None, so that the framework's optimizer
+        skips them (a torch optimizer skips a parameter without a gradient: no second step, no weight decay) and
+        its gradient clipping after this neither counts nor clips them. Skipped (False) when a gradient is not
+        finite (an fp16 overflow step, which the framework skips too), and in mode="decoupled"."""
+        if self.optimizer is None:
+            return False
+        with torch.enable_grad():
+            reg = self.lam * penalty(self._acts)
+            pulls = torch.autograd.grad(reg, self.params, allow_unused=True) if reg.requires_grad else \
+                [None] * len(self.params)
+        grads = []
+        for p, pull in zip(self.params, pulls, strict=True):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads.append(g + pull if pull is not None else g)
+        stepped = all(bool(torch.isfinite(g).all()) for g in grads)
+        if stepped:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+            self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return stepped
+
+    def after_step(self) -> None:
+        """Just after the framework's optimizer stepped: mode="decoupled"'s α ← α − slope_lr·λ·2(α−1)."""
+        if self.mode == "decoupled":
+            decoupled_update(self.params, self.slope_lr, self.lam)
+
+    def _check_collapsible(self, model: nn.Module) -> None:
+        """`collapse` at the end refuses blocks found by names alone that inputs do not prove: prove them now
+        (they stay proven), or say so before training, not after it."""
+        if self.collapse_threshold is None or self.trust_names:
+            return
+        unverified = [name for name, act in blocks(model).items() if not act.verified]
+        if unverified and self.collapse_inputs is not None:
+            verify(model, on_device(self.collapse_inputs, model))
+        elif unverified:
+            raise ValueError(f"{self.who}: {', '.join(unverified)} were found by names alone, which the collapse "
+                             f"at the end of training refuses; pass collapse_inputs=<example inputs> to verify "
+                             f"them on, trust_names=True, or prepare the model with example_inputs")
+
+    # ---- what the logs show -----------------------------------------------------------------------------
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        """Slope min/max/mean over every slope, and how many blocks lie within the threshold of 1
+        (`collapse_threshold`, or `report_threshold` when that is None)."""
+        found = blocks(model)
+        if not found:
+            return {}
+        values = torch.cat([m.weight.detach().double().flatten() for m in found.values()])
+        threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
+        within = sum(float((m.weight.detach() - 1).abs().max()) <= threshold for m in found.values())
+        return {"lc_slope_min": float(values.min()), "lc_slope_max": float(values.max()),
+                "lc_slope_mean": float(values.mean()), "lc_blocks_within": int(within)}
+
+    # ---- the slopes' Adam in checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        """The slopes' Adam state and the slopes it belongs to (on the CPU); None in mode="decoupled", whose
+        state is the slopes themselves (in the model's checkpoint)."""
+        if self.optimizer is None:
+            return None
+        return {"slopes": [p.detach().cpu() for p in self.params], "optimizer": self.optimizer.state_dict()}
+
+    def matches(self, saved: dict) -> bool:
+        """Whether `saved` (a `state_dict`) holds exactly the slopes the model has now: it was saved with the
+        checkpoint the model was just loaded from."""
+        slopes = saved.get("slopes")
+        if slopes is None or len(slopes) != len(self.params):
+            return False
+        return all(s.shape == p.shape and torch.equal(s.to(p.dtype), p.detach().cpu())
+                   for s, p in zip(slopes, self.params, strict=True))
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue the slopes' Adam from `saved` (check `matches` first), at this run's slope_lr and betas."""
+        self.optimizer.load_state_dict(saved["optimizer"])  # moves the state to the slopes' device
+        for group in self.optimizer.param_groups:  # this run's slope_lr and betas, should they have changed
+            group.update(lr=self.slope_lr, betas=self.betas)
+
+    # ---- the end ----------------------------------------------------------------------------------------
+
+    def finish(self, model: nn.Module) -> list[str]:
+        """Collapse the blocks within `collapse_threshold` of slope 1 (none without one), in eval mode (a
+        BatchNorm between the layers folds with its running stats); the names collapsed."""
+        if self.collapse_threshold is None:
+            return []
+        training = model.training
+        model.eval()
+        try:
+            return collapse(model, threshold=self.collapse_threshold,
+                            example_inputs=on_device(self.collapse_inputs, model), trust_names=self.trust_names)
+        finally:
+            model.train(training)
+
+
+class OnCore:
+    """An adapter's attribute that is its core's (`lam`, `slope_lr`, ...): set on the callback, the core sees it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj.core, self.name)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj.core, self.name, value)
+
+
+def on_device(inputs, model: nn.Module):
+    """Example inputs moved to the model's device (the framework may have moved the model to a GPU)."""
+    if inputs is None:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return map_tensors(lambda t: t.to(device), inputs)
