@@ -1,9 +1,9 @@
-"""The README's training recipes, run as the README writes them, reach slope 1 on scikit-learn's digits; and
+"""The training recipes (docs/training.md), run as the docs write them, reach slope 1 on scikit-learn's digits; and
 `prepare` takes BERT's pooler as a site unless `exclude="*pooler*"`, as the README says.
 
-The recipe tests do not copy the snippets: they read them out of README.md's "Training side" section (the
-Python block that calls `train.param_groups`, and the one that calls `train.decoupled_step`) and exec them, so
-an edit to the README is what the test runs."""
+The recipe tests do not copy the snippets: they read them out of docs/training.md (the Python block that calls
+`train.param_groups`, and the one that calls `train.decoupled_step`) and exec them, so an edit to the docs is what
+the test runs."""
 
 from __future__ import annotations
 
@@ -32,11 +32,9 @@ def one_thread():
 
 
 def recipe(call: str) -> tuple[str, str]:
-    """The README's training-side Python block that contains `call`, after the first block's imports, cut before
+    """The training docs' Python block that contains `call`, after the first block's imports, cut before
     `train.collapse(`: (training part, the collapse line). Lines after the collapse (export) are no part of it."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Training side"):]
-    section = section[:section.find("\n## ", 1)]
+    section = (ROOT / "docs" / "training.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     block = next(b for b in blocks if call in b)
     # a later block goes on from the first, whose imports it does not repeat
@@ -66,11 +64,11 @@ def test_readme_recipe_collapses_every_digits_block(digits, call):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     scope = {"model": model, "x": xtr[:2], "loader": loader, "epochs": 30}  # 30 x 20 batches = 600 steps
-    exec(compile(fit, f"README.md ({call})", "exec"), scope)
+    exec(compile(fit, f"docs/training.md ({call})", "exec"), scope)
     slopes = train.slopes(model)
     before = bench.accuracy(model, xte, yte)
     assert len(slopes) == 3 and all(abs(s - 1) <= 0.01 for s in slopes.values()), slopes
-    exec(compile(fuse, f"README.md ({call})", "exec"), scope)
+    exec(compile(fuse, f"docs/training.md ({call})", "exec"), scope)
     assert not train.blocks(model)  # every block fused into one Linear
     after = bench.accuracy(model, xte, yte)
     assert before > 90 and abs(after - before) <= 1, (before, after)
