@@ -156,3 +156,53 @@ def test_two_ddp_ranks_keep_equal_slopes_and_collapse_the_same_blocks(tmp_path):
     assert refused0 and refused1  # prepare after DDP wrapping, on both ranks
     assert slopes0 == slopes1 and done0 == done1  # bitwise: the slopes' gradients were averaged
     assert done0 == ["1", "3"], slopes0
+
+
+TRAINER_WORKER = textwrap.dedent("""
+    import sys, warnings
+    warnings.simplefilter("ignore")
+    import torch, torch.distributed as dist
+    import transformers
+    from lc_onnx import train
+    sys.path.insert(0, sys.argv[1])
+    from test_train_callback import Tokens, tiny_bert
+
+    torch.set_num_threads(1)
+    model, names = tiny_bert()  # prepared before the Trainer wraps it in DDP
+    args = transformers.TrainingArguments(output_dir=sys.argv[2], report_to=[], use_cpu=True, max_steps=100,
+                                          per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+                                          seed=0, data_seed=0, ddp_backend="gloo", logging_steps=30)
+    callback = train.LayerCollapseCallback(lam=1.0, collapse_threshold=0.05)
+    snap = {}
+
+    class Slopes(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            snap.update(train.slopes(model))
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                   callbacks=[Slopes(), callback])
+    trainer.train()
+    out = [None, None]
+    dist.all_gather_object(out, (snap, list(callback.collapsed)))
+    if dist.get_rank() == 0:
+        print(repr(out), flush=True)
+    dist.barrier()
+""")
+
+
+def test_two_trainer_ranks_under_torchrun_keep_equal_slopes_and_collapse_the_same_blocks(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    if not dist.is_available():
+        pytest.skip("torch without distributed")
+    script = tmp_path / "trainer_worker.py"
+    script.write_text(TRAINER_WORKER)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script), tests, str(tmp_path / "out")], capture_output=True, text=True, timeout=150,
+                         env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[:3000]
+    (slopes0, done0), (slopes1, done1) = eval(run.stdout.strip().splitlines()[-1])
+    assert slopes0 == slopes1 and done0 == done1, (slopes0, slopes1)  # bitwise: gradients averaged by DDP
+    assert len(slopes0) == 3 and sorted(done0) == sorted(slopes0), slopes0
