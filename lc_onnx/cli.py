@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import signal
 import sys
 import time
@@ -206,11 +207,18 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
     given = load_inputs(inputs_path) if inputs_path else None
     shapes = parse_shapes(input_shape)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
-    result = api.optimize(
-        model, tol=tol, rtol=rtol, atol=atol, max_mismatch=max_mismatch, validate=not no_validate, skip=tuple(skip),
-        input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
-        allow_growth=allow_growth,
-    )
+    logger = logging.getLogger("lc_onnx")
+    level = logger.level
+    if quiet:  # the line saying which open dims validation guessed is no error
+        logger.setLevel(logging.ERROR)
+    try:
+        result = api.optimize(
+            model, tol=tol, rtol=rtol, atol=atol, max_mismatch=max_mismatch, validate=not no_validate,
+            skip=tuple(skip), input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
+            allow_growth=allow_growth,
+        )
+    finally:
+        logger.setLevel(level)
     progress("writing")
     # the input's layout is kept: external data in, external data out (and always past 2 GB)
     result.save(output, external_data=True if external_data else None,

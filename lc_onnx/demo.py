@@ -78,7 +78,7 @@ def run_demo(output_dir: Path | None = None, runs: int = 30, overwrite: bool = F
         src = io.save(build_model(), folder / "demo.onnx")
         click.echo(f"built {src}: {len(SLOPES)} MLP blocks {DIM}>{HIDDEN}>{DIM}, PReLU slopes {SLOPES}")
         click.echo(f"$ lc-onnx optimize {src.name}   (tol {api.DEFAULT_TOL:g})\n")
-        result = api.optimize(src)
+        result = api.optimize(src, input_shapes={"tokens": [1, TOKENS, DIM]})  # batch 1, as timed below
         out = result.save(io.default_output(src))
         click.echo(result.report.table())
         click.echo(f"wrote {out}\n")

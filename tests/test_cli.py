@@ -196,3 +196,13 @@ def test_the_app_and_the_engine_import_no_torch():
     code = "import sys, lc_onnx, lc_onnx.cli, lc_onnx.bench, passes; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_quiet_also_silences_the_line_saying_which_open_dims_were_guessed(model_path, caplog):
+    # mlp(rank=3) has open dims: validation guesses them and says so, as a warning of the lc_onnx logger
+    loud = invoke("optimize", model_path, "-o", model_path.with_name("a.onnx"))
+    assert loud.exit_code == 0 and any("open dims" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    quiet = invoke("optimize", model_path, "-o", model_path.with_name("b.onnx"), "-q")
+    assert quiet.exit_code == 0 and quiet.output == ""
+    assert not any("open dims" in r.getMessage() for r in caplog.records)
