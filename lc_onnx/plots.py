@@ -4,6 +4,8 @@ matplotlib is optional (`pip install "lc-onnx[plot]"`) and imported here only, w
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 from lc_onnx import io
@@ -101,3 +103,59 @@ def inspect_plot(candidates: list, macs: list[tuple[int, int] | None], tol: floa
     if not chains:
         top.text(0.5, 0.5, "no candidate chain", transform=top.transAxes, ha="center")
     fig.savefig(path, dpi=120)
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported: the training callbacks draw their slope plot only then."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require(who: str) -> None:
+    """A one-line ImportError for a callback built with plot=True where matplotlib is missing."""
+    if not available():
+        raise ImportError(f'{who}(plot=True): needs matplotlib, which is not installed (pip install "lc-onnx[plot]", '
+                          f"or plot=False)")
+
+
+def slope_history_plot(history: list, threshold: float, path: Path, collapsed: list[str] = ()) -> None:
+    """The training callbacks' slope trajectories: one line a block over the logged optimizer steps (`history`:
+    (step, {block: slope}) pairs, as `SlopeStepper.record` keeps them), against the band 1 ± threshold. A
+    legend names the blocks when there are at most 12; blocks `collapsed` at the end are solid, others dashed."""
+    from matplotlib import colormaps
+
+    names = list(dict.fromkeys(name for _, slopes in history for name in slopes))
+    colours = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 2]  # not the band's green
+    fig, (ax,) = _figure(7.0, 4.5)
+    band = ax.axhline(1.0, color=OK, linewidth=0.8, label="slope 1")
+    if threshold < float("inf"):  # an infinite threshold (collapse every block) has no band to draw
+        band = ax.axhspan(1 - threshold, 1 + threshold, color=OK, alpha=0.2, label=f"1 ± {threshold:g}")
+    for i, name in enumerate(names):
+        points = [(step, slopes[name]) for step, slopes in history if name in slopes]
+        ax.plot([s for s, _ in points], [v for _, v in points], linestyle="-" if name in collapsed else "--",
+                color=colours[i % len(colours)], marker="o" if len(points) < 30 else None, markersize=3,
+                linewidth=1.2, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("slope (farthest from 1 when per-channel)")
+    last = history[-1][1] if history else {}
+    within = sum(abs(v - 1) <= threshold for v in last.values())
+    ax.set_title(f"{within} of {len(last)} block(s) within {threshold:g} of slope 1 at step "
+                 f"{history[-1][0] if history else 0}" + (f"; {len(collapsed)} collapsed" if collapsed else ""),
+                 fontsize=9)
+    ax.legend(handles=None if len(names) <= 12 else [band], loc="best", fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
+def save_slope_plot(history: list, threshold: float, path: str, collapsed: list[str], who: str) -> None:
+    """`slope_history_plot` at the end of training, where matplotlib is installed and something was logged; a
+    plot that cannot be written is a warning from `who`, never a lost training run."""
+    if not history or not available():
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        slope_history_plot(history, threshold, Path(path), collapsed)
+    except Exception as e:  # the model is trained (and collapsed): a picture that fails must not lose that
+        warnings.warn(f"{who}: could not draw {path}: {e}", stacklevel=3)

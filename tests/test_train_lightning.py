@@ -42,6 +42,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    # without a logger Lightning's folder is the working directory: the slope plot lands there, not in the repo
+    monkeypatch.chdir(tmp_path)
+
+
 class Net(L.LightningModule):
     """Linear → GELU → Linear → GELU → Linear: two blocks in a row (the middle Linear is in both)."""
 
@@ -134,7 +140,7 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path)
     # the same resume without the callback's state: warned, and the slopes take another path
     stripped = tmp_path / "stripped.ckpt"
     ckpt = torch.load(first, weights_only=False)
-    assert set(ckpt["callbacks"]["LayerCollapse"]) == {"slopes", "optimizer"}
+    assert set(ckpt["callbacks"]["LayerCollapse"]) == {"slopes", "optimizer", "history"}
     del ckpt["callbacks"]["LayerCollapse"]
     torch.save(ckpt, stripped)
     with pytest.warns(UserWarning, match="resuming at step 8 without the slopes' Adam state"):

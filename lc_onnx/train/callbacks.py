@@ -16,24 +16,32 @@ second moment remembers the early, large pulls, so the step shrinks as the slope
 That Adam's state goes into each checkpoint folder as `lc_slope_optimizer.pt` (on `on_save`, next to the
 Trainer's `optimizer.pt`), and `trainer.train(resume_from_checkpoint=...)` picks it up again. The `report_to`
 integrations run before user callbacks, so they see the slope stats only with `callback.attach(trainer)`.
+Each logging step also records every block's slope; at the end of training they are drawn, one line a block
+against the threshold band, in `output_dir/lc_slopes.png` (where matplotlib is installed), and each checkpoint
+keeps them (`lc_slope_history.json`) so that a resumed run's plot starts at step 0.
 transformers is imported only when the callback is built.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
+from lc_onnx import plots
 from lc_onnx.train.regularize import blocks
-from lc_onnx.train.slope_step import OnCore, SlopeStepper
+from lc_onnx.train.slope_step import OnCore, SlopeStepper, block_logs
 
 logger = logging.getLogger(__name__)
 
 SLOPE_STATE_NAME = "lc_slope_optimizer.pt"  # in each checkpoint folder, with mode="adam"
+SLOPE_HISTORY_NAME = "lc_slope_history.json"  # in each checkpoint folder: the slope plot's history so far
+PLOT_NAME = "lc_slopes.png"  # in output_dir at the end of training
 
 _BOUND: dict[str, type] = {}
 
@@ -70,9 +78,14 @@ class LayerCollapseCallback:
     (names in `.collapsed`). Blocks `prepare` found by names alone need `collapse_inputs` (example inputs, as
     `collapse` takes them, to verify them on) or `trust_names=True`; without either, training does not start.
     Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
-    `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs; `attach(trainer)`
-    gets them to the `report_to` integrations too. With mode="adam" each checkpoint gets the slopes' Adam state
-    (`lc_slope_optimizer.pt`), which `trainer.train(resume_from_checkpoint=...)` continues."""
+    `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs, and each block's slope
+    as `lc_slope/<block>` (up to 32 blocks; beyond that the min/max/mean only, to keep the logs bounded);
+    `attach(trainer)` gets them to the `report_to` integrations too, and to a TensorBoard integration a
+    histogram of the slopes each logging step. With mode="adam" each checkpoint gets the slopes' Adam state
+    (`lc_slope_optimizer.pt`), which `trainer.train(resume_from_checkpoint=...)` continues.
+    `plot`: draw the slopes over the logged steps in `output_dir/lc_slopes.png` at the end of training. By
+    default (None) drawn where matplotlib is installed, with one warning at the start where it is not;
+    plot=True without matplotlib is an ImportError here, plot=False draws nothing."""
 
     def __new__(cls, *args, **kwargs):
         if cls is LayerCollapseCallback:
@@ -81,12 +94,17 @@ class LayerCollapseCallback:
 
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
                  mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
-                 collapse_inputs=None, trust_names: bool = False):
+                 collapse_inputs=None, trust_names: bool = False, plot: bool | None = None):
         self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
                                  report_threshold=report_threshold, collapse_inputs=collapse_inputs,
                                  trust_names=trust_names, who="LayerCollapseCallback")
+        if plot:
+            plots.require("LayerCollapseCallback")
+        self.plot = plot
         self.collapsed: list[str] = []
         self._warned_unsaved = False
+        self._handler = None  # attach()'s trainer's callback handler (a weak reference): where TensorBoard is
+        self._histogram_at: int | None = None  # the step of the last histogram (the final summary logs it again)
 
     lam, collapse_threshold, slope_lr, mode, betas, report_threshold, collapse_inputs, trust_names = (
         OnCore() for _ in range(8))  # the core's: set here, it sees them
@@ -108,6 +126,7 @@ class LayerCollapseCallback:
         `trainer.callback_handler.callbacks`. This callback keeps its place for every other event (the collapse
         still runs after the callbacks listed before it)."""
         callbacks = trainer.callback_handler.callbacks
+        self._handler = weakref.ref(trainer.callback_handler)
         if not any(cb is self for cb in callbacks):
             trainer.add_callback(self)
         if not any(getattr(cb, "owner", None) is self for cb in callbacks):
@@ -123,6 +142,10 @@ class LayerCollapseCallback:
                              "DeepSpeed/FSDP shard; pass mode='decoupled'")
         if self.mode == "adam" and state.global_step > 0:  # the Trainer resumed: it loaded global_step from there
             self._resume_optimizer(args, state.global_step)
+        self.core.history = self._saved_history(args, state.global_step) if state.global_step > 0 else []
+        if self.plot is None and state.is_world_process_zero and not plots.available():
+            warnings.warn(f'LayerCollapseCallback: matplotlib is not installed, so no {PLOT_NAME} is drawn at the '
+                          f'end of training (pip install "lc-onnx[plot]", or plot=False)', stacklevel=2)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         """After clipping, before the Trainer's step: step the slopes here and hide them from that step."""
@@ -138,14 +161,21 @@ class LayerCollapseCallback:
         leaves the slopes out, as they are not stepped by it). A file, not transformers' `ExportableState`:
         that keeps JSON in trainer_state.json, and with `restore_callback_states_from_checkpoint` the Trainer
         would replace this callback by a new object, leaving the user's `.collapsed` empty."""
-        if self._optimizer is None or not args.should_save or getattr(args, "save_only_model", False):
-            return  # save_only_model: the Trainer saves no optimizer either, and cannot resume from it
+        if not args.should_save:
+            return
+        # save_only_model: the Trainer saves no optimizer either, and cannot resume from it
+        adam = self._optimizer is not None and not getattr(args, "save_only_model", False)
         folder = _checkpoint_folder(args.output_dir, state.global_step)
         if not os.path.isdir(folder):
-            self._warn_unsaved(folder)
+            if adam:
+                self._warn_unsaved(folder)
             return
-        torch.save({"global_step": state.global_step, **self.core.state_dict()},
-                   os.path.join(folder, SLOPE_STATE_NAME))
+        if self.core.history:  # both modes: the plot of a resumed run starts at step 0
+            with open(os.path.join(folder, SLOPE_HISTORY_NAME), "w") as f:
+                json.dump({"global_step": state.global_step, "history": self.core.history}, f)
+        if adam:
+            torch.save({"global_step": state.global_step, **self.core.state_dict()},
+                       os.path.join(folder, SLOPE_STATE_NAME))
 
     def _warn_unsaved(self, folder: str) -> None:
         if not self._warned_unsaved:
@@ -170,11 +200,8 @@ class LayerCollapseCallback:
         """The state saved at `step` with exactly the slopes the Trainer just loaded, and why others were not.
         The folder is args.resume_from_checkpoint when set, else output_dir/checkpoint-<step>: the hooks are
         not told which folder `trainer.train(resume_from_checkpoint=...)` got."""
-        named = getattr(args, "resume_from_checkpoint", None)
-        folders = [named] if isinstance(named, str) else []
-        folders.append(_checkpoint_folder(args.output_dir, step))
         reasons = []
-        for folder in dict.fromkeys(folders):
+        for folder in _resumed_folders(args, step):
             path = os.path.join(folder, SLOPE_STATE_NAME)
             if not os.path.isfile(path):
                 reasons.append(f"no {path}")
@@ -188,6 +215,19 @@ class LayerCollapseCallback:
                 return saved, reasons
         return None, reasons
 
+    @staticmethod
+    def _saved_history(args, step: int) -> list[tuple[int, dict[str, float]]]:
+        """The slope history saved with the checkpoint of `step` the Trainer resumed from; [] where it has none
+        (an older lc-onnx): the plot then starts at the resume."""
+        for folder in _resumed_folders(args, step):
+            path = os.path.join(folder, SLOPE_HISTORY_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                if saved.get("global_step") == step:
+                    return [(int(at), dict(slopes)) for at, slopes in saved["history"] if at <= step]
+        return []
+
     # ---- logging and the collapse ------------------------------------------------------------------------
 
     def stats(self, model: nn.Module) -> dict[str, float]:
@@ -200,17 +240,57 @@ class LayerCollapseCallback:
         if logs is None or model is None or "lc_slope_min" in logs:  # already added by attach()'s first callback
             return
         extra = self.stats(model)
+        slopes = self.core.record(state.global_step, model)  # on every rank: under FSDP2 it gathers the slopes
+        extra.update(block_logs(slopes))
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
+        self._histogram(state, slopes)
+
+    def _histogram(self, state, slopes: dict[str, float]) -> None:
+        """The blocks' slopes as a TensorBoard histogram at this step, once a step, where `attach` found a
+        TensorBoard integration with a writer (rank zero's); quietly nothing otherwise."""
+        handler = self._handler() if self._handler is not None else None
+        writer = _tensorboard_writer(handler.callbacks) if handler is not None else None
+        if writer is None or not slopes or not state.is_world_process_zero or state.global_step == self._histogram_at:
+            return
+        self._histogram_at = state.global_step
+        writer.add_histogram("train/lc_slopes", torch.tensor(list(slopes.values())), state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.collapse_threshold is None or model is None:
-            return
-        self.collapsed = self.core.finish(model)
-        left = len(blocks(model))
-        logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
-                    len(self.collapsed), self.collapse_threshold, left)
+        if self.collapse_threshold is not None and model is not None:
+            self.collapsed = self.core.finish(model)
+            left = len(blocks(model))
+            logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
+                        len(self.collapsed), self.collapse_threshold, left)
+        if self.plot is not False and state.is_world_process_zero:
+            threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
+            plots.save_slope_plot(self.core.history, threshold, os.path.join(args.output_dir, PLOT_NAME),
+                                  self.collapsed, "LayerCollapseCallback")
+
+
+def _resumed_folders(args, step: int) -> list[str]:
+    """Where the checkpoint a resumed run started from is: args.resume_from_checkpoint when set, then
+    output_dir/checkpoint-<step> (the hooks are not told which folder `trainer.train(resume_from_checkpoint=...)`
+    got)."""
+    named = getattr(args, "resume_from_checkpoint", None)
+    folders = [named] if isinstance(named, str) else []
+    folders.append(_checkpoint_folder(args.output_dir, step))
+    return list(dict.fromkeys(folders))
+
+
+def _tensorboard_writer(callbacks: list):
+    """The writer of a transformers `TensorBoardCallback` among `callbacks`, if one has a writer that draws
+    histograms; else None."""
+    try:
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:
+        return None
+    for cb in callbacks:
+        writer = getattr(cb, "tb_writer", None) if isinstance(cb, TensorBoardCallback) else None
+        if writer is not None and hasattr(writer, "add_histogram"):
+            return writer
+    return None
 
 
 class _SlopeStatsFirst:

@@ -15,11 +15,13 @@ hooks onto it, chosen by when Lightning wraps and steps the model:
 - `on_before_optimizer_step`: the slopes get the pull λ·2(α−1), their own Adam step at `slope_lr`, and are
   hidden from the Lightning optimizer (`.grad` None). With `accumulate_grad_batches` it runs once per optimizer
   step, on the accumulated gradient.
-- `on_train_batch_end`: mode="decoupled"'s step, after each optimizer step; and the slope stats through
-  `pl_module.log` (`lc_slope_min/max/mean`, `lc_blocks_within`).
-- `on_train_end`: the collapse of the blocks within `collapse_threshold`, on every rank.
-- `state_dict`/`load_state_dict`: the slopes' Adam state in Lightning's checkpoint, so that
-  `trainer.fit(ckpt_path=...)` continues it.
+- `on_train_batch_end`: mode="decoupled"'s step, after each optimizer step; the slope stats through
+  `pl_module.log` (`lc_slope_min/max/mean`, `lc_blocks_within`, and `lc_slope/<block>` up to 32 blocks); and
+  every `log_every_n_steps` optimizer steps each block's slope recorded for the slope plot.
+- `on_train_end`: the collapse of the blocks within `collapse_threshold`, on every rank; on rank zero the slopes
+  over the recorded steps drawn in `lc_slopes.png` in the logger's folder (`default_root_dir` without a logger).
+- `state_dict`/`load_state_dict`: the slopes' Adam state and the recorded slopes in Lightning's checkpoint, so
+  that `trainer.fit(ckpt_path=...)` continues both.
 
 Lightning is imported only here, and only when `LayerCollapse` is first looked up: `import lc_onnx.train` does not
 import it. `lightning.pytorch` is used, or `pytorch_lightning` where only that is installed.
@@ -28,17 +30,20 @@ import it. `lightning.pytorch` is used, or `pytorch_lightning` where only that i
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from torch import nn
 
+from lc_onnx import plots
 from lc_onnx.train.prepare import prepare
-from lc_onnx.train.regularize import blocks
-from lc_onnx.train.slope_step import OnCore, SlopeStepper, on_device
+from lc_onnx.train.regularize import blocks, slopes
+from lc_onnx.train.slope_step import OnCore, SlopeStepper, block_logs, on_device
 
 logger = logging.getLogger(__name__)
 
 SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")  # slopes' .grad sharded or absent
+PLOT_NAME = "lc_slopes.png"  # in the logger's folder at the end of training
 
 
 class _LayerCollapse:
@@ -48,7 +53,11 @@ class _LayerCollapse:
     `trust_names`: as `LayerCollapseCallback` takes them (the same core). `example_inputs`: when given, `setup`
     prepares the LightningModule with them (`prepare(pl_module, example_inputs, **prepare_kwargs)`: its forward
     runs once), before Lightning wraps it; without them the module must be prepared before `trainer.fit`.
-    `log_stats`: log the slope stats each training batch.
+    `log_stats`: log the slope stats each training batch (each block's slope too, up to 32 blocks).
+    `plot`: draw the slopes over the recorded steps in `lc_slopes.png` at the end of training (the logger's
+    `log_dir`, or its `save_dir`, or `trainer.default_root_dir`). By default (None) drawn where matplotlib is
+    installed, with one warning at the start where it is not; plot=True without matplotlib is an ImportError
+    here, plot=False draws nothing.
 
     Clipping: Lightning calls `on_before_optimizer_step` before it clips gradients (transformers' Trainer calls
     its `on_pre_optimizer_step` after), so here the slopes step on their unclipped gradient and, their `.grad`
@@ -67,10 +76,13 @@ class _LayerCollapse:
     def __init__(self, lam: float = 1.0, collapse_threshold: float | None = None, *, example_inputs=None,
                  prepare_kwargs: dict | None = None, slope_lr: float = 2e-2, mode: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05, collapse_inputs=None,
-                 trust_names: bool = False, log_stats: bool = True):
+                 trust_names: bool = False, log_stats: bool = True, plot: bool | None = None):
         self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
                                  report_threshold=report_threshold, collapse_inputs=collapse_inputs,
                                  trust_names=trust_names, who="LayerCollapse")
+        if plot:
+            plots.require("LayerCollapse")
+        self.plot = plot
         self.example_inputs, self.prepare_kwargs, self.log_stats = example_inputs, prepare_kwargs or {}, log_stats
         self.collapsed: list[str] = []
         self._saved: dict | None = None  # a checkpoint's state, until training starts
@@ -99,6 +111,13 @@ class _LayerCollapse:
         self._paired = (holding or optimizers or [None])[0]
         self._seen_step = trainer.global_step
         saved, self._saved = self._saved, None
+        history = (saved or {}).pop("history", None)
+        self.core.history = [(int(at), dict(s)) for at, s in history or () if at <= trainer.global_step] \
+            if trainer.global_step > 0 else []
+        saved = saved or None  # a checkpoint of mode="decoupled" holds the history alone
+        if self.plot is None and trainer.is_global_zero and not plots.available():
+            warnings.warn(f'LayerCollapse: matplotlib is not installed, so no {PLOT_NAME} is drawn at the end of '
+                          f'training (pip install "lc-onnx[plot]", or plot=False)', stacklevel=2)
         if self.core.optimizer is None:
             return
         if saved and self.core.matches(saved):
@@ -117,26 +136,37 @@ class _LayerCollapse:
             self.core.step()
 
     def on_train_batch_end(self, trainer, pl_module: nn.Module, outputs, batch, batch_idx: int) -> None:
+        now = None
         if trainer.global_step != self._seen_step:  # an optimizer step ended this batch (not an accumulating one)
             self._seen_step = trainer.global_step
             self.core.after_step()
+            if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+                now = self.core.record(trainer.global_step, pl_module)
         if self.log_stats:
             stats = self.core.stats(pl_module)
             if stats:
+                stats.update(block_logs(now if now is not None else slopes(pl_module)))
                 pl_module.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
                                    sync_dist=False, batch_size=1)
 
     # ---- the end, and checkpoints ----------------------------------------------------------------------
 
     def on_train_end(self, trainer, pl_module: nn.Module) -> None:
+        self.core.record(trainer.global_step, pl_module)  # the last step, before the collapse takes the blocks
         self.collapsed = self.core.finish(pl_module)
         if self.collapse_threshold is not None and trainer.is_global_zero:
             logger.info("LayerCollapse: collapsed %d blocks within %g of slope 1, %d left",
                         len(self.collapsed), self.collapse_threshold, len(blocks(pl_module)))
+        if self.plot is not False and trainer.is_global_zero:  # not trainer.log_dir: that broadcasts
+            first = trainer.loggers[0] if trainer.loggers else None
+            folder = getattr(first, "log_dir", None) or getattr(first, "save_dir", None) or trainer.default_root_dir
+            threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
+            plots.save_slope_plot(self.core.history, threshold, os.path.join(folder, PLOT_NAME), self.collapsed,
+                                  "LayerCollapse")
 
     def state_dict(self) -> dict:
-        """The slopes' Adam state (mode="adam") and the slopes it belongs to."""
-        return self.core.state_dict() or {}
+        """The slopes' Adam state (mode="adam") and the slopes it belongs to; the slopes recorded for the plot."""
+        return {**(self.core.state_dict() or {}), "history": [[at, dict(s)] for at, s in self.core.history]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Kept until `on_train_start`: Lightning restores callbacks before the strategy moves the module to its

@@ -18,6 +18,7 @@ from lc_onnx.train.regularize import blocks, decoupled_update, penalty
 from lc_onnx.train.trace import map_tensors
 
 MODES = ("adam", "decoupled")
+MAX_LOGGED_BLOCKS = 32  # more blocks than this: the logs get the min/max/mean only, not one scalar a block
 
 
 class SlopeStepper:
@@ -45,6 +46,7 @@ class SlopeStepper:
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
         self._acts: list[nn.Module] = []
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, each block's slope), for the slope plot
 
     # ---- the start and each step ------------------------------------------------------------------------
 
@@ -118,6 +120,19 @@ class SlopeStepper:
         return {"lc_slope_min": float(values.min()), "lc_slope_max": float(values.max()),
                 "lc_slope_mean": float(values.mean()), "lc_blocks_within": int(within)}
 
+    def record(self, step: int, model: nn.Module) -> dict[str, float]:
+        """Each block's slope now (`regularize.slopes`: the one farthest from 1 when per-channel), appended to
+        `history` as (step, slopes). Adapters call it at their logging cadence, not every step, so the history
+        stays small; a step logged again (or an earlier one: a new run) replaces what followed it."""
+        from lc_onnx.train.regularize import slopes
+
+        now = slopes(model)
+        while self.history and self.history[-1][0] >= step:
+            self.history.pop()
+        if now:
+            self.history.append((step, now))
+        return now
+
     # ---- the slopes' Adam in checkpoints ----------------------------------------------------------------
 
     def state_dict(self) -> dict | None:
@@ -177,3 +192,8 @@ def on_device(inputs, model: nn.Module):
         return None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return map_tensors(lambda t: t.to(device), inputs)
+
+
+def block_logs(slopes: dict[str, float]) -> dict[str, float]:
+    """`lc_slope/<block>` scalars for the logs, one a block; none beyond MAX_LOGGED_BLOCKS blocks (a bounded log)."""
+    return {f"lc_slope/{name}": v for name, v in slopes.items()} if len(slopes) <= MAX_LOGGED_BLOCKS else {}
