@@ -325,14 +325,7 @@ def write(results: dict[str, dict], cfg: dict, secs: float, argv: list[str]) -> 
         *reading(results),
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS_train.md"
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    path = tf.replace_section(HERE / "RESULTS_train.md", START, END, "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
 

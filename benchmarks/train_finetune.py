@@ -340,15 +340,20 @@ def write(rows: dict[str, list[dict]], args, secs: float) -> None:
             curves = np.array([r["curve"] for r in mrows if r.get("lam") == lam])
             lines.append(f"- {mname}, λ={lam:g}: " + ", ".join(f"{a:.1f}" for a in curves.mean(0)))
     lines.append(END)
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS_train.md"
+    path = replace_section(HERE / "RESULTS_train.md", START, END, "\n".join(lines) + "\n")
+    print(f"wrote {path} and {png}")
+
+
+def replace_section(path: Path, start: str, end: str, section: str) -> Path:
+    """`section` (from the `start` marker to the `end` one) in place of the file's, or at its end: a script
+    rewrites only its own section of a shared results file."""
     text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) + 1:]
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
-    print(f"wrote {path} and {png}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
