@@ -11,7 +11,7 @@ The only package of lc_onnx that imports torch (`pip install lc-onnx[train]`).
 """
 
 from lc_onnx.train.callbacks import LayerCollapseCallback
-from lc_onnx.train.collapse import Collapsed, collapse
+from lc_onnx.train.collapse import Collapsed, collapse, collapse_sharded
 from lc_onnx.train.export import export
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation
 from lc_onnx.train.prepare import Prepared, prepare
@@ -21,5 +21,5 @@ from lc_onnx.train.sensitivity import Sensitivity, sensitivity
 from lc_onnx.train.sites import Site
 
 __all__ = ["Collapsed", "LayerCollapseCallback", "LayerCollapsePReLU", "Prepared", "Sensitivity", "SharedActivation",
-           "Site", "blocks", "collapse", "decoupled_step", "export", "from_pretrained", "param_groups", "prepare",
-           "regularizer", "sensitivity", "slope_parameters", "slopes"]
+           "Site", "blocks", "collapse", "collapse_sharded", "decoupled_step", "export", "from_pretrained",
+           "param_groups", "prepare", "regularizer", "sensitivity", "slope_parameters", "slopes"]

@@ -137,9 +137,10 @@ class LayerCollapseCallback:
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.core.start(model, "call lc_onnx.train.prepare(model, example_inputs) before building the Trainer")
-        if self.mode == "adam" and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        # FSDP is judged by the model in core.start (transformers' fsdp= on the CPU runs DDP, where adam works)
+        if self.mode == "adam" and getattr(args, "deepspeed", None):
             raise ValueError("LayerCollapseCallback: mode='adam' needs the slopes' gradients in .grad, which "
-                             "DeepSpeed/FSDP shard; pass mode='decoupled'")
+                             "DeepSpeed shards; pass mode='decoupled'")
         if self.mode == "adam" and state.global_step > 0:  # the Trainer resumed: it loaded global_step from there
             self._resume_optimizer(args, state.global_step)
         self.core.history = self._saved_history(args, state.global_step) if state.global_step > 0 else []

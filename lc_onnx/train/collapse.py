@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from lc_onnx.train.layers import affine, fused, is_linear
 from lc_onnx.train.prelu import LayerCollapsePReLU, SharedActivation, SiteLayout, SiteTag
 from lc_onnx.train.prepare import HOOK_DICTS, fingerprint, layout, one_or_many
 from lc_onnx.train.reach import set_module
-from lc_onnx.train.regularize import blocks
+from lc_onnx.train.regularize import blocks, sharded
 from lc_onnx.train.sensitivity import within_budget
 
 
@@ -201,7 +202,16 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     With `eval_fn(model) -> float` and `max_drop`, the blocks within the threshold are taken from the slope
     nearest 1, each kept while the metric with it and those kept before folded stays within `max_drop` of the
     model's now (a fold computes what a slope of exactly 1 does, so each trial sets slopes to 1, then puts them
-    back); the others stay, each with its drop in the result's `left` and in one warning."""
+    back); the others stay, each with its drop in the result's `left` and in one warning.
+    A model sharded by FSDP2's `fully_shard` is refused (on every rank alike, without a collective): fusing its
+    shards in place would break FSDP; `collapse_sharded` collapses an unsharded copy."""
+    if any(sharded(p) for p in model.parameters()):
+        raise RuntimeError("collapse: the model is sharded (FSDP2's fully_shard: its parameters are DTensors), and "
+                           "fusing shards in place would break FSDP; call lc_onnx.train.collapse_sharded(model, "
+                           "make_model) on every rank instead: it gathers the full state dict (torch.distributed."
+                           "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                           "full_state_dict=True))) into make_model(), an unsharded model prepared as this one was, "
+                           "on rank 0, and collapses it there")
     if not (isinstance(threshold, numbers.Real) and threshold >= 0):  # NaN too: it would fuse every block
         raise ValueError(f"collapse: threshold must be a number >= 0 (the largest |slope - 1| to fuse), "
                          f"got {threshold!r}")
@@ -248,6 +258,47 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     if done:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
         pretrained.note(model, "collapse", blocks=done)
     return Collapsed(done, left)
+
+
+def collapse_sharded(model: nn.Module, make_model: Callable[[], nn.Module], threshold: float = 0.05,
+                     **kwargs) -> tuple[nn.Module | None, Collapsed]:
+    """`collapse` for a model FSDP2's `fully_shard` sharded, which cannot be fused in place: its full state dict is
+    gathered to rank 0's CPU and loaded (strictly) into `make_model()` there, an unsharded model prepared as `model`
+    was before `fully_shard`; that copy is put in eval mode and collapsed (`threshold` and `kwargs` as `collapse`
+    takes them). A collective: call it on every rank. Returns (the collapsed copy, the names) on rank 0 and (None,
+    the same names) on the others; an error on rank 0 is raised on every rank. `model` is left as it was."""
+    distributed = wrapped._distributed()
+    if distributed:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # one process: nothing is sharded
+        state = model.state_dict()
+    rank0 = not distributed or dist.get_rank() == 0
+    copy, done, failure = None, None, None
+    if rank0:
+        try:
+            copy = make_model()
+            if any(sharded(p) for p in copy.parameters()):
+                raise ValueError("collapse_sharded: make_model() returned a sharded model; it must build the model "
+                                 "unsharded, prepared as `model` was before fully_shard")
+            copy.load_state_dict(state)
+            copy.eval()
+            done = collapse(copy, threshold, **kwargs)
+        except Exception as error:  # said to every rank, which would otherwise wait for rank 0 forever
+            failure = error
+    if distributed:  # the names, or rank 0's error as text (any exception pickles as that)
+        said = [None if not rank0 else (list(done), done.left) if failure is None
+                else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(said, src=0)
+        if not rank0 and isinstance(said[0], str):
+            raise RuntimeError(f"collapse_sharded failed on rank 0: {said[0]}")
+        if not rank0:
+            done = Collapsed(*said[0])
+    if failure is not None:
+        raise failure
+    return copy, done
 
 
 def fuse_blocks(model: nn.Module, names: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -21,11 +22,26 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
 
 def penalty(acts: Iterable[LayerCollapsePReLU]) -> torch.Tensor:
-    """`regularizer` over these blocks (the slope-stepping core keeps them, rather than walk the model a step)."""
-    terms = [((m.weight - 1.0) ** 2).mean() for m in acts]
+    """`regularizer` over these blocks (the slope-stepping core keeps them, rather than walk the model a step).
+    Under FSDP2 a plain tensor too, from each slope gathered whole (`full`), that backprops into each rank's shard:
+    every rank adds it to its loss, so the gathers run on every rank."""
+    terms = [((full(m.weight) - 1.0) ** 2).mean() for m in acts]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
+
+
+def sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP2's `fully_shard`, tensor parallel). Free without torch.distributed.tensor
+    imported: no DTensor exists then (importing it costs 0.6 s)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s whole value as a plain tensor: a DTensor gathered from every rank's shard (differentiable, its
+    gradient going back to this rank's shard; a collective, so every rank of its mesh must call it), else `t`."""
+    return t.full_tensor() if sharded(t) else t
 
 
 def slope_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -60,9 +76,11 @@ def decoupled_update(params: Iterable[torch.Tensor], lr: float, lam: float) -> N
 
 
 def slopes(model: nn.Module) -> dict[str, float]:
-    """Each prepared block's slope (the one farthest from 1 when per-channel)."""
+    """Each prepared block's slope (the one farthest from 1 when per-channel). Under FSDP2 (DTensor slopes) each
+    slope is gathered from the ranks' shards, a collective: call it on every rank, never under `if rank == 0`
+    (that rank would wait for the others forever); every rank gets the same values."""
     out = {}
     for name, m in blocks(model).items():
-        w = m.weight.detach().double()
+        w = full(m.weight.detach()).double()
         out[name] = float(w[(w - 1).abs().argmax()])
     return out

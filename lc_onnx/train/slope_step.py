@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lc_onnx.train import wrapped
 from lc_onnx.train.collapse import collapse, verify
-from lc_onnx.train.regularize import blocks, decoupled_update, penalty
+from lc_onnx.train.regularize import blocks, decoupled_update, full, penalty, sharded
 from lc_onnx.train.trace import map_tensors
 
 MODES = ("adam", "decoupled")
@@ -58,6 +59,7 @@ class SlopeStepper:
         self.params = [m.weight for m in self._acts]
         if not self.params:
             raise ValueError(f"{self.who}: the model has no prepared blocks; {how_to_prepare}")
+        self._check_sharding(model)
         self._check_collapsible(model)
         self.optimizer = None
         if self.mode == "adam":
@@ -68,7 +70,8 @@ class SlopeStepper:
         gradients, step them with their own Adam, and leave their `.grad` None, so that the framework's optimizer
         skips them (a torch optimizer skips a parameter without a gradient: no second step, no weight decay) and
         its gradient clipping after this neither counts nor clips them. Skipped (False) when a gradient is not
-        finite (an fp16 overflow step, which the framework skips too), and in mode="decoupled"."""
+        finite (an fp16 overflow step, which the framework skips too), and in mode="decoupled". Under FSDP2 the
+        pull gathers each slope and the finiteness is all-reduced: every rank runs it, as every framework does."""
         if self.optimizer is None:
             return False
         with torch.enable_grad():
@@ -79,7 +82,7 @@ class SlopeStepper:
         for p, pull in zip(self.params, pulls, strict=True):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             grads.append(g + pull if pull is not None else g)
-        stepped = all(bool(torch.isfinite(g).all()) for g in grads)
+        stepped = _all_finite(grads)
         if stepped:
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
@@ -92,6 +95,21 @@ class SlopeStepper:
         """Just after the framework's optimizer stepped: mode="decoupled"'s α ← α − slope_lr·λ·2(α−1)."""
         if self.mode == "decoupled":
             decoupled_update(self.params, self.slope_lr, self.lam)
+
+    def _check_sharding(self, model: nn.Module) -> None:
+        """Decided by what the model is, not by what the framework was asked for (transformers' `fsdp=` on the CPU
+        runs DDP): FSDP2's DTensor slopes step with mode="adam" too, but `collapse_threshold` cannot collapse
+        them in place; FSDP1 keeps the slopes' gradients in its flat shards, out of mode="adam"'s reach."""
+        if self.collapse_threshold is not None and any(sharded(p) for p in self.params):
+            raise ValueError(f"{self.who}: the model is sharded (FSDP2's fully_shard: its slopes are DTensors), "
+                             f"which collapse_threshold cannot collapse in place; pass collapse_threshold=None, "
+                             f"and after training call lc_onnx.train.collapse_sharded(model, make_model) on every "
+                             f"rank")
+        if self.mode == "adam" and wrapped._distributed() and any(
+                isinstance(m, wrapped._fsdp1()) for m in model.modules()):
+            raise ValueError(f"{self.who}: mode='adam' needs the slopes' gradients in .grad, which FSDP1 "
+                             f"(FullyShardedDataParallel) keeps in its flat shards; pass mode='decoupled', or "
+                             f"shard with FSDP2's fully_shard")
 
     def _check_collapsible(self, model: nn.Module) -> None:
         """`collapse` at the end refuses blocks found by names alone that inputs do not prove: prove them now
@@ -114,9 +132,10 @@ class SlopeStepper:
         found = blocks(model)
         if not found:
             return {}
-        values = torch.cat([m.weight.detach().double().flatten() for m in found.values()])
+        weights = [full(m.weight.detach()) for m in found.values()]  # FSDP2: gathered, on every rank alike
+        values = torch.cat([w.double().flatten() for w in weights])
         threshold = self.collapse_threshold if self.collapse_threshold is not None else self.report_threshold
-        within = sum(float((m.weight.detach() - 1).abs().max()) <= threshold for m in found.values())
+        within = sum(float((w - 1).abs().max()) <= threshold for w in weights)
         return {"lc_slope_min": float(values.min()), "lc_slope_max": float(values.max()),
                 "lc_slope_mean": float(values.mean()), "lc_blocks_within": int(within)}
 
@@ -184,6 +203,18 @@ class OnCore:
 
     def __set__(self, obj, value) -> None:
         setattr(obj.core, self.name, value)
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite. Under FSDP2 each rank sees its shards only, so the answer is all-reduced
+    (every rank runs `step`): no rank steps its part of a slope while another skips."""
+    local = [g.to_local() if sharded(g) else g for g in grads]
+    finite = all(bool(torch.isfinite(g).all()) for g in local)
+    if not any(sharded(g) for g in grads):
+        return finite
+    flag = torch.tensor(float(finite), device=local[0].device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def on_device(inputs, model: nn.Module):
