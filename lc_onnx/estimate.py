@@ -24,17 +24,19 @@ WHAT_IF_NOTE = ("what-if model from lc-onnx estimate: activations taken out of i
                 "something else; for timing only, never an optimized model")
 
 
-def what_if(model: onnx.ModelProto, only: set[int] | None = None) -> tuple[onnx.ModelProto, int]:
-    """The model with the blocks numbered in `only` (all when None) linearized and folded, marked as a what-if
-    in its metadata (and not stamped as lc-onnx's output); and how many such blocks the model has."""
+def what_if(model: onnx.ModelProto, only: set[int] | None = None,
+            tol: float = api.DEFAULT_TOL) -> tuple[onnx.ModelProto, int]:
+    """The model with the blocks numbered in `only` (all when None) linearized and folded, with every chain
+    lc-onnx folds at `tol` today, marked as a what-if in its metadata (and not stamped as lc-onnx's output); and
+    how many such blocks the model has (chains within `tol` are none: they fold as they are)."""
     graph, annotated, _ = api._import(api._open(model))
-    found = passes.what_if.linearize(graph, only)
+    found = passes.what_if.linearize(graph, only, tol)
     shapes.unannotate(annotated)
     linear = gs.export_onnx(graph, do_type_check=False)
     linear.ir_version = model.ir_version
     del linear.opset_import[:]
     linear.opset_import.extend(model.opset_import)
-    folded = api.optimize(linear, tol=0.0, validate=False).model
+    folded = api.optimize(linear, tol=tol, validate=False).model
     kept = [p for p in folded.metadata_props if p.key != api.STAMP_KEY]
     del folded.metadata_props[:]
     folded.metadata_props.extend(kept)
@@ -93,7 +95,7 @@ def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: in
     model, _ = io.read(path)
     if is_what_if(model):
         raise InputError(f"{path}: a what-if model from lc-onnx estimate; give the original")
-    n = what_if(model, set())[1]
+    n = what_if(model, set())[1]  # blocks a fine-tune would add to what lc-onnx folds now (a row of its own)
     result = Estimate(blocks=n)
     if not n:
         return result
@@ -101,6 +103,9 @@ def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: in
         folder = keep or Path(tmp)
         variants = _variants(n, per_block)
         paths = [Path(path)]
+        folds_today = api.optimize(model, validate=False).report.rewrites
+        if folds_today:
+            variants.insert(0, (f"lc-onnx today (tol {api.DEFAULT_TOL:g})", set()))
         for i, (_, only) in enumerate(variants):
             target = folder / f"{Path(path).stem}.what-if-{i}.onnx"
             io.save(what_if(model, only)[0], target)

@@ -99,8 +99,8 @@ class Reject:
     reason: str
     slope_range: tuple[float, float] | None = None
     shape: tuple[int, int, int] | None = None  # d_in, hidden, d_out where both layers could be read
-    # a block whose only obstacle is a non-linear activation: (the node reading the activation's output, that
-    # output, the first layer's output) — what `what_if` rewires to see the block as if its slope were 1
+    # a block whose only obstacle is its activation (non-linear, or a slope outside tol): (the node reading the
+    # activation's output, that output, the activation's input) — what `what_if` rewires to see it at slope 1
     linearize: tuple[gs.Node, gs.Tensor, gs.Tensor] | None = None
 
     @property
@@ -188,7 +188,9 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         if off > tol:
             lo, hi = srange
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
-            return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape)
+            after = between[between.index(activation) + 1:] + [node]  # what reads the activation in the chain
+            return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape,
+                          (after[0], activation.outputs[0], activation.inputs[0]))
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     flatten = flattening(first, between, second)

@@ -92,3 +92,14 @@ def test_a_model_without_such_blocks_says_a_fine_tune_would_collapse_nothing(tmp
     export(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)).eval(), model, dynamo=True)
     out = CliRunner().invoke(main, ["estimate", str(model), "--runs", "2"])
     assert out.exit_code == 0 and "would collapse nothing" in out.output
+
+
+def test_a_prelu_slope_outside_tol_is_a_block_and_chains_within_it_fold_as_they_are():
+    from lc_onnx.demo import SLOPES, build_model
+
+    model = build_model()  # 6 blocks: slopes 1, 1, 1, 1, 0.9996 (within 1e-3) and 0.25 (a fine-tune's work)
+    what_if, blocks = estimate.what_if(model)
+    assert blocks == 1 and SLOPES[-1] == 0.25
+    assert ops(what_if)["MatMul"] == 6 and "PRelu" not in ops(what_if)  # every block one layer
+    today, _ = estimate.what_if(model, set())
+    assert ops(today)["MatMul"] == 7 and ops(today)["PRelu"] + ops(today)["LeakyRelu"] == 1  # the 0.25 block stays
