@@ -319,12 +319,11 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     tensor at a time (`progress(done, total)` after each). `model` is not changed."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{folder}: output folder is not writable")
+    check_target(p, "save:")  # the CLI checked its paths; an API caller's -o /dev/null must not replace a device
     if external_data is None:
         external_data = has_external(model) or serialized_size(model) > PROTOBUF_LIMIT
+    if external_data:
+        check_target(data_path(p), "save:")
     elif not external_data and has_external(model):
         raise InputError("the model's weights are external data; it can only be saved with external data")
     temps: list[str] = []

@@ -227,3 +227,26 @@ def test_item14_non_utf8_folder_with_external_data_runs(tmp_path):
     # its default output would name a data file that is not UTF-8 inside the model: said before any work
     line = one_error(invoke("optimize", src))
     assert "UTF-8" in line and not list(folder.glob("*.lc.*"))
+
+
+def test_item05_the_python_api_save_refuses_a_fifo_and_a_device_too(tmp_path, monkeypatch):
+    """`OptimizeResult.save()` / `io.save()` from Python: the same rule as the CLI's -o, checked before any write."""
+    import os
+
+    def no_replace(*args):  # as root a regression would replace the system's /dev/null: stop it before that
+        raise AssertionError(f"save went on to replace {args[-1]}")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+
+    import lc_onnx
+    from lc_onnx import io as lc_io
+    from tests.builder import mlp
+
+    fifo = tmp_path / "out.onnx"
+    os.mkfifo(fifo)
+    result = lc_onnx.optimize(mlp(rank=2), validate=False)
+    with pytest.raises(lc_onnx.InputError, match="is a FIFO"):
+        result.save(fifo)
+    with pytest.raises(lc_onnx.InputError, match="is a device"):
+        lc_io.save(result.model, "/dev/null")
+    assert fifo.is_fifo() and os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
