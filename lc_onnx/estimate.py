@@ -29,6 +29,12 @@ def what_if(model: onnx.ModelProto, only: set[int] | None = None,
     """The model with the blocks numbered in `only` (all when None) linearized and folded, with every chain
     lc-onnx folds at `tol` today, marked as a what-if in its metadata (and not stamped as lc-onnx's output); and
     how many such blocks the model has (chains within `tol` are none: they fold as they are)."""
+    folded, blocks, _ = _what_if(model, only, tol)
+    return folded, blocks
+
+
+def _what_if(model: onnx.ModelProto, only: set[int] | None, tol: float) -> tuple[onnx.ModelProto, int, int]:
+    """`what_if`, and how many rewrites the fold made (with `only` empty: what lc-onnx folds now)."""
     graph, annotated, _ = api._import(api._open(model))
     found = passes.what_if.linearize(graph, only, tol)
     shapes.unannotate(annotated)
@@ -36,12 +42,13 @@ def what_if(model: onnx.ModelProto, only: set[int] | None = None,
     linear.ir_version = model.ir_version
     del linear.opset_import[:]
     linear.opset_import.extend(model.opset_import)
-    folded = api.optimize(linear, tol=tol, validate=False).model
+    result = api.optimize(linear, tol=tol, validate=False)
+    folded = result.model
     kept = [p for p in folded.metadata_props if p.key != api.STAMP_KEY]
     del folded.metadata_props[:]
     folded.metadata_props.extend(kept)
     folded.metadata_props.add(key=WHAT_IF_KEY, value=WHAT_IF_NOTE)
-    return folded, len(found)
+    return folded, len(found), len(result.report.rewrites)
 
 
 def is_what_if(model: onnx.ModelProto) -> bool:
@@ -95,25 +102,25 @@ def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: in
     model, _ = io.read(path)
     if is_what_if(model):
         raise InputError(f"{path}: a what-if model from lc-onnx estimate; give the original")
-    n = what_if(model, set())[1]  # blocks a fine-tune would add to what lc-onnx folds now (a row of its own)
-    result = Estimate(blocks=n)
+    today, n, folds_today = _what_if(model, set(), api.DEFAULT_TOL)  # what lc-onnx folds now, and the blocks
+    result = Estimate(blocks=n)                                         # a fine-tune would add to it
     if not n:
         return result
+    variants = _variants(n, per_block)
+    if folds_today:
+        variants.insert(0, (f"lc-onnx today (tol {api.DEFAULT_TOL:g})", set()))
     with tempfile.TemporaryDirectory() as tmp:
         folder = keep or Path(tmp)
-        variants = _variants(n, per_block)
-        paths = [Path(path)]
-        folds_today = api.optimize(model, validate=False).report.rewrites
-        if folds_today:
-            variants.insert(0, (f"lc-onnx today (tol {api.DEFAULT_TOL:g})", set()))
+        paths, params = [Path(path)], [_params(model)]
         for i, (_, only) in enumerate(variants):
+            variant = today if not only else what_if(model, only)[0]
             target = folder / f"{Path(path).stem}.what-if-{i}.onnx"
-            io.save(what_if(model, only)[0], target)
+            io.save(variant, target)
             paths.append(target)
-        found = [api.inspect(p, tol=0.0) for p in paths]
+            params.append(_params(variant))
+        # the MAC totals only: no candidates to share them among
         timed = bench.bench_files(paths, provider_name, threads, batch, runs, warmup, shapes, None, seed,
-                                  progress=progress, model_candidates=found)
-        params = [_params(io.read(p)[0]) for p in paths]
+                                  progress=progress, model_candidates=[[] for _ in paths])
     labels = [("original", 0), *[(label, len(only)) for label, only in variants]]
     for (label, count), row, share, p in zip(labels, timed.models, timed.model_macs, params, strict=True):
         macs = share.total if isinstance(share, bench.MacShare) else 0

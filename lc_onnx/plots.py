@@ -105,6 +105,16 @@ def inspect_plot(candidates: list, macs: list[tuple[int, int] | None], tol: floa
     fig.savefig(path, dpi=120)
 
 
+def sensitivity_plot(baseline: float, cumulative: list[float], path) -> None:
+    """`train.sensitivity`'s curve: the metric against the number of blocks linearized, least harmful first."""
+    fig, (ax,) = _figure(6.0, 3.5)
+    ax.plot(range(len(cumulative) + 1), [baseline, *cumulative], marker="o")
+    ax.set_xlabel("blocks linearized (least harmful first)")
+    ax.set_ylabel("metric")
+    ax.set_title("LayerCollapse sensitivity")
+    fig.savefig(path)
+
+
 def available() -> bool:
     """Whether matplotlib can be imported: the training callbacks draw their slope plot only then."""
     try:

@@ -32,7 +32,7 @@ class Sensitivity:
 
     def drop(self, value: float) -> float:
         """How much worse `value` is than the baseline (positive: worse)."""
-        return self.baseline - value if self.higher_is_better else value - self.baseline
+        return _drop(self.baseline, value, self.higher_is_better)
 
     def table(self) -> str:
         width = max([len("block"), *map(len, self.order)])
@@ -46,21 +46,15 @@ class Sensitivity:
 
     def plot(self, path) -> None:
         """The cumulative curve (metric against blocks linearized) as a PNG (needs matplotlib)."""
-        try:
-            import matplotlib
+        from lc_onnx import plots
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("Sensitivity.plot needs matplotlib: pip install 'lc-onnx[plot]'") from e
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(len(self.order) + 1), [self.baseline, *self.cumulative], marker="o")
-        ax.set_xlabel("blocks linearized (least harmful first)")
-        ax.set_ylabel("metric")
-        ax.set_title("LayerCollapse sensitivity")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        if not plots.available():
+            raise ImportError("Sensitivity.plot needs matplotlib: pip install 'lc-onnx[plot]'")
+        plots.sensitivity_plot(self.baseline, self.cumulative, path)
+
+
+def _drop(baseline: float, value: float, higher_is_better: bool) -> float:
+    return baseline - value if higher_is_better else value - baseline
 
 
 @contextlib.contextmanager
@@ -120,8 +114,7 @@ def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], example
     for name in names:
         with linearized(model, [name]):
             alone[name] = float(eval_fn(model))
-    sign = 1.0 if higher_is_better else -1.0
-    order = sorted(names, key=lambda n: sign * (baseline - alone[n]))
+    order = sorted(names, key=lambda n: _drop(baseline, alone[n], higher_is_better))
     cumulative = []
     for i in range(len(order)):
         with linearized(model, order[: i + 1]):
@@ -144,7 +137,7 @@ def within_budget(model: nn.Module, candidates: list[str], eval_fn: Callable[[nn
             continue
         with linearized(model, [*kept, name]):
             value = float(eval_fn(model))
-        drop = baseline - value if higher_is_better else value - baseline
+        drop = _drop(baseline, value, higher_is_better)
         if drop <= max_drop:
             kept.append(name)
         else:

@@ -13,6 +13,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lc_onnx.train.regularize import sharded
+
 WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)  # a module holding a model of its own
 
 
@@ -22,14 +24,6 @@ def _fsdp1() -> tuple[type, ...]:
     except ImportError:  # a torch built without distributed
         return ()
     return (FullyShardedDataParallel,)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _distributed() -> bool:
@@ -55,7 +49,7 @@ def why_wrapped(model: nn.Module) -> str:
         return ""
     if isinstance(model, _fsdp1()):
         return f"the model is a {type(model).__name__}"
-    if any(_is_dtensor(p) for p in model.parameters()):
+    if any(sharded(p) for p in model.parameters()):
         return "its parameters are DTensors (FSDP's fully_shard or tensor parallel sharded it)"
     held = _holders(model)
     if held:
