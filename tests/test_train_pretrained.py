@@ -133,3 +133,30 @@ def test_a_trainer_checkpoint_loads_prepared_and_the_final_save_collapsed(tmp_pa
     final = train.from_pretrained(T.BertForSequenceClassification, tmp_path / "final")
     assert not train.blocks(final)  # all collapsed at the end of training
     torch.testing.assert_close(out(final, x), out(trainer.model, x))
+
+
+def test_a_site_whose_own_prelu_was_replaced_without_its_slopes_reloads_at_the_recorded_size(tmp_path):
+    """prepare(keep_slopes=False) gives an nn.PReLU site one slope; the replay must not take the nn.PReLU's 32."""
+
+    class Config(T.PretrainedConfig):
+        model_type = "lc_onnx_prelu_mlp"
+
+    class Mlp(T.PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.fc1, self.act, self.fc2 = torch.nn.Linear(8, 32), torch.nn.PReLU(32), torch.nn.Linear(32, 8)
+            self.post_init()
+
+        def forward(self, x):
+            return (self.fc2(self.act(self.fc1(x))),)
+
+    x = {"x": torch.randn(2, 8)}
+    model = Mlp(Config()).eval()
+    train.prepare(model, x, keep_slopes=False)
+    assert model.act.weight.numel() == 1
+    model.save_pretrained(tmp_path)
+    loaded = train.from_pretrained(Mlp, tmp_path)
+    assert loaded.act.weight.numel() == 1
+    torch.testing.assert_close(out(loaded, x), out(model, x), rtol=0, atol=0)

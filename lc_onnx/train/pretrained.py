@@ -57,7 +57,10 @@ def replay(model: nn.Module, record: dict) -> None:
     for step in record["steps"]:
         if step["step"] == "prepare":
             for entry in step["sites"]:
-                install(model, _site(entry), per_channel=entry["slopes"] > 1, verified=entry["verified"])
+                # the recorded slope count decides the PReLU's size (the weights come after): never the count an
+                # nn.PReLU already at the site would give with keep_slopes
+                install(model, _site(entry), per_channel=entry["slopes"] > 1, verified=entry["verified"],
+                        keep_slopes=False)
             no_fused_feed_forward(model)
         elif step["step"] == "collapse":
             fuse_blocks(model, step["blocks"])
