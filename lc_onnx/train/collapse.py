@@ -253,10 +253,9 @@ def collapse(model: nn.Module, threshold: float = 0.05, only: str | list[str] | 
     for _, act, _, base in chosen:
         _fuse(base, act.layout)
     done = [name for name, *_ in chosen]
-    if done:  # an optimizer or DDP wrapper built before now would train the old parameters: stop it saying so
-        wrapped.guard_stale(model, replaced, done)
-    if done:  # a transformers model carries it into config.json: `train.from_pretrained` replays it
-        pretrained.note(model, "collapse", blocks=done)
+    if done:
+        wrapped.guard_stale(model, replaced, done)  # an optimizer or DDP wrapper built before would train the old
+        pretrained.note(model, "collapse", blocks=done)  # into a transformers config: `from_pretrained` replays it
     return Collapsed(done, left)
 
 
