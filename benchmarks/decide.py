@@ -10,9 +10,10 @@ Per model (seed 0, one λ):
   2. (a) `lc-onnx estimate gelu.onnx --batch 1` (1 thread, interleaved), twice;
      (b) `train.sensitivity(model, eval_fn=test accuracy, example_inputs)` on the pretrained model;
   3. fine-tune with LayerCollapse (train_finetune.lc_prepare + fit with λ), `train.collapse(threshold=0.05)`;
-  4. export the fine-tuned prepared (uncollapsed) model (lc.onnx); (c) `lc-onnx optimize lc.onnx --tol 0.05` and
-     with the default `--tol`, each with `--report`; the --tol 0.05 output timed against gelu.onnx (and estimate's
-     what-if model of all blocks) with `lc_onnx.bench.interleaved`, batch 1, 1 thread, twice.
+  4. export the fine-tuned prepared (uncollapsed) model (lc.onnx); (c) `lc-onnx optimize lc.onnx` with the defaults
+     (--tol 0.05, the accuracy budget) and with `--no-budget` (all or nothing), each with `--report`; the default
+     output timed against gelu.onnx (and estimate's what-if model of all blocks) with `lc_onnx.bench.interleaved`,
+     batch 1, 1 thread, twice.
 The CLI commands run in this process (`lc_onnx.cli.main`, as the console script calls it), exit code and output
 kept: a command's failure is a result here, not an error.
 """
@@ -77,10 +78,14 @@ def optimize(model: Path, options: list[str], tag: str, log=print) -> dict:
     target, report = model.with_name(f"{model.stem}.{tag}.onnx"), model.with_name(f"report-{tag}.json")
     args = ["optimize", model, *options, "-o", target, "--report", report]
     r = lc(*map(str, args))
-    rewrites = json.loads(report.read_text())["rewrites"] if r["code"] == 0 and report.exists() else None
+    written = json.loads(report.read_text()) if r["code"] == 0 and report.exists() else None
+    rewrites = None if written is None else written["rewrites"]
     out = {"command": shown(args), "code": r["code"], "message": r["stderr"].splitlines()[-1] if r["code"] else "",
            "chains": None if rewrites is None else sum(w["rule"] == CHAIN_RULE for w in rewrites),
-           "path": target if r["code"] == 0 and target.exists() else None}
+           "path": target if r["code"] == 0 and target.exists() else None,
+           "budget": "" if written is None else written.get("budget", ""),
+           "left": [] if written is None else [c["reason"] for c in written["skipped"]
+                                               if "left for the accuracy budget" in c["reason"]]}
     log(f"  {out['command']}: exit {out['code']}, chains {out['chains']} {out['message']}")
     return out
 
@@ -137,19 +142,16 @@ def run_model(spec: tf.Spec, xtr, ytr, xte, yte, tmp: Path, seed: int, pre_epoch
         + ", ".join(f"{s:.3f}" for s in out["slopes"].values())
         + f"; collapsed {len(out['collapsed'])}/{len(out['slopes'])}: {out['acc_after']:.1f}%")
 
-    # (c) optimize the fine-tuned export at --tol 0.05 and at the default
+    # (c) optimize the fine-tuned export with the defaults (the accuracy budget) and all or nothing
     lc_path = tmp / "lc.onnx"
     tf.export(model, xte, lc_path)
-    out["optimize"] = {"0.05": optimize(lc_path, ["--tol", "0.05"], "tol-0.05", log),
-                       "default": optimize(lc_path, [], "tol-default", log)}
-    if out["optimize"]["0.05"]["code"] != 0:  # validation refused it: train_finetune.py's rtol = the threshold
-        out["optimize"]["0.05, rtol 0.05"] = optimize(lc_path, ["--tol", "0.05", "--rtol", "0.05"], "rtol-0.05", log)
+    out["optimize"] = {"default": optimize(lc_path, [], "default", log),
+                       "no budget": optimize(lc_path, ["--no-budget"], "no-budget", log)}
     out["default_tol"] = lc_onnx.api.DEFAULT_TOL
 
-    # (a) after: the --tol 0.05 output against the GELU export (and estimate's what-if of all blocks), interleaved
-    used = "0.05" if out["optimize"]["0.05"]["path"] else "0.05, rtol 0.05"
-    out["timed"] = out["optimize"].get(used, {}).get("command")
-    folded = out["optimize"].get(used, {}).get("path")
+    # (a) after: the default output against the GELU export (and estimate's what-if of all blocks), interleaved
+    out["timed"] = out["optimize"]["default"]["command"]
+    folded = out["optimize"]["default"]["path"]
     what_ifs = sorted(keep.glob("*.what-if-*.onnx"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     out["timing"] = []
     if folded is not None:
@@ -159,7 +161,7 @@ def run_model(spec: tf.Spec, xtr, ytr, xte, yte, tmp: Path, seed: int, pre_epoch
         for _ in range(2):
             lat = bench.interleaved(models, {"x": xte[:1].numpy()}, runs=runs, warmup=10, threads=1)
             out["timing"].append([t.median_ms for t in lat])
-            log("  interleaved ms (GELU, optimized --tol 0.05, what-if all): "
+            log("  interleaved ms (GELU, optimized, what-if all): "
                 + ", ".join(f"{t.median_ms:.4f}" for t in lat))
     out["secs"] = time.time() - start
     return out
@@ -174,8 +176,8 @@ def _estimate_all(e: dict) -> dict | None:
 
 def table_a(results: dict[str, dict], runs: int) -> list[str]:
     head = ("| model | blocks | estimate before the fine-tune: all blocks, speedup (run 1 / run 2) | command "
-            "| reached after it: optimized --tol 0.05 vs GELU export (run 1 / run 2) | what-if all vs GELU, same "
-            "interleaved runs | measured by |")
+            "| reached after it: `lc-onnx optimize` (defaults) vs GELU export (run 1 / run 2) "
+            "| what-if all vs GELU, same interleaved runs | measured by |")
     out = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for m, r in results.items():
         est = [_estimate_all(e) for e in r["estimate"]]
@@ -188,7 +190,7 @@ def table_a(results: dict[str, dict], runs: int) -> list[str]:
                        + f" ({o['chains']}/{n} blocks folded by `{o['command']}`)")
             wi = " / ".join(f"{t[0] / t[2]:.2f}x" for t in r["timing"]) if len(r["timing"][0]) > 2 else "–"
         else:
-            reached, wi = f"– (optimize exit {r['optimize']['0.05']['code']})", "–"
+            reached, wi = f"– (optimize exit {r['optimize']['default']['code']})", "–"
         cmd = r["estimate"][0]["command"]
         timed = r["timed"].split(" -o ")[1].split()[0] if r["timed"] else "–"
         by = f"`lc_onnx.bench.interleaved([gelu.onnx, {timed}, what-if all], x[:1], runs={runs}, threads=1)`"
@@ -234,7 +236,7 @@ def table_b(results: dict[str, dict]) -> list[str]:
 
 def table_b_summary(results: dict[str, dict]) -> list[str]:
     head = ("| model | pretrained (GELU) | all blocks linearized, no ft (sensitivity) | GELU fine-tune | LC fine-tune "
-            "(uncollapsed) | after `train.collapse(threshold=0.05)` (torch) | after optimize --tol 0.05 (ORT) "
+            "(uncollapsed) | after `train.collapse(threshold=0.05)` (torch) | after `lc-onnx optimize` (ORT) "
             "| blocks collapsed |")
     out = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for m, r in results.items():
@@ -246,14 +248,14 @@ def table_b_summary(results: dict[str, dict]) -> list[str]:
 
 
 def table_c(results: dict[str, dict]) -> list[str]:
-    head = "| model | slopes after ft (min..max) | command | exit | blocks folded | message |"
+    head = "| model | slopes after ft (min..max) | command | exit | blocks folded | left for the budget / message |"
     out = [head, "|---|---|---|---|---|---|"]
     for m, r in results.items():
         sl = list(r["slopes"].values())
         for key, o in r["optimize"].items():
-            msg = o["message"].replace("|", "\\|")
+            msg = "; ".join([o["budget"], *o["left"]] if o["budget"] else [o["message"]]).replace("|", "\\|")
             folded = "– (nothing written)" if o["chains"] is None else f"{o['chains']}/{len(sl)}"
-            tol = f" (default --tol {r['default_tol']:g})" if key == "default" else ""
+            tol = f" (--tol {r['default_tol']:g})" if key == "default" else ""
             out.append(f"| {m} | {min(sl):.3f}..{max(sl):.3f} | `{o['command']}`{tol} | {o['code']} | {folded} "
                        f"| {msg} |")
     return out
@@ -281,9 +283,11 @@ def reading(results: dict[str, dict]) -> list[str]:
                    f"{r['acc_gelu_ft']:.1f} % for the GELU fine-tune.")
         o = r["optimize"]
         fold = {k: f"nothing (exit {v['code']})" if v["chains"] is None else f"{v['chains']}/{n}" for k, v in o.items()}
-        out.append(f"- (c) {m}: `--tol 0.05` folds {fold['0.05']}"
-                   + (f" (with `--rtol 0.05`: {fold['0.05, rtol 0.05']})" if "0.05, rtol 0.05" in fold else "")
-                   + f"; the default `--tol {r['default_tol']:g}` folds {fold['default']}.")
+        left = len(o["default"]["left"])
+        out.append(f"- (c) {m}: the defaults (`--tol {r['default_tol']:g}`, the accuracy budget) fold "
+                   f"{fold['default']}" + (f", {o['default']['budget']}" if o["default"]["budget"] else "")
+                   + f"; all or nothing (`--no-budget`) folds {fold['no budget']}"
+                   + (f" ({left} block(s) left by the budget, each with its error in the report)." if left else "."))
     return out
 
 

@@ -26,7 +26,7 @@ from lc_onnx.report import why_unfolded as _why_unfolded
 # module): only its errors, so a run says one line of its own
 G_LOGGER.severity = G_LOGGER.ERROR
 
-DEFAULT_TOL = 1e-3
+DEFAULT_TOL = 0.05  # the paper's: a fine-tune leaves slopes 0.993-0.999; validation judges the error
 RELEASE_ABOVE = 64 * 2**20  # bytes of model: past this, memory is handed back between stages (gc costs ~0.1 s)
 STAMP_KEY = "lc_onnx"
 
@@ -314,18 +314,21 @@ def optimize(
     progress: Callable[..., None] | None = None,
     writes: tuple[str | os.PathLike, ...] = (),
     allow_growth: bool = False,
+    budget: bool = True,
 ) -> OptimizeResult:
-    """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1.
+    """Collapse every linear → (near-)identity → linear chain within `tol` of slope 1 that validation allows.
 
-    The input model is never changed. With `validate`, both models run in ONNX Runtime on
-    seeded random inputs (or `inputs`) and ValidationError is raised when any output's relative L2
-    error exceeds `rtol` and its largest absolute error exceeds `atol` (defaults: `validate.default_rtol`,
-    from the slopes actually taken as 1, and `validate.default_atol`); an integer or bool output fails when more
-    than the share `max_mismatch` of its elements differ. `writes` are paths the caller will
-    write: InputError before any work if one is a file the input reads. `progress(stage)` is called as each
-    stage starts, and `progress(stage, done, None)` as rewrites are made. `allow_growth`: fold chains that read
-    shared weights (ALBERT's one MLP in every layer) even where that grows the model's parameters; by default
-    such a group is left, with the reason in the report."""
+    The input model is never changed. With `validate`, both models run in ONNX Runtime on seeded random inputs
+    (or `inputs`); an output passes when its relative L2 error is within `rtol` or its largest absolute error
+    within `atol` (defaults: `validate.default_rtol`, from the slopes within `tol`, and `validate.default_atol`);
+    an integer or bool output when at most the share `max_mismatch` of its elements differ. Where folding every
+    chain fails that, the chains whose slopes are not exactly 1 are folded in order of least error per MAC saved
+    while validation passes (`budget`); each one that would break it is left, with its measured error in the
+    report. ValidationError only where even the exact rewrites fail, or with `budget=False` (all or nothing).
+    `writes` are paths the caller will write: InputError before any work if one is a file the input reads.
+    `progress(stage)` is called as each stage starts, and `progress(stage, done, None)` as rewrites are made.
+    `allow_growth`: fold chains that read shared weights (ALBERT's one MLP in every layer) even where that grows
+    the model's parameters; by default such a group is left, with the reason in the report."""
     step = progress or (lambda stage, done=None, total=None: None)
     for name, value in (("--tol", tol), ("--rtol", rtol), ("--atol", atol)):
         check_limit(name, value)
@@ -341,34 +344,12 @@ def optimize(
     io.refuse_overlap(set(src.reads), [Path(w) for w in writes])
     original = src.model
     check_input_names(original, input_shapes, inputs)  # here, not only in validation: a run may fold nothing
-    step("checking")
-    graph, annotated, homes = _import(src)
-    # sizes read string fields: only once they are checked
-    report = Report(tol=tol, before=totals(original), allow_growth=allow_growth)
-    step("rewriting")
-    for node, label in _node_labels(graph):
-        if not node.name:
-            node.name = _Unnamed(label)
-    result = passes.run(graph, tol, skip_set, on_rewrite=lambda n: step("rewrites made", n, None),
-                        allow_growth=allow_growth)
-    shapes.unannotate(annotated)
-    del annotated  # it holds graph tensors, and through them the graph and the input's weights
-    for done in [*result.rewrites, *result.skipped]:
-        done.names = [name.label if isinstance(name, _Unnamed) else name for name in done.names]
-    report.rewrites, report.skipped = result.rewrites, result.skipped
-    if not result.modified:
-        report.after = report.before
+    rewrite = _Rewriter(tol, skip_set, allow_growth, step)
+    attempt = rewrite(src)
+    report = attempt.report
+    if attempt.model is None:
         return OptimizeResult(original, report, src.source, src.path, src.reads)
-
-    step("exporting")
-    model = _export(graph, original, report, homes)
-    del homes
-    del graph
-    try:
-        check.check_model(model, src.source)
-    except InputError as e:
-        raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
-    report.after = totals(model)
+    model = attempt.model
     if validate:
         step("validating in ONNX Runtime")
         feeds, drawn = validation.draw_inputs(original, input_shapes, inputs, seed)
@@ -380,13 +361,146 @@ def optimize(
         src.model, original = None, src.path
         if big:
             validation.return_freed_memory()
-    if validate:
-        report.validation = validation.compare(original, model, feeds, limit, abs_limit, src.source, release=big,
-                                               max_mismatch=max_mismatch)
-        report.validation.drawn, report.validation.guessed = drawn, guessed
-        if not report.validation.passed:
-            raise ValidationError(report.validation.failure(), report)
+    if not validate:
+        return OptimizeResult(model, report, src.source, src.path, src.reads)
+
+    def judge(candidate: onnx.ModelProto) -> validation.Validation:
+        found = validation.compare(original, candidate, feeds, limit, abs_limit, src.source, release=big,
+                                   max_mismatch=max_mismatch)
+        found.drawn, found.guessed = drawn, guessed
+        return found
+
+    report.validation = judge(model)
+    if not report.validation.passed and budget and attempt.budgeted:
+        attempt = _fit_budget(attempt, lambda leave: rewrite(_open(model_or_path), leave), judge, step)
+        model, report = attempt.model, attempt.report
+        if model is None:  # every rewrite took slopes as 1 and each breaks the budget: the input, as it is
+            src = _open(model_or_path)
+            return OptimizeResult(src.model, report, src.source, src.path, src.reads)
+    if not report.validation.passed:
+        raise ValidationError(report.validation.failure(), report)
     return OptimizeResult(model, report, src.source, src.path, src.reads)
+
+
+@dataclass
+class _Attempt:
+    """One rewrite of the model: the new model (None when nothing was rewritten), its report, and, by rewrite,
+    the positions (as imported) of the activations each took as the identity."""
+
+    model: onnx.ModelProto | None
+    report: Report
+    replaced: list[frozenset[int]]
+
+    @property
+    def budgeted(self) -> list[int]:
+        """The rewrites a budget may leave: those that took slopes other than 1 as 1 (of activations as imported)."""
+        return [i for i, r in enumerate(self.report.rewrites) if r.error_coefficient > 0 and self.replaced[i]]
+
+
+@dataclass
+class _Rewriter:
+    """Import → passes → export → check, as often as the budget needs (each time from the input as given)."""
+
+    tol: float
+    skip: frozenset[str]
+    allow_growth: bool
+    step: Callable[..., None]
+
+    def __call__(self, src: _Input, leave: frozenset[int] = frozenset()) -> _Attempt:
+        """`leave`: positions (as imported) of the activations no rule may take as the identity."""
+        self.step("checking")
+        graph, annotated, homes = _import(src)
+        # sizes read string fields: only once they are checked
+        report = Report(tol=self.tol, before=totals(src.model), allow_growth=self.allow_growth)
+        self.step("rewriting")
+        position = {}  # the activations, by their place as imported: the same in every attempt
+        for i, (node, label) in enumerate(_node_labels(graph)):
+            if node.op in passes.budget.SLOPED:
+                position[id(node)] = i
+            if not node.name:
+                node.name = _Unnamed(label)
+        at = {i: key for key, i in position.items()}
+        result = passes.run(graph, self.tol, self.skip, on_rewrite=lambda n: self.step("rewrites made", n, None),
+                            allow_growth=self.allow_growth, leave=frozenset(at[i] for i in leave if i in at))
+        shapes.unannotate(annotated)
+        del annotated  # it holds graph tensors, and through them the graph and the input's weights
+        for done in [*result.rewrites, *result.skipped]:
+            done.names = [name.label if isinstance(name, _Unnamed) else name for name in done.names]
+        report.rewrites, report.skipped = result.rewrites, result.skipped
+        replaced = [frozenset(position[k] for k in r.keys if k in position) for r in result.rewrites]
+        for c in result.skipped:
+            c.positions = frozenset(position[k] for k in c.keys if k in position)  # where the budget says why
+        if not result.modified:
+            report.after = report.before
+            return _Attempt(None, report, replaced)
+        self.step("exporting")
+        model = _export(graph, src.model, report, homes)
+        del homes
+        del graph
+        try:
+            check.check_model(model, src.source)
+        except InputError as e:
+            raise ValidationError(f"the rewritten model fails onnx.checker: {e}", report) from None
+        report.after = totals(model)
+        return _Attempt(model, report, replaced)
+
+
+def _fit_budget(full: _Attempt, rewrite: Callable[[frozenset[int]], _Attempt],
+                judge: Callable[[onnx.ModelProto], validation.Validation], step: Callable[..., None]) -> _Attempt:
+    """Folding every chain in `full` failed validation: fold those that took slopes other than 1 as 1 in order of
+    least error per MAC saved while validation passes; each that would take it over is left and says by how much.
+    The longest passing prefix of that order is found by bisection, then each later chain is tried on its own."""
+    rewrites = full.report.rewrites
+    order = sorted(full.budgeted, key=lambda i: rewrites[i].error_coefficient
+                   / max(1, rewrites[i].macs_before - rewrites[i].macs_after))
+    tried = 0
+
+    def attempt(kept: list[int]) -> _Attempt:
+        nonlocal tried
+        tried += 1
+        step(f"fitting the accuracy budget (try {tried})")
+        leave = frozenset().union(*(full.replaced[i] for i in order if i not in kept))
+        done = rewrite(leave)
+        if done.model is not None:
+            done.report.validation = judge(done.model)
+        return done
+
+    best = attempt([])
+    if best.model is not None and not best.report.validation.passed:
+        return best  # the exact rewrites alone fail: no budget helps
+    lo, hi = 0, len(order) - 1  # order[:lo] passes; order (all of it) failed
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        done = attempt(order[:mid])
+        if done.model is not None and done.report.validation.passed:
+            best, lo = done, mid
+        else:
+            hi = mid - 1
+    kept, left = order[:lo], {}
+    for i in order[lo:]:
+        done = attempt([*kept, i])
+        if done.model is not None and done.report.validation.passed:
+            best, kept = done, [*kept, i]
+        else:
+            left[i] = done.report.validation
+    for c in best.report.skipped:
+        for i, found in left.items():
+            if c.reason.endswith(passes.budget.REASON) and full.replaced[i] & c.positions:
+                c.reason += ": " + _moved(found)
+    best.report.budget = (f"{len(kept)} of {len(order)} chains with slopes other than 1 folded, {len(left)} left "
+                          f"to keep every output within rtol {full.report.validation.rtol:.3g} ({tried} tries)")
+    return best
+
+
+def _moved(found: validation.Validation) -> str:
+    """What folding a left chain did to the outputs, in a few words: the worst output's error against the limit."""
+    bad = max((o for o in found.outputs if not o.passed), key=lambda o: o.rel_l2, default=None)
+    if bad is None:
+        return "the rewritten model did not pass validation"
+    if bad.mismatch is not None:
+        return (f"folding it changes a share {bad.mismatch:.3g} of output {bad.name!r}, over --max-mismatch "
+                f"{found.max_mismatch:g}")
+    return f"folding it moves output {bad.name!r} by {bad.rel_l2:.3g} (rel L2), over rtol {found.rtol:.3g}"
 
 
 def check_input_names(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None,

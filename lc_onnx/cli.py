@@ -180,12 +180,19 @@ def main() -> None:
 @click.option("--allow-growth", is_flag=True,
               help="Fold chains that read shared weights (one MLP run in every layer) even where the model's "
                    "parameters grow; by default such chains are left, with the reason.")
+@click.option("--no-budget", is_flag=True,
+              help="All or nothing: fold every chain within --tol or fail (exit 1). By default, where folding them "
+                   "all fails validation, the chains whose fold would break it are left and reported.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_skip_option
 @_handle_errors
 def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_shape, inputs_path, seed, report_path,
-             overwrite, external_data, allow_growth, quiet, skip) -> None:
-    """Collapse linear chains in MODEL, validate against the original, and write the result."""
+             overwrite, external_data, allow_growth, no_budget, quiet, skip) -> None:
+    """Collapse linear chains in MODEL, validate against the original, and write the result.
+
+    Every chain within --tol is folded where validation stays within --rtol; where folding them all would not,
+    the chains are folded in order of least error per MAC saved and each one that would break it is left, with
+    its measured error in the report."""
     output = output or io.default_output(model)
     in_place = io.same_file(output, Path(model))
     if in_place and not overwrite:
@@ -215,7 +222,7 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
         result = api.optimize(
             model, tol=tol, rtol=rtol, atol=atol, max_mismatch=max_mismatch, validate=not no_validate,
             skip=tuple(skip), input_shapes=shapes, inputs=given, seed=seed, progress=progress, writes=tuple(writes),
-            allow_growth=allow_growth,
+            allow_growth=allow_growth, budget=not no_budget,
         )
     finally:
         logger.setLevel(level)

@@ -28,6 +28,7 @@ class Report:
     before: Totals | None = None
     after: Totals | None = None
     validation: Validation | None = None
+    budget: str = ""  # where not every chain within tol could be folded within rtol: how many were left
 
     @property
     def modified(self) -> bool:
@@ -43,6 +44,7 @@ class Report:
             "before": asdict(self.before) if self.before else None,
             "after": asdict(self.after) if self.after else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            "budget": self.budget,
         }
 
     def to_json(self) -> str:
@@ -89,6 +91,8 @@ class Report:
                                                       f"max-mismatch {v.max_mismatch:g}")
             lines.append(f"validation {verdict}: {detail}, rtol {v.rtol:.3g}, atol {v.atol:.3g}, "
                          f"{len(v.outputs)} output(s)")
+        if self.budget:
+            lines.append(f"budget: {self.budget}")
         return "\n".join(lines)
 
 

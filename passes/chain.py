@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes import budget
 from passes.cost import ChainCost, chain_cost
 from passes.linear import LinearLayer, fold_input_batchnorm, read_linear_ending_at, read_linear_starting_at
 from passes.match import (
@@ -185,12 +186,12 @@ def find_chain(node: gs.Node, graph_outputs: set[str], tol: float) -> Chain | Re
         if not np.isfinite(slopes).all():
             return Reject(nodes, f"slope of {activation.name} holds NaN or inf", srange, shape)
         off = float(np.abs(slopes - 1.0).max())
-        if off > tol:
+        if off > budget.tolerance(activation, tol):
             lo, hi = srange
             shown = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
             after = between[between.index(activation) + 1:] + [node]  # what reads the activation in the chain
-            return Reject(nodes, f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}", srange, shape,
-                          (after[0], activation.outputs[0], activation.inputs[0]))
+            why = budget.REASON if off <= tol else f"slope {shown} is {off:.3g} from 1, outside tolerance {tol:g}"
+            return Reject(nodes, why, srange, shape, (after[0], activation.outputs[0], activation.inputs[0]))
 
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     flatten = flattening(first, between, second)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import sharing
+from passes import budget, sharing
 from passes.chain import LAYER_OPS, MAX_WALK, Reject, ancestors, shape_problem, shape_readers
 from passes.collapse_linear_chain import fold
 from passes.cost import Cost, fan_out_cost
@@ -213,10 +213,11 @@ def match(node: gs.Node, ctx: Context) -> FanOut | Reject | None:
         if slopes is None or not np.isfinite(slopes).all():
             return None
         off = float(np.abs(slopes - 1.0).max())
-        if off > ctx.tol:
+        if off > budget.tolerance(act, ctx.tol):
             lo, hi = float(slopes.min()), float(slopes.max())
-            return Reject(nodes, f"fan-out into {len(heads)} layers: slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, "
-                                 f"outside tolerance {ctx.tol:g}", (lo, hi), shape)
+            why = budget.REASON if off <= ctx.tol else f"slope {lo:.4g}..{hi:.4g} is {off:.3g} from 1, outside " \
+                                                       f"tolerance {ctx.tol:g}"
+            return Reject(nodes, f"fan-out into {len(heads)} layers: {why}", (lo, hi), shape)
     srange = None if slopes is None else (float(slopes.min()), float(slopes.max()))
     block = _priced(first, between, heads, slopes, nodes, ctx, act)
     if isinstance(block, str):

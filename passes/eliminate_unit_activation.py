@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes import budget
 from passes.linear import Names
 from passes.match import const_value, is_default, is_op, producer, rank_of, redirect_readers, slope_problem
 from passes.rule import NodeRule, Rewrite
@@ -42,7 +43,7 @@ def off_by(node: gs.Node) -> float | None:
 
 def applies(node: gs.Node, tol: float) -> bool:
     off = off_by(node)
-    return off is not None and off <= tol
+    return off is not None and off <= budget.tolerance(node, tol)
 
 
 def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:

@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes import quantized, sharing
+from passes import budget, quantized, sharing
 from passes.chain import Chain, Reject, find_chain, next_layer_node
 from passes.cost import later_pair_first_is_cheaper
 from passes.linear import LinearLayer, Names, read_linear_ending_at
@@ -125,7 +125,9 @@ def _fold_later(chain: Chain, rules: list[Rule], ctx: Context, refused: _Refused
 def _apply(rule: Rule | BlockRule, g: gs.Graph, names, match, gname: str, ctx: Context) -> Rewrite:
     """One rewrite in graph `g` (named `gname`): the nodes it appends join those the sweep may touch."""
     before = len(g.nodes)
+    keys = frozenset(id(n) for n in match.nodes)
     done = rule.rewrite(g, names, match)
+    done.keys = keys  # not a field: the report holds no node
     ctx.nodes.update(id(n) for n in g.nodes[before:])  # a rewrite appends its nodes
     done.graph = gname
     return done
@@ -337,7 +339,7 @@ def _node_sweep(g: gs.Graph, gname: str, rules: list[NodeRule], names: Names | N
         candidates.append(Candidate([node], None, rule.name, None, None, gname, kind="node"))
         if names is not None:
             done = rule.rewrite(g, names, node)
-            done.graph = gname
+            done.graph, done.keys = gname, frozenset({id(node)})
             rewrites.append(done)
             on_rewrite()
     return rewrites, candidates
@@ -406,10 +408,13 @@ def _quantized(g: gs.Graph, gname: str) -> list[Candidate]:
 
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
-        on_rewrite: Callable[[int], None] | None = None, allow_growth: bool = False) -> PassResult:
+        on_rewrite: Callable[[int], None] | None = None, allow_growth: bool = False,
+        leave: frozenset[int] = frozenset()) -> PassResult:
     """Apply the rules, pass after pass, until one fires nothing; what that last pass saw but left is
     reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each.
-    `allow_growth`: fold chains that read shared weights even where the model's parameters grow."""
+    `allow_growth`: fold chains that read shared weights even where the model's parameters grow. `leave`: ids of
+    activations no rule may take as the identity whatever their slopes (the caller's accuracy budget). Each
+    rewrite's `keys` are the ids of the nodes it replaced (while the graph lives)."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     block_rules = active_block_rules(skip, graph.opset)
     result = PassResult(modified=False)
@@ -441,7 +446,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         return fired, []
 
     every = [g for _, g in _graphs(graph)]  # a weight read in several graphs groups their chains
-    with one_run(_defaults(graph)):
+    with one_run(_defaults(graph)), budget.leaving(leave):
         for gname, g in _graphs(graph):
             skipped: list[Candidate] = []
             refused = _Refused()  # kept across the looks: a weight found unusable is not read again

@@ -27,6 +27,7 @@ class Rewrite:
     error_coefficient: float  # ‖error per row‖ ≤ this · ‖min(0, h)‖
     graph: str = ""  # name of the subgraph, "" for the main graph
     note: str = ""  # why the rule chose this where that is not plain (shared weights, --allow-growth)
+    # `keys` (set by the run, not a field: the report holds no node): ids of the nodes replaced, while the graph lives
 
 
 @dataclass(frozen=True)

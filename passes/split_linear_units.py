@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import sharing
+from passes import budget, sharing
 from passes.chain import LAYER_OPS, Chain, Reject, find_chain
 from passes.cost import Cost, split_cost
 from passes.linear import LinearLayer, Names, write_layer, write_linear, write_reshaped_bias
@@ -121,7 +121,7 @@ def _left_block(chain: Reject, ctx: Context) -> Reject | None:
     value = None if act is None or chain.slope_range is None else const_value(act.inputs[1])
     if value is None or not ctx.inside(chain.nodes):
         return None
-    unit = np.abs(value.astype(np.float64) - 1.0) <= ctx.tol
+    unit = np.abs(value.astype(np.float64) - 1.0) <= budget.tolerance(act, ctx.tol)
     return Reject(chain.nodes, chain.reason, chain.slope_range, chain.shape) if unit.any() and not unit.all() else None
 
 
@@ -135,7 +135,7 @@ def match(node: gs.Node, ctx: Context) -> Split | Reject | None:
         return None
     if not ctx.inside(chain.nodes):
         return None
-    unit = np.abs(chain.slopes - 1.0) <= ctx.tol
+    unit = np.abs(chain.slopes - 1.0) <= budget.tolerance(chain.activation, ctx.tol)
     if unit.all() or not unit.any():
         return None  # a plain collapse (or drop), or no unit to take out: collapse_linear_chain says why
     a, b = chain.first, chain.second

@@ -237,8 +237,10 @@ def test_item9_one_error_line_without_runtime_or_numpy_noise(tmp_path, capfd):
 def test_item11_default_rtol_follows_what_was_rewritten_not_tol(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(mlp(slope=0.5), src)
-    result = invoke("optimize", src, "--tol", "10")  # a slope of 0.5 taken as 1: 50 % off, far past 1e-2
+    result = invoke("optimize", src, "--tol", "10", "--no-budget")  # a slope of 0.5 taken as 1: far past 1e-2
     assert result.exit_code == 1 and "validation failed" in result.stderr
+    result = invoke("optimize", src, "--tol", "10")  # the budget leaves that block, with its error
+    assert result.exit_code == 0 and "over rtol 0.01" in result.output
     assert invoke("optimize", src, "--tol", "10", "--rtol", "1", "-q").exit_code == 0  # the user may allow it
     onnx.save(mlp(slope=1.0), src)
     assert lc_onnx.optimize(src, tol=0.5).report.validation.rtol == 1e-4  # exact rewrite: tol does not matter
