@@ -228,3 +228,18 @@ def test_collapse_inputs_that_do_not_prove_a_name_found_block_stop_training_befo
     with pytest.raises(RuntimeError, match="does not run fc1 -> act -> fc2 alone"):
         callback.on_train_begin(args, state, None, model=model)
     assert not model.act.verified
+
+
+def test_the_collapse_at_the_end_keeps_the_metric_within_max_drop(tmp_path):
+    """eval_fn/max_drop reach `collapse` at the end of trainer.train(): a metric that only the pooler's fold hurts
+    leaves the pooler and folds both MLPs."""
+    def eval_fn(m) -> float:
+        pooler = [s for name, s in train.slopes(m).items() if "pooler" in name]
+        return -1.0 if pooler == [1.0] else 0.0
+
+    callback = train.LayerCollapseCallback(lam=1.0, collapse_threshold=THRESHOLD, eval_fn=eval_fn, max_drop=0.5,
+                                           plot=False)
+    model, names, _ = run(tmp_path, callback)
+    (pooler,) = [n for n in names if "pooler" in n]
+    assert sorted(callback.collapsed) == sorted(n for n in names if n != pooler)
+    assert callback.collapsed.left == {pooler: 1.0} and list(train.slopes(model)) == [pooler]

@@ -243,3 +243,20 @@ def test_the_callback_steps_the_slopes_as_the_plain_param_groups_recipe_does():
         opt.step()
     assert train.slopes(model) == pytest.approx(train.slopes(plain), abs=1e-5)
     assert 0.7 < min(train.slopes(model).values())
+
+
+def test_the_collapse_at_the_end_keeps_the_metric_within_max_drop():
+    """eval_fn/max_drop reach `collapse` at the end of training: a metric that only the first block's fold hurts
+    leaves that block (with its drop in `.collapsed.left`) and folds the other."""
+    def eval_fn(m: nn.Module) -> float:
+        return -1.0 if train.slopes(m).get("net.1") == 1.0 else 0.0
+
+    callback = LayerCollapse(LAM, THRESHOLD, example_inputs=(X[:4],), eval_fn=eval_fn, max_drop=0.5, plot=False)
+    module = Net()
+    trainer([callback], max_steps=120).fit(module, loader())
+    assert callback.collapsed == ["net.3"] and callback.collapsed.left == {"net.1": 1.0}
+    assert list(train.blocks(module)) == ["net.1"]
+    with pytest.raises(ValueError, match="go together"):
+        LayerCollapse(LAM, THRESHOLD, eval_fn=eval_fn)
+    with pytest.raises(ValueError, match="needs a collapse_threshold"):
+        LayerCollapse(LAM, eval_fn=eval_fn, max_drop=0.5)

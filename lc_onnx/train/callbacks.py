@@ -75,7 +75,10 @@ class LayerCollapseCallback:
     without weight decay; the Trainer's optimizer leaves them alone. `mode="decoupled"`: the paper's update
     α ← α − slope_lr·λ·2(α−1) after each step, the Trainer's optimizer stepping the task gradient as usual.
     `collapse_threshold`: at the end of training, collapse the blocks whose slopes are within it of 1
-    (names in `.collapsed`). Blocks `prepare` found by names alone need `collapse_inputs` (example inputs, as
+    (names in `.collapsed`); with `eval_fn(model) -> float` and `max_drop`, only while that metric stays within
+    `max_drop` of the uncollapsed model's (`collapse`'s budget: the blocks left, with their drops, in
+    `.collapsed.left`; under DDP `eval_fn` must give every rank the same number, or the ranks fold different
+    blocks). Blocks `prepare` found by names alone need `collapse_inputs` (example inputs, as
     `collapse` takes them, to verify them on) or `trust_names=True`; without either, training does not start.
     Logs `lc_slope_min/max/mean` and `lc_blocks_within` (slopes within
     `collapse_threshold`, or `report_threshold` when that is None) with the Trainer's logs, and each block's slope
@@ -94,10 +97,12 @@ class LayerCollapseCallback:
 
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
                  mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
-                 collapse_inputs=None, trust_names: bool = False, plot: bool | None = None):
+                 collapse_inputs=None, trust_names: bool = False, plot: bool | None = None, eval_fn=None,
+                 max_drop: float | None = None, higher_is_better: bool = True):
         self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
                                  report_threshold=report_threshold, collapse_inputs=collapse_inputs,
-                                 trust_names=trust_names, who="LayerCollapseCallback")
+                                 trust_names=trust_names, who="LayerCollapseCallback", eval_fn=eval_fn,
+                                 max_drop=max_drop, higher_is_better=higher_is_better)
         if plot:
             plots.require("LayerCollapseCallback")
         self.plot = plot

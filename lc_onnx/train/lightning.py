@@ -50,9 +50,10 @@ class _LayerCollapse:
     """A Lightning `Callback` that pulls every prepared slope toward 1 during `trainer.fit`.
 
     `lam`, `collapse_threshold`, `slope_lr`, `mode`, `betas`, `report_threshold`, `collapse_inputs`,
-    `trust_names`: as `LayerCollapseCallback` takes them (the same core). `example_inputs`: when given, `setup`
-    prepares the LightningModule with them (`prepare(pl_module, example_inputs, **prepare_kwargs)`: its forward
-    runs once), before Lightning wraps it; without them the module must be prepared before `trainer.fit`.
+    `trust_names`, `eval_fn`, `max_drop`, `higher_is_better`: as `LayerCollapseCallback` takes them (the same
+    core). `example_inputs`: when given, `setup` prepares the LightningModule with them (`prepare(pl_module,
+    example_inputs, **prepare_kwargs)`: its forward runs once), before Lightning wraps it; without them the module
+    must be prepared before `trainer.fit`.
     `log_stats`: log the slope stats each training batch (each block's slope too, up to 32 blocks).
     `plot`: draw the slopes over the recorded steps in `lc_slopes.png` at the end of training (the logger's
     `log_dir`, or its `save_dir`, or `trainer.default_root_dir`). By default (None) drawn where matplotlib is
@@ -76,10 +77,12 @@ class _LayerCollapse:
     def __init__(self, lam: float = 1.0, collapse_threshold: float | None = None, *, example_inputs=None,
                  prepare_kwargs: dict | None = None, slope_lr: float = 2e-2, mode: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05, collapse_inputs=None,
-                 trust_names: bool = False, log_stats: bool = True, plot: bool | None = None):
+                 trust_names: bool = False, log_stats: bool = True, plot: bool | None = None, eval_fn=None,
+                 max_drop: float | None = None, higher_is_better: bool = True):
         self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
                                  report_threshold=report_threshold, collapse_inputs=collapse_inputs,
-                                 trust_names=trust_names, who="LayerCollapse")
+                                 trust_names=trust_names, who="LayerCollapse", eval_fn=eval_fn, max_drop=max_drop,
+                                 higher_is_better=higher_is_better)
         if plot:
             plots.require("LayerCollapse")
         self.plot = plot

@@ -33,7 +33,13 @@ class SlopeStepper:
 
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
                  mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
-                 collapse_inputs=None, trust_names: bool = False, who: str = "LayerCollapse"):
+                 collapse_inputs=None, trust_names: bool = False, who: str = "LayerCollapse", eval_fn=None,
+                 max_drop: float | None = None, higher_is_better: bool = True):
+        if (eval_fn is None) != (max_drop is None):
+            raise ValueError(f"{who}: eval_fn and max_drop go together (the metric, and how far the collapse at the "
+                             f"end may move it)")
+        if max_drop is not None and (collapse_threshold is None or not max_drop >= 0):
+            raise ValueError(f"{who}: max_drop needs a collapse_threshold and must be >= 0 (got {max_drop!r})")
         if mode not in MODES:
             raise ValueError(f"{who}: mode must be 'adam' or 'decoupled', not {mode!r}")
         if lam < 0 or slope_lr <= 0:
@@ -44,6 +50,7 @@ class SlopeStepper:
         self.lam, self.collapse_threshold, self.slope_lr, self.mode = lam, collapse_threshold, slope_lr, mode
         self.betas, self.report_threshold = betas, report_threshold
         self.collapse_inputs, self.trust_names, self.who = collapse_inputs, trust_names, who
+        self.eval_fn, self.max_drop, self.higher_is_better = eval_fn, max_drop, higher_is_better
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
         self._acts: list[nn.Module] = []
@@ -180,14 +187,16 @@ class SlopeStepper:
 
     def finish(self, model: nn.Module) -> list[str]:
         """Collapse the blocks within `collapse_threshold` of slope 1 (none without one), in eval mode (a
-        BatchNorm between the layers folds with its running stats); the names collapsed."""
+        BatchNorm between the layers folds with its running stats), within `max_drop` of `eval_fn`'s metric where
+        given (as `collapse` does); the names collapsed, with `.left`."""
         if self.collapse_threshold is None:
             return []
         training = model.training
         model.eval()
         try:
             return collapse(model, threshold=self.collapse_threshold,
-                            example_inputs=on_device(self.collapse_inputs, model), trust_names=self.trust_names)
+                            example_inputs=on_device(self.collapse_inputs, model), trust_names=self.trust_names,
+                            eval_fn=self.eval_fn, max_drop=self.max_drop, higher_is_better=self.higher_is_better)
         finally:
             model.train(training)
 
