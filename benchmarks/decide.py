@@ -283,11 +283,9 @@ def reading(results: dict[str, dict]) -> list[str]:
                    f"{r['acc_gelu_ft']:.1f} % for the GELU fine-tune.")
         o = r["optimize"]
         fold = {k: f"nothing (exit {v['code']})" if v["chains"] is None else f"{v['chains']}/{n}" for k, v in o.items()}
-        left = len(o["default"]["left"])
         out.append(f"- (c) {m}: the defaults (`--tol {r['default_tol']:g}`, the accuracy budget) fold "
-                   f"{fold['default']}" + (f", {o['default']['budget']}" if o["default"]["budget"] else "")
-                   + f"; all or nothing (`--no-budget`) folds {fold['no budget']}"
-                   + (f" ({left} block(s) left by the budget, each with its error in the report)." if left else "."))
+                   f"{fold['default']}" + (f" ({o['default']['budget']})" if o["default"]["budget"] else "")
+                   + f"; all or nothing (`--no-budget`) folds {fold['no budget']}.")
     return out
 
 
@@ -321,8 +319,9 @@ def write(results: dict[str, dict], cfg: dict, secs: float, argv: list[str]) -> 
         f"{cfg['ft_epochs']} epochs at λ={LAM:g} (slopes lr {cfg['slope_lr']:g}), `train.collapse(threshold=0.05)`, "
         "export of the uncollapsed prepared model (`lc.onnx`).  ",
         f"Timing: `lc-onnx estimate` {cfg['est_runs']} interleaved runs per model, and `lc_onnx.bench.interleaved` "
-        f"{cfg['runs']} runs of gelu.onnx, the --tol 0.05 output and estimate's what-if of all blocks (kept by its "
-        "first run's `--keep`), batch 1 (the test set's first row), 1 thread; every timing run twice.",
+        f"{cfg['runs']} runs of gelu.onnx, the default `lc-onnx optimize` output (--tol 0.05, the accuracy budget) "
+        "and estimate's what-if of all blocks (kept by its first run's `--keep`), batch 1 (the test set's first "
+        "row), 1 thread; every timing run twice.",
         "",
         *tables(results, cfg["runs"]),
         "",
