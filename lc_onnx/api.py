@@ -421,7 +421,8 @@ class _Rewriter:
                 node.name = _Unnamed(label)
         at = {i: key for key, i in position.items()}
         result = passes.run(graph, self.tol, self.skip, on_rewrite=lambda n: self.step("rewrites made", n, None),
-                            allow_growth=self.allow_growth, leave=frozenset(at[i] for i in leave if i in at))
+                            allow_growth=self.allow_growth, leave=frozenset(at[i] for i in leave if i in at),
+                            variables=trained_names(src.model))
         shapes.unannotate(annotated)
         del annotated  # it holds graph tensors, and through them the graph and the input's weights
         for done in [*result.rewrites, *result.skipped]:
@@ -503,6 +504,17 @@ def _moved(found: validation.Validation) -> str:
     return f"folding it moves output {bad.name!r} by {bad.rel_l2:.3g} (rel L2), over rtol {found.rtol:.3g}"
 
 
+def trained_names(model: onnx.ModelProto) -> frozenset[str]:
+    """The names a training_info binds or its graphs read: an initializer among them is trained in place, so no
+    rule may fold it (its binding would name a weight the fold removed, which onnx.checker does not catch)."""
+    names = set()
+    for info in model.training_info:
+        names.update(b.key for b in [*info.update_binding, *info.initialization_binding])
+        for g in (info.algorithm, info.initialization):
+            names.update(i for sub in shapes.graphs(g) for n in sub.node for i in n.input)
+    return frozenset(names)
+
+
 def check_input_names(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None,
                       inputs: dict[str, np.ndarray] | None) -> None:
     """InputError, in one line naming the model's inputs, where `input_shapes` or `inputs` name no input of the
@@ -557,11 +569,12 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = 
     """Every candidate chain with the rule that would fire on it, or why none would. A node without a name is
     named by `node_label` (`#` and its place in its graph), so that candidates tell unnamed nodes apart."""
     check_limit("--tol", tol)
-    graph = _import(_open(model_or_path))[0]
+    src = _open(model_or_path)
+    graph = _import(src)[0]
     for node, label in _node_labels(graph):
         node.name = label
     try:
-        return passes.inspect(graph, tol, frozenset(skip), allow_growth)
+        return passes.inspect(graph, tol, frozenset(skip), allow_growth, trained_names(src.model))
     except ValueError as e:
         raise InputError(str(e)) from None
 

@@ -26,6 +26,7 @@ from passes.match import (
     redirect_readers,
     reshape_last_dim,
     slope_problem,
+    why_default,
 )
 
 LAYER_OPS = ("Gemm", "MatMul", "Conv")
@@ -119,7 +120,7 @@ def _slopes(act: gs.Node) -> np.ndarray | str:
     if is_op(act, "LeakyRelu"):
         return np.array([float(act.attrs.get("alpha", 0.01))])
     if is_default(act.inputs[1]):
-        return f"slope of {act.name} is a graph input with a default (the caller may override it)"
+        return f"slope of {act.name} {why_default(act.inputs[1])}"
     value = const_value(act.inputs[1])
     if value is None:
         return f"slope of {act.name} is not a constant"

@@ -28,6 +28,7 @@ from passes.match import (
     rank_of,
     read,
     reshape_last_dim,
+    why_default,
 )
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -128,7 +129,7 @@ def _weight(tensor: gs.Tensor, owner: gs.Node, conv: bool = False) -> gs.Constan
     """The weight's constant, checked by its shape and dtype only (its values are read when it is folded).
     A Conv's must be pointwise: (C_out, C_in, 1, ..., 1)."""
     if is_default(tensor):
-        return f"weight of {owner.name} is a graph input with a default (the caller may override it)"
+        return f"weight of {owner.name} {why_default(tensor)}"
     c = constant(tensor)
     if c is None:
         cast = _unread_cast(tensor)
@@ -156,7 +157,7 @@ def _dtype(c: gs.Constant | ConstView) -> np.dtype | None:
 def _bias(tensor: gs.Tensor, d_out: int, out_rank: int | None, owner: gs.Node) -> np.ndarray | str:
     """A bias that adds the same vector to every row and does not raise the output's rank."""
     if is_default(tensor):
-        return f"bias of {owner.name} is a graph input with a default (the caller may override it)"
+        return f"bias of {owner.name} {why_default(tensor)}"
     value = const_value(tensor)
     if value is None:
         return f"bias of {owner.name} is not a constant"
@@ -348,7 +349,7 @@ def read_linear_ending_at(tensor: gs.Tensor, graph_outputs: set[str]) -> LinearL
                 return None
             mm = producer(data[0])
             if mm is not None and is_op(mm, "MatMul") and is_default(bias[0]):
-                return f"bias of {node.name} is a graph input with a default (the caller may override it)"
+                return f"bias of {node.name} {why_default(bias[0])}"
             t = data[0]
         elif is_op(node, "Reshape") and len(node.inputs) == 2:
             mm = producer(node.inputs[0])

@@ -18,20 +18,23 @@ KEEP_BYTES = 1 << 20  # values up to this size (slopes, biases, shape constants)
 @dataclass
 class _Run:
     """What one run of the passes remembers: values already read (a weight on disk is read once, not once
-    per sweep), and the initializers that are also graph inputs (IR >= 4: defaults a caller may override,
-    so not constants). Held by object, so no id is reused while the run lasts."""
+    per sweep), and the initializers that are no constants: graph inputs (IR >= 4: defaults a caller may
+    override) and those a training_info trains in place (`bound`). Held by object, so no id is reused while the
+    run lasts."""
 
     kept: dict[int, tuple[gs.Constant, np.ndarray]] = field(default_factory=dict)
     defaults: dict[int, gs.Constant] = field(default_factory=dict)
+    bound: dict[int, gs.Constant] = field(default_factory=dict)
 
 
 _RUN: ContextVar[_Run | None] = ContextVar("passes_run", default=None)
 
 
 @contextmanager
-def one_run(defaults: list[gs.Constant] = ()) -> Iterator[None]:
-    """Within, small values are read once and `defaults` count as graph inputs, not constants."""
-    token = _RUN.set(_Run(defaults={id(t): t for t in defaults}))
+def one_run(defaults: list[gs.Constant] = (), bound: list[gs.Constant] = ()) -> Iterator[None]:
+    """Within, small values are read once, and `defaults` (graph inputs) and `bound` (trained in place by a
+    training_info) count as no constants."""
+    token = _RUN.set(_Run(defaults={id(t): t for t in [*defaults, *bound]}, bound={id(t): t for t in bound}))
     try:
         yield
     finally:
@@ -151,11 +154,22 @@ def _source(tensor: gs.Tensor | None) -> gs.Constant | ConstView | None:
 
 
 def is_default(tensor: gs.Tensor | None) -> bool:
-    """An initializer that is also a graph input (IR >= 4): a default value the caller may override."""
+    """An initializer that is also a graph input (IR >= 4: a default value the caller may override), or one a
+    training_info trains in place: no constant either way."""
     run, source = _RUN.get(), _source(tensor)
     if isinstance(source, ConstView):
         source = source.source
     return run is not None and source is not None and id(source) in run.defaults
+
+
+def why_default(tensor: gs.Tensor) -> str:
+    """Why `is_default(tensor)`, in words that follow the tensor's role ("weight of X ...")."""
+    run, source = _RUN.get(), _source(tensor)
+    if isinstance(source, ConstView):
+        source = source.source
+    if run is not None and source is not None and id(source) in run.bound:
+        return "is trained in place (the model's training_info binds it)"
+    return "is a graph input with a default (the caller may override it)"
 
 
 def constant(tensor: gs.Tensor | None) -> gs.Constant | ConstView | None:
@@ -245,7 +259,7 @@ def inference_batchnorm(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | str | 
     values = []
     for t in node.inputs[1:]:
         if is_default(t):
-            return f"parameter {t.name} of {node.name} is a graph input with a default (the caller may override it)"
+            return f"parameter {t.name} of {node.name} {why_default(t)}"
         v = const_value(t)
         if v is None:
             return f"parameter {t.name} of {node.name} is not a constant"

@@ -353,6 +353,11 @@ def _defaults(graph: gs.Graph) -> list[gs.Constant]:
     return [t for _, g in _graphs(graph) for t in g.inputs if isinstance(t, gs.Constant)]
 
 
+def _bound(graph: gs.Graph, variables: frozenset[str]) -> list[gs.Constant]:
+    """The main graph's initializers named in `variables` (a training_info trains them in place)."""
+    return [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.name in variables]
+
+
 def _list_initializers_as_inputs(graph: gs.Graph) -> None:
     """IR < 4 requires every initializer of the main graph among its inputs: the fused weights too."""
     if graph.ir_version is None or graph.ir_version >= 4:
@@ -362,7 +367,7 @@ def _list_initializers_as_inputs(graph: gs.Graph) -> None:
 
 
 def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
-            allow_growth: bool = False) -> list[Candidate]:
+            allow_growth: bool = False, variables: frozenset[str] = frozenset()) -> list[Candidate]:
     """Every candidate chain in the graph and its subgraphs, and every node a node rule would change
     once the chains are collapsed, without changing `graph`. As `run` does, the chains are looked for again
     after the node rules, on a copy of the graph: a removed activation may join layers into a chain (two unit
@@ -373,7 +378,7 @@ def inspect(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
     names = Names(trial)
     found = []
     every = [g for _, g in _graphs(trial)]
-    with one_run(_defaults(trial)):
+    with one_run(_defaults(trial), _bound(trial, variables)):
         for gname, g in _graphs(trial):
             chains, nodes = _look(g, gname, rules, block_rules, tol, allow_growth, every), []
             for _ in range(len(g.nodes) + 1):
@@ -409,12 +414,13 @@ def _quantized(g: gs.Graph, gname: str) -> list[Candidate]:
 
 def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         on_rewrite: Callable[[int], None] | None = None, allow_growth: bool = False,
-        leave: frozenset[int] = frozenset()) -> PassResult:
+        leave: frozenset[int] = frozenset(), variables: frozenset[str] = frozenset()) -> PassResult:
     """Apply the rules, pass after pass, until one fires nothing; what that last pass saw but left is
     reported as skipped. `on_rewrite(n)` is called with the number of rewrites so far, after each.
     `allow_growth`: fold chains that read shared weights even where the model's parameters grow. `leave`: ids of
     activations no rule may take as the identity whatever their slopes (the caller's accuracy budget). Each
-    rewrite's `keys` are the ids of the nodes it replaced (while the graph lives)."""
+    rewrite's `keys` are the ids of the nodes it replaced (while the graph lives). `variables`: names of
+    initializers something outside the graph writes or reads (a training_info's bindings): never constants."""
     rules, node_rules = active_rules(skip, graph.opset), active_node_rules(skip, graph.opset)
     block_rules = active_block_rules(skip, graph.opset)
     result = PassResult(modified=False)
@@ -446,7 +452,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
         return fired, []
 
     every = [g for _, g in _graphs(graph)]  # a weight read in several graphs groups their chains
-    with one_run(_defaults(graph)), budget.leaving(leave):
+    with one_run(_defaults(graph), _bound(graph, variables)), budget.leaving(leave):
         for gname, g in _graphs(graph):
             skipped: list[Candidate] = []
             refused = _Refused()  # kept across the looks: a weight found unusable is not read again

@@ -227,3 +227,23 @@ def test_item15_doc_strings_quantization_annotation_and_training_info_are_kept()
     scales = sorted(t.name for t in out.graph.initializer if t.name.endswith("_scale"))
     assert scales == ["x_scale", "y_scale"]
     assert list(out.training_info) == list(model.training_info)
+
+
+def test_a_weight_training_info_binds_is_never_folded():
+    """A training_info that updates (or reads) a chain's weight trains it in place: folding it would leave the
+    binding naming a removed initializer, which onnx.checker does not catch. The chain is left, saying why; a
+    binding to a weight no chain holds changes nothing."""
+    model = mlp()
+    weight = model.graph.node[0].input[1]  # the first MatMul's weight
+    step = helper.make_graph([helper.make_node("Identity", [weight], ["w_next"])], "step", [],
+                             [helper.make_tensor_value_info("w_next", TensorProto.FLOAT, None)])
+    model.training_info.add(algorithm=step, update_binding=[onnx.StringStringEntryProto(key=weight, value="w_next")])
+    result = lc_onnx.optimize(model)
+    assert [r.rule for r in result.report.rewrites] == ["eliminate_unit_activation"]  # the slope-1 PRelu alone
+    assert weight in {t.name for t in result.model.graph.initializer}
+    assert "weight of MatMul_3 is trained in place (the model's training_info binds it)" in result.report.table()
+    assert [c.names for c in lc_onnx.inspect(model) if c.rule and c.kind == "chain"] == []  # inspect agrees
+    read_only = mlp()
+    read_only.training_info.add(algorithm=helper.make_graph([], "step", [], []),
+                                update_binding=[onnx.StringStringEntryProto(key="not_a_weight", value="b")])
+    assert optimized(read_only, rewrites=1).report.rewrites
