@@ -33,6 +33,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sections import keep_others  # noqa: E402
+
 HERE = Path(__file__).parent
 STUDY = Path("/tmp/lc_study")
 D, H, HEADS, VOCAB, POSITIONS = 1280, 5120, 20, 50257, 1024
@@ -361,7 +364,8 @@ def write(rows: list[str], traces: list[str], verdicts: list[str], args) -> None
         "",
         *traces,
     ]
-    (HERE / "RESULTS_memory.md").write_text("\n".join(text) + "\n")
+    results = HERE / "RESULTS_memory.md"  # its other sections (`--wide`'s, written by hand) are kept
+    results.write_text(keep_others("\n".join(text) + "\n", results.read_text() if results.exists() else ""))
     print(f"wrote {HERE / 'RESULTS_memory.md'}")
 
 

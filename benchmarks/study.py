@@ -37,6 +37,9 @@ import lc_onnx
 from lc_onnx import bench, train
 from lc_onnx.validate import session
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sections import keep_others, replace_section, section  # noqa: E402, F401  (section: the tests use it here)
+
 HERE = Path(__file__).parent
 WORK = Path("/tmp/lc_study")
 
@@ -495,28 +498,6 @@ def device_section(provider: str, rows: list[DeviceRow], io_binding: bool, comma
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, heading: str, body: str) -> str:
-    """`text` with the section that starts at the line `heading` (up to the next `## ` heading or the end)
-    replaced by `body`; appended where there is none. Every other section is kept byte for byte."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, x in enumerate(lines) if x.rstrip("\n") == heading), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + body
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    return "".join(lines[:start]) + body + ("\n" + rest if rest else "")
-
-
-def section(text: str, heading: str) -> str | None:
-    """The section of `text` that starts at the line `heading`, up to the next `## ` heading or the end."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, x in enumerate(lines) if x.rstrip("\n") == heading), None)
-    if start is None:
-        return None
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "".join(lines[start:end]).rstrip("\n") + "\n"
-
-
 def device_main(args) -> None:
     if args.provider == "cuda":
         try:  # the CUDA and cuDNN libraries of the machine's torch (onnxruntime-gpu >= 1.21)
@@ -760,14 +741,10 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
         *peer_lines,
         "",
     ]
-    # the device sections (`--provider cuda [--cuda-graph]`) are measured elsewhere: kept as they are
+    # the sections this run does not measure (the device study's `--provider cuda [--cuda-graph]`, pipeline.py's
+    # copied by hand) are kept as they are
     results = HERE / "RESULTS.md"
-    out = "\n".join(text) + "\n"
-    for heading in (*SECTION.values(), GRAPH_SECTION):
-        kept = section(results.read_text(), heading) if results.exists() else None
-        if kept:
-            out = replace_section(out, heading, kept)
-    results.write_text(out)
+    results.write_text(keep_others("\n".join(text) + "\n", results.read_text() if results.exists() else ""))
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'study.png'}")
 
 

@@ -75,3 +75,13 @@ def test_cuda_graph_rows_time_pinned_models_with_graph_capture_asked(tmp_path, m
     assert body.startswith(study.GRAPH_SECTION + "\n\nCommand: `python benchmarks/study.py --provider cuda "
                                                  "--cuda-graph`")
     assert "CUDA graph" in body and "IOBinding" in body
+
+
+def test_a_full_study_keeps_the_sections_it_does_not_measure():
+    """The full run writes its own sections; the device study's and pipeline.py's (copied by hand) stay."""
+    old = "# A\n\nold\n\n## Targets\n\nold targets\n\n## CUDA\n\ngpu rows\n\n## In a deployment pipeline\n\np\n"
+    new = "# A\n\nnew\n\n## Targets\n\nnew targets\n"
+    out = study.keep_others(new, old)
+    assert out.startswith(new) and "old targets" not in out
+    assert study.section(out, "## CUDA") == "## CUDA\n\ngpu rows\n"
+    assert study.section(out, "## In a deployment pipeline") == "## In a deployment pipeline\n\np\n"
