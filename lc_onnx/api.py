@@ -364,9 +364,15 @@ def optimize(
     if not validate:
         return OptimizeResult(model, report, src.source, src.path, src.reads)
 
-    def judge(candidate: onnx.ModelProto) -> validation.Validation:
+    reference = []  # the original's outputs, once had in its own dtype: the budget's tries run it no more
+
+    def judge(candidate: onnx.ModelProto | None) -> validation.Validation:
+        """`candidate` (None: the input as it is) against the original."""
+        candidate = _open(model_or_path).model if candidate is None else candidate
         found = validation.compare(original, candidate, feeds, limit, abs_limit, src.source, release=big,
-                                   max_mismatch=max_mismatch)
+                                   max_mismatch=max_mismatch, reference=reference[0] if reference else None)
+        if not reference and found.precision == "as stored":
+            reference.append(found.reference)
         found.drawn, found.guessed = drawn, guessed
         return found
 
@@ -374,11 +380,12 @@ def optimize(
     if not report.validation.passed and budget and attempt.budgeted:
         attempt = _fit_budget(attempt, lambda leave: rewrite(_open(model_or_path), leave), judge, step)
         model, report = attempt.model, attempt.report
-        if model is None:  # every rewrite took slopes as 1 and each breaks the budget: the input, as it is
-            src = _open(model_or_path)
-            return OptimizeResult(src.model, report, src.source, src.path, src.reads)
     if not report.validation.passed:
-        raise ValidationError(report.validation.failure(), report)
+        why = report.validation.failure()
+        raise ValidationError(f"{why} ({report.budget})" if report.budget else why, report)
+    if model is None:  # every rewrite took slopes as 1 and each breaks the budget: the input, as it is
+        src = _open(model_or_path)
+        return OptimizeResult(src.model, report, src.source, src.path, src.reads)
     return OptimizeResult(model, report, src.source, src.path, src.reads)
 
 
@@ -420,9 +427,12 @@ class _Rewriter:
             if not node.name:
                 node.name = _Unnamed(label)
         at = {i: key for key, i in position.items()}
+        trained = trained_names(src.model)
+        read = _expose(graph, trained)
         result = passes.run(graph, self.tol, self.skip, on_rewrite=lambda n: self.step("rewrites made", n, None),
                             allow_growth=self.allow_growth, leave=frozenset(at[i] for i in leave if i in at),
-                            variables=trained_names(src.model))
+                            variables=trained)
+        graph.outputs = [t for t in graph.outputs if not any(t is r for r in read)]
         shapes.unannotate(annotated)
         del annotated  # it holds graph tensors, and through them the graph and the input's weights
         for done in [*result.rewrites, *result.skipped]:
@@ -447,10 +457,12 @@ class _Rewriter:
 
 
 def _fit_budget(full: _Attempt, rewrite: Callable[[frozenset[int]], _Attempt],
-                judge: Callable[[onnx.ModelProto], validation.Validation], step: Callable[..., None]) -> _Attempt:
-    """Folding every chain in `full` failed validation: fold those that took slopes other than 1 as 1 in order of
-    least error per MAC saved while validation passes; each that would take it over is left and says by how much.
-    The longest passing prefix of that order is found by bisection, then each later chain is tried on its own."""
+                judge: Callable[[onnx.ModelProto | None], validation.Validation],
+                step: Callable[..., None]) -> _Attempt:
+    """Folding every chain in `full` failed validation: take the activations it took as slope 1 (slopes other than
+    1) in order of least error per MAC saved while validation passes; each that would break it is left, and says
+    by how much. The longest passing prefix of that order is found by bisection, then each later one is tried on
+    its own. Where validation fails with all of them left, no budget helps: that attempt comes back, failed."""
     rewrites = full.report.rewrites
     order = sorted(full.budgeted, key=lambda i: rewrites[i].error_coefficient
                    / max(1, rewrites[i].macs_before - rewrites[i].macs_after))
@@ -459,38 +471,56 @@ def _fit_budget(full: _Attempt, rewrite: Callable[[frozenset[int]], _Attempt],
     def attempt(kept: list[int]) -> _Attempt:
         nonlocal tried
         tried += 1
-        step(f"fitting the accuracy budget (try {tried})")
-        leave = frozenset().union(*(full.replaced[i] for i in order if i not in kept))
-        done = rewrite(leave)
-        if done.model is not None:
-            done.report.validation = judge(done.model)
+        step(f"fitting the accuracy budget ({len(order)} blocks with slopes other than 1): try {tried}")
+        done = rewrite(frozenset().union(*(full.replaced[i] for i in order if i not in kept)))
+        done.report.validation = judge(done.model)
         return done
 
     best = attempt([])
-    if best.model is not None and not best.report.validation.passed:
-        return best  # the exact rewrites alone fail: no budget helps
-    lo, hi = 0, len(order) - 1  # order[:lo] passes; order (all of it) failed
+    if not best.report.validation.passed:
+        best.report.budget = ("validation fails with every block of slopes other than 1 left: "
+                              + ("the exact rewrites alone fail it" if best.model is not None else
+                                 "nothing rewritten, the model's own outputs differ between two runs")
+                              + ", so no budget helps")
+        return best
+    failed = {len(order): full.report.validation}  # prefix length -> its validation, where it failed
+    lo, hi = 0, len(order) - 1  # order[:lo] passes, order[:hi + 1] fails
     while lo < hi:
         mid = (lo + hi + 1) // 2
         done = attempt(order[:mid])
-        if done.model is not None and done.report.validation.passed:
+        if done.report.validation.passed:
             best, lo = done, mid
         else:
-            hi = mid - 1
-    kept, left = order[:lo], {}
-    for i in order[lo:]:
+            failed[mid], hi = done.report.validation, mid - 1
+    kept, left = order[:lo], {order[lo]: failed[lo + 1]}
+    for i in order[lo + 1:]:
         done = attempt([*kept, i])
-        if done.model is not None and done.report.validation.passed:
+        if done.report.validation.passed:
             best, kept = done, [*kept, i]
         else:
             left[i] = done.report.validation
-    for c in best.report.skipped:
-        for i, found in left.items():
-            if c.reason.endswith(passes.budget.REASON) and full.replaced[i] & c.positions:
-                c.reason += ": " + _moved(found)
-    best.report.budget = (f"{len(kept)} of {len(order)} chains with slopes other than 1 folded, {len(left)} left "
-                          f"to keep every output within rtol {full.report.validation.rtol:.3g} ({tried} tries)")
+    _say_why_left(best.report, {i: (rewrites[i], full.replaced[i], found) for i, found in left.items()})
+    taken = sum(r.error_coefficient > 0 for r in best.report.rewrites)
+    best.report.budget = (f"{taken} of {len(order)} blocks with slopes other than 1 taken as 1, {len(left)} left to "
+                          f"pass validation (rtol {full.report.validation.rtol:.3g}; {tried} tries)")
     return best
+
+
+def _say_why_left(report: Report, left: dict[int, tuple[passes.Rewrite, frozenset[int], validation.Validation]]
+                  ) -> None:
+    """Each block the budget left, with what folding it measured: on every candidate holding its activation, or,
+    where none does (an activation a node rule removed alone), on an entry of its own."""
+    for rewrite, positions, found in left.values():
+        why = _moved(found)
+        held = [c for c in report.skipped if positions & c.positions]
+        for c in held:
+            c.reason = (f"{c.reason}: {why}" if c.reason.endswith(passes.budget.REASON) else
+                        f"{passes.budget.REASON}: {why} ({c.reason})")
+        if not held:
+            c = passes.Candidate([], rewrite.slope_range, None, f"{passes.budget.REASON}: {why}", rewrite.shape,
+                                 rewrite.graph, kind="chain" if rewrite.shape else "node")
+            c.names, c.positions = list(rewrite.names), positions
+            report.skipped.append(c)
 
 
 def _moved(found: validation.Validation) -> str:
@@ -511,8 +541,21 @@ def trained_names(model: onnx.ModelProto) -> frozenset[str]:
     for info in model.training_info:
         names.update(b.key for b in [*info.update_binding, *info.initialization_binding])
         for g in (info.algorithm, info.initialization):
-            names.update(i for sub in shapes.graphs(g) for n in sub.node for i in n.input)
+            for n in (n for sub in shapes.graphs(g) for n in sub.node):
+                names.update(n.input)
+                for a in n.attribute:  # Gradient names what it differentiates in xs, y and zs
+                    names.update(s.decode(errors="replace") for s in [*a.strings, *([a.s] if a.s else [])])
     return frozenset(names)
+
+
+def _expose(graph: gs.Graph, names: frozenset[str]) -> list[gs.Tensor]:
+    """The computed tensors of the main graph named in `names` (what a training_info reads of the inference graph),
+    added to its outputs, so that no rule removes them; returns them, to take off again before export."""
+    outer = [*graph.outputs, *graph.inputs]
+    read = [t for name, t in graph.tensors().items() if name in names and not isinstance(t, gs.Constant)
+            and not any(t is o for o in outer)]
+    graph.outputs += read
+    return read
 
 
 def check_input_names(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None,
@@ -573,8 +616,10 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, *, tol: float = 
     graph = _import(src)[0]
     for node, label in _node_labels(graph):
         node.name = label
+    trained = trained_names(src.model)
+    _expose(graph, trained)
     try:
-        return passes.inspect(graph, tol, frozenset(skip), allow_growth, trained_names(src.model))
+        return passes.inspect(graph, tol, frozenset(skip), allow_growth, trained)
     except ValueError as e:
         raise InputError(str(e)) from None
 

@@ -235,6 +235,11 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
         report_path.write_text(result.report.to_json())
     if not quiet:
         click.echo(result.report.table())
+        taken = [r.slope_range for r in result.report.rewrites if r.error_coefficient > 0 and r.slope_range]
+        if no_validate and taken:
+            off = max(max(abs(1 - lo), abs(1 - hi)) for lo, hi in taken)
+            click.echo(f"warning: {len(taken)} block(s) took slopes up to {off:.3g} from 1 as 1 and nothing checked "
+                       f"the error (--no-validate)", err=True)
         v = result.report.validation
         if v is not None and v.precision != "as stored":
             click.echo(f"validated in {v.precision}: {v.precision_note}")

@@ -38,7 +38,10 @@ class LayerCollapse(Pass):
 
         return {
             "tol": param(float, DEFAULT_TOL, "Largest |slope - 1| of an activation taken as the identity."),
-            "validate": param(bool, True, "Compare both models in ONNX Runtime; the pass fails past rtol/atol."),
+            "validate": param(bool, True, "Compare both models in ONNX Runtime; blocks whose fold would move an "
+                                          "output past rtol/atol are left (see budget)."),
+            "budget": param(bool, True, "False: all or nothing, the pass fails where folding every block within tol "
+                                        "fails validation."),
             "rtol": param(float | None, None, "Relative L2 error allowed per output (None: from the slopes)."),
             "atol": param(float | None, None, "Max abs error allowed per output (None: lc-onnx's default)."),
             "max_mismatch": param(float, 0.0, "Share of an integer or bool output's elements that may differ."),
@@ -53,7 +56,8 @@ class LayerCollapse(Pass):
                         output_model_path: str) -> ONNXModelHandler:
         result = optimize(model.model_path, tol=config.tol, validate=config.validate, rtol=config.rtol,
                           atol=config.atol, max_mismatch=config.max_mismatch, skip=tuple(config.skip),
-                          allow_growth=config.allow_growth, input_shapes=config.input_shapes, seed=config.seed)
+                          allow_growth=config.allow_growth, input_shapes=config.input_shapes, seed=config.seed,
+                          budget=config.budget)
         logger.info("LayerCollapse:\n%s", result.report.table())
         if result.source is not None:  # weights the rewrite left alone are still read from the input's folder
             load_external_data_for_model(result.model, str(result.source))

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from lc_onnx.validate import Validation
 from passes import Candidate, Rewrite
+from passes.budget import REASON as BUDGET_REASON
 from passes.chain import NOT_LINEAR
 
 
@@ -141,13 +142,15 @@ def why_unfolded(candidates: list[Candidate], tol: float, layers: int, activatio
     with non-linear activations, slopes outside `tol`, chains left for other reasons; with none of those, the
     model's `layers` (linear layers with constant weights), `activations` (activation nodes) and lc-onnx's
     `stamp` (its metadata, where lc-onnx wrote the model) tell a collapsed model from one that never had a block."""
-    acts, slopes, other = Counter(), [], []
+    acts, slopes, budgeted, other = Counter(), [], [], []
     for c in candidates:
         if c.kind != "chain" or c.rule is not None:
             continue
         found = _NOT_LINEAR.search(c.reason or "")
         if found:
             acts[found.group(1)] += 1
+        elif (c.reason or "").startswith(BUDGET_REASON):
+            budgeted.append(c)
         elif c.slope_range is not None and max(abs(s - 1) for s in c.slope_range) > tol:
             slopes.append(c)
         else:
@@ -166,6 +169,11 @@ def why_unfolded(candidates: list[Candidate], tol: float, layers: int, activatio
         parts.append(f"{len(slopes)} {'chain has' if len(slopes) == 1 else 'chains have'} slopes outside --tol "
                      f"{tol:g} ({which}): train them nearer 1 with lc_onnx.train, or raise --tol (validation then "
                      f"judges the error)")
+    if budgeted:
+        parts.append(f"{len(budgeted)} {'chain is' if len(budgeted) == 1 else 'chains are'} left for the accuracy "
+                     f"budget (folding {'it' if len(budgeted) == 1 else 'each'} moves an output past --rtol, measured "
+                     f"above): train {'its slope' if len(budgeted) == 1 else 'their slopes'} nearer 1, or raise "
+                     f"--rtol if that error is acceptable")
     if other:
         parts.append(f"{len(other)} {'chain is' if len(other) == 1 else 'chains are'} left for other reasons, "
                      f"listed above (first: {other[0].reason})")

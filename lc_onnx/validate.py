@@ -383,7 +383,7 @@ class _OriginalFailed(Exception):
 
 def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds: dict[str, np.ndarray],
             rtol: float, atol: float, source: Path | None = None, release: bool = False,
-            max_mismatch: float = 0.0) -> Validation:
+            max_mismatch: float = 0.0, reference: list[tuple[str, np.ndarray]] | None = None) -> Validation:
     """Max |abs| and relative L2 error of every output; a float output passes when rel L2 ≤ rtol or max |abs|
     ≤ atol, an integer or bool output when at most the share `max_mismatch` of its elements differ (an argmax
     flips where float rounding reorders two near-equal values, whatever rtol says). The two sessions run one
@@ -393,7 +393,12 @@ def compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds:
     A float16/bfloat16 model that ONNX Runtime's CPU provider cannot run (a kernel it lacks, as for most ops in
     bfloat16) is compared in float32 instead: both models are cast (`to_float32`: every half-precision weight,
     Constant, Cast target and declared type; the values are exact in float32, so the fused weights are compared
-    as rounded to the model's dtype, with float32 arithmetic), the inputs too. `precision` says which was done."""
+    as rounded to the model's dtype, with float32 arithmetic), the inputs too. `precision` says which was done.
+
+    `reference`: the original's outputs (name, value) from an earlier comparison in its own dtype (the result's
+    `reference`), so that a caller comparing several candidates runs the original once."""
+    if reference is not None:
+        return _judge(reference, _run_optimized(optimized, source, feeds), feeds, rtol, atol, max_mismatch)
     try:
         return _compare(original, optimized, feeds, rtol, atol, source, release, max_mismatch)
     except _OriginalFailed as e:
@@ -424,22 +429,34 @@ def _compare(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, feeds
                               f"({one_line(e)}); use --no-validate to skip") from None
     names = [o.name for o in sess.get_outputs()]
     try:
-        ref = sess.run(None, feeds)
+        ref = list(zip(names, sess.run(None, feeds), strict=True))
     except Exception as e:
         raise _OriginalFailed(f"ONNX Runtime failed on the original model with the validation inputs "
                               f"({one_line(e)}); give shapes with --input-shape or data with --inputs") from None
     del sess
     if release:
         return_freed_memory()
-    try:
-        got = session(optimized, source=source).run(None, feeds)
-    except Exception as e:
-        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
+    got = _run_optimized(optimized, source, feeds)
     if release:
         return_freed_memory()
+    return _judge(ref, got, feeds, rtol, atol, max_mismatch)
+
+
+def _run_optimized(optimized: onnx.ModelProto, source: Path | None, feeds: dict[str, np.ndarray]) -> list:
+    """The optimized model's outputs on `feeds`; its session is gone when this returns."""
+    try:
+        return session(optimized, source=source).run(None, feeds)
+    except Exception as e:
+        raise ValidationError(f"ONNX Runtime cannot run the optimized model ({one_line(e)})") from e
+
+
+def _judge(ref: list[tuple[str, np.ndarray]], got: list, feeds: dict[str, np.ndarray], rtol: float, atol: float,
+           max_mismatch: float) -> Validation:
+    """The optimized model's outputs `got` judged against the original's `ref` (name, value)."""
     result = Validation(rtol=rtol, atol=atol, inputs={k: list(v.shape) for k, v in feeds.items()},
                         max_mismatch=max_mismatch)
-    for name, r, g in zip(names, ref, got, strict=True):
+    result.reference = ref  # not a field: for the next candidate's comparison (`compare(reference=...)`)
+    for (name, r), g in zip(ref, got, strict=True):
         r, g = np.asarray(r), np.asarray(g)
         max_abs, rel = _errors(r, g)
         if np.issubdtype(r.dtype, np.floating):

@@ -354,8 +354,11 @@ def _defaults(graph: gs.Graph) -> list[gs.Constant]:
 
 
 def _bound(graph: gs.Graph, variables: frozenset[str]) -> list[gs.Constant]:
-    """The main graph's initializers named in `variables` (a training_info trains them in place)."""
-    return [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.name in variables]
+    """The main graph's initializers named in `variables` (a training_info trains them in place), also where only
+    subgraphs read them (both If branches of optimum's merged decoders)."""
+    found = {id(t): t for _, g in _graphs(graph) for t in g.tensors().values()
+             if isinstance(t, gs.Constant) and t.name in variables}
+    return list(found.values())
 
 
 def _list_initializers_as_inputs(graph: gs.Graph) -> None:

@@ -117,7 +117,7 @@ def test_a_block_whose_fold_breaks_the_budget_is_left_and_reported():
     (reason,) = left(result)
     assert "output 't_2'" in reason and "over rtol 0.003" in reason and moved(reason) > 3e-3
     assert result.report.validation.passed and result.report.validation.rtol == 3e-3
-    assert "2 of 3 chains" in result.report.budget and "1 left" in result.report.budget
+    assert "2 of 3 blocks" in result.report.budget and "1 left" in result.report.budget
     assert count_ops(result.model, "PRelu") == 1
     table = result.report.table()
     assert "left for the accuracy budget: folding it moves output 't_2'" in table and "budget: 2 of 3" in table
@@ -182,3 +182,91 @@ def test_budget_always_ends_within_rtol(slopes, rtol, seed):
     approx = sum(0 < abs(float(np.float32(s)) - 1) <= api.DEFAULT_TOL for s in slopes)
     assert len(folded(result)) + len(left(result)) == approx
     assert all(moved(r) > rtol for r in left(result))
+
+
+def test_an_activation_removed_alone_and_left_has_its_own_line():
+    """`Gemm → PRelu(0.97) → Tanh → Gemm`: no chain holds the PRelu, a node rule removes it; left by the budget,
+    it still says why."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / 4).astype(np.float32), n)
+             for n, s in (("w1", (D, H)), ("w2", (H, D)))]
+    inits += [numpy_helper.from_array(np.full(H, -1.0, np.float32), "b1"),
+              numpy_helper.from_array(np.array([0.97], np.float32), "a")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("PRelu", ["h", "a"], ["p"], name="act"),
+             helper.make_node("Tanh", ["p"], ["t"], name="tanh"),
+             helper.make_node("Gemm", ["t", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "lone", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert [r.rule for r in lc_onnx.optimize(model, rtol=1.0).report.rewrites] == ["eliminate_unit_activation"]
+    result = lc_onnx.optimize(model, rtol=1e-6, atol=0.0)
+    (entry,) = [c for c in result.report.skipped if REASON in c.reason]
+    assert entry.names == ["act"] and moved(entry.reason) > 1e-6 and count_ops(result.model, "PRelu") == 1
+
+
+def test_a_split_left_by_the_budget_says_so_first():
+    """A per-channel PRelu, some units within tol: split_linear_units takes it when rtol allows; left, the reason
+    leads with the budget and its measured error, then what else holds it back."""
+    rng = np.random.default_rng(0)
+    slopes = np.where(np.arange(H) < 60, 0.96, 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array((rng.standard_normal((D, H)) / 4).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.full(H, -1.0, np.float32), "b1"),
+             numpy_helper.from_array(slopes, "a"),
+             numpy_helper.from_array((rng.standard_normal((H, D)) / 8).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("PRelu", ["h", "a"], ["p"], name="act"),
+             helper.make_node("Gemm", ["p", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert [r.rule for r in lc_onnx.optimize(model, rtol=1.0).report.rewrites] == ["split_linear_units"]
+    (entry,) = lc_onnx.optimize(model, rtol=1e-6, atol=0.0).report.skipped
+    assert entry.reason.startswith(REASON + ": folding it moves output 'y'") and "outside tolerance" in entry.reason
+
+
+def test_exact_rewrites_that_fail_say_no_budget_helps():
+    with pytest.raises(ValidationError, match="the exact rewrites alone fail it, so no budget helps") as info:
+        lc_onnx.optimize(stack([1.0, 0.99]), rtol=0.0, atol=0.0)
+    assert info.value.report.budget.startswith("validation fails with every block of slopes other than 1 left")
+
+
+def test_the_budget_runs_the_original_once(monkeypatch):
+    """Each try runs only its candidate: the original's outputs are kept from the first comparison."""
+    from lc_onnx import validate
+
+    runs = []
+    real = validate.session
+
+    def counting(model, *args, **kwargs):
+        runs.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(validate, "session", counting)
+    model = stack([0.999, 0.96, 0.995, 0.97])
+    result = lc_onnx.optimize(model, rtol=3e-3)
+    tries = int(re.search(r"; (\d+) tries", result.report.budget).group(1))
+    assert len(runs) == 2 + tries  # the first comparison (original, candidate), then one candidate a try
+    # the original as such once; and once as the candidate of the first try (all four left: nothing rewritten, so
+    # the input as it is is judged, which fails only where its own outputs differ between runs)
+    assert runs[0] is model and sum(m is model for m in runs) == 2
+
+
+def test_why_nothing_folded_names_the_budget(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(stack([0.99, 0.98]), path)
+    done = CliRunner().invoke(main, ["optimize", str(path), "--rtol", "1e-9", "--atol", "0"])
+    assert done.exit_code == 0, done.output
+    why = done.output.split("why no chain was folded: ")[1]
+    assert "2 chains are left for the accuracy budget" in why  # beside the Tanh between the blocks
+    assert "raise --rtol if that error is acceptable" in done.output
+
+
+def test_no_validate_warns_that_slopes_other_than_1_went_unchecked(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(stack([0.96]), path)
+    done = CliRunner().invoke(main, ["optimize", str(path), "--no-validate"])
+    assert done.exit_code == 0 and "warning: 1 block(s) took slopes up to 0.04 from 1 as 1" in done.output
+    onnx.save(stack([1.0]), path)
+    assert "warning" not in CliRunner().invoke(main, ["optimize", str(path), "--no-validate", "--overwrite",
+                                                      "-o", str(tmp_path / "x.onnx")]).output

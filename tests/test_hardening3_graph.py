@@ -247,3 +247,52 @@ def test_a_weight_training_info_binds_is_never_folded():
     read_only.training_info.add(algorithm=helper.make_graph([], "step", [], []),
                                 update_binding=[onnx.StringStringEntryProto(key="not_a_weight", value="b")])
     assert optimized(read_only, rewrites=1).report.rewrites
+
+
+def test_training_info_reads_of_the_inference_graph_survive():
+    """A training_info may read a hidden tensor of the inference graph, and a Gradient node names the weights it
+    differentiates in its attributes: both stay (as a graph output would), and the chain is left."""
+    model = mlp(slope=0.99)
+    hidden = model.graph.node[1].output[0]  # the first layer's output (MatMul + Add)
+    weight = model.graph.node[0].input[1]
+    step = helper.make_graph([helper.make_node("ReduceSum", [hidden], ["loss"], keepdims=0),
+                              helper.make_node("Gradient", ["x"], ["dw"], domain="ai.onnx.preview.training",
+                                               xs=[weight], y="y")],
+                             "step", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, None),
+                                          helper.make_tensor_value_info("dw", TensorProto.FLOAT, None)])
+    model.training_info.add(algorithm=step)
+    model.opset_import.append(helper.make_opsetid("ai.onnx.preview.training", 1))
+    out = lc_onnx.optimize(model, rtol=1.0).model
+    produced = {o for n in out.graph.node for o in n.output} | {t.name for t in out.graph.initializer}
+    assert hidden in produced and weight in produced
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]  # no output added
+
+
+def test_a_weight_only_if_branches_read_is_protected_when_training_info_binds_it():
+    """optimum's merged decoders keep the weights in the main graph and read them from both If branches."""
+    d, h = 8, 32
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal((d, h)) / 4).astype(np.float32), "w1"),
+               numpy_helper.from_array(np.array([0.99], np.float32), "a"),
+               numpy_helper.from_array((rng.standard_normal((h, d)) / 8).astype(np.float32), "w2")]
+
+    def branch(tag: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], [f"h{tag}"], name=f"fc1{tag}"),
+                 helper.make_node("PRelu", [f"h{tag}", "a"], [f"p{tag}"], name=f"act{tag}"),
+                 helper.make_node("MatMul", [f"p{tag}", "w2"], [f"y{tag}"], name=f"fc2{tag}")]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [4, d])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("T"), else_branch=branch("E"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, d]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, d])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    step = helper.make_graph([helper.make_node("Identity", ["w1"], ["nxt"])], "step", [],
+                             [helper.make_tensor_value_info("nxt", TensorProto.FLOAT, None)])
+    model.training_info.add(algorithm=step, update_binding=[onnx.StringStringEntryProto(key="w1", value="nxt")])
+    assert lc_onnx.optimize(model, rtol=1.0, validate=False).report.rewrites  # the PRelus (slope within tol) go
+    result = lc_onnx.optimize(model, rtol=1.0, allow_growth=True)
+    assert not [r for r in result.report.rewrites if r.shape]  # no chain folded, in either branch
+    assert "w1" in {t.name for t in result.model.graph.initializer}
+    assert all("trained in place" in c.reason for c in result.report.skipped)

@@ -103,3 +103,11 @@ def test_package_config_adds_the_pass_to_olives_own_table():
     builtin = OlivePackageConfig.load_default_config().passes
     assert builtin.keys() < config.passes.keys()  # --package-config replaces the table: nothing built in is lost
     assert config.import_pass_module("LayerCollapse") is LayerCollapse
+
+
+def test_the_pass_takes_the_budget_option():
+    """budget=False makes the pass all or nothing, as `--no-budget` does."""
+    from lc_onnx.olive import LayerCollapse
+
+    config = LayerCollapse._default_config(None)
+    assert config["budget"].default_value is True and "past rtol/atol are left" in config["validate"].description
