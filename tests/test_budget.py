@@ -270,3 +270,28 @@ def test_no_validate_warns_that_slopes_other_than_1_went_unchecked(tmp_path):
     onnx.save(stack([1.0]), path)
     assert "warning" not in CliRunner().invoke(main, ["optimize", str(path), "--no-validate", "--overwrite",
                                                       "-o", str(tmp_path / "x.onnx")]).output
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_budget_on_a_real_hf_export(tmp_path, dynamo):
+    """A tiny GPT-2 prepared and exported as users do, its slopes spread over 0.955..0.999: with the defaults every
+    block is folded or left with its measured error over rtol, and the result validates (both exporters)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lc_onnx import train
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=4, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
+    names = train.prepare(model, example_inputs=inputs)
+    with torch.no_grad():
+        for act, slope in zip(train.blocks(model).values(), (0.999, 0.955, 0.99, 0.96), strict=True):
+            act.weight.fill_(slope)
+    path = tmp_path / "gpt2.onnx"
+    train.export(model, inputs, path, dynamo=dynamo)
+    result = lc_onnx.optimize(path, rtol=2e-3)
+    assert result.report.validation.passed
+    taken = [r for r in result.report.rewrites if r.rule == "collapse_linear_chain"]
+    assert len(taken) + len(left(result)) == len(names) == 4 and taken and left(result)
+    assert all(moved(r) > 2e-3 for r in left(result))
