@@ -433,6 +433,7 @@ class _Rewriter:
                             allow_growth=self.allow_growth, leave=frozenset(at[i] for i in leave if i in at),
                             variables=trained)
         graph.outputs = [t for t in graph.outputs if not any(t is r for r in read)]
+        position.update((new, position[old]) for new, old in result.carried.items() if old in position)
         shapes.unannotate(annotated)
         del annotated  # it holds graph tensors, and through them the graph and the input's weights
         for done in [*result.rewrites, *result.skipped]:

@@ -42,6 +42,7 @@ class PassResult:
     modified: bool
     rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Candidate] = field(default_factory=list)
+    carried: dict[int, int] = field(default_factory=dict)  # a left activation's exact replacement -> it (ids)
 
 
 class _Refused:
@@ -473,6 +474,7 @@ def run(graph: gs.Graph, tol: float, skip: frozenset[str] = frozenset(),
                 # a removed activation may join layers into a chain (two unit PRelus in a row: the walk takes
                 # one), so the chain rules look again; else a second run of optimize would fold it
             result.skipped += skipped
+        result.carried = budget.carried()
     if any(r.graph for r in result.rewrites):  # a subgraph's rewrite may leave a node of a graph around it unread
         graph.cleanup(remove_unused_graph_inputs=False)
     if result.modified:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes import budget
 from passes.linear import Names
 from passes.match import const_value, is_op, rank_of, slope_problem
 from passes.rule import NodeRule, Rewrite
@@ -36,9 +37,10 @@ def _alpha(node: gs.Node) -> float | None:
 
 def applies(node: gs.Node, tol: float) -> bool:
     """Not for a slope within tol of 1: that PRelu is the identity (eliminate_unit_activation removes it), and
-    a LeakyRelu(alpha≈1) left in its place would be an identity node that nothing else removes."""
+    a LeakyRelu(alpha≈1) left in its place would be an identity node that nothing else removes; unless the run
+    leaves it (the accuracy budget), when the LeakyRelu inherits that."""
     alpha = _alpha(node)
-    return alpha is not None and abs(alpha - 1.0) > tol
+    return alpha is not None and abs(alpha - 1.0) > budget.tolerance(node, tol)
 
 
 def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:
@@ -46,7 +48,9 @@ def rewrite(graph: gs.Graph, names: Names, node: gs.Node) -> Rewrite:
     x, y = node.inputs[0], node.outputs[0]
     node.inputs.clear()
     node.outputs.clear()  # the PRelu dies in cleanup; the new node keeps its name for the report and notes
-    graph.nodes.append(gs.Node("LeakyRelu", node.name, attrs={"alpha": alpha}, inputs=[x], outputs=[y]))
+    leaky = gs.Node("LeakyRelu", node.name, attrs={"alpha": alpha}, inputs=[x], outputs=[y])
+    budget.carry(node, leaky)
+    graph.nodes.append(leaky)
     return Rewrite(NAME, [node.name], (alpha, alpha), None, 0, 0, 0, 0, 0.0)
 
 
