@@ -421,9 +421,11 @@ class _Rewriter:
         report = Report(tol=self.tol, before=totals(src.model), allow_growth=self.allow_growth)
         self.step("rewriting")
         position = {}  # the activations, by their place as imported: the same in every attempt
+        held = []  # those nodes, alive while their ids are looked up (a freed node's id may be reused)
         for i, (node, label) in enumerate(_node_labels(graph)):
             if node.op in passes.budget.SLOPED:
                 position[id(node)] = i
+                held.append(node)
             if not node.name:
                 node.name = _Unnamed(label)
         at = {i: key for key, i in position.items()}
@@ -442,6 +444,7 @@ class _Rewriter:
         replaced = [frozenset(position[k] for k in r.keys if k in position) for r in result.rewrites]
         for c in result.skipped:
             c.positions = frozenset(position[k] for k in c.keys if k in position)  # where the budget says why
+        del held
         if not result.modified:
             report.after = report.before
             return _Attempt(None, report, replaced)
