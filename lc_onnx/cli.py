@@ -386,8 +386,11 @@ def bench(models, provider, runtime, ov_precision, threads, batch, runs, warmup,
 @click.option("--keep", type=click.Path(path_type=Path, file_okay=False),
               help="Leave the what-if models in this folder (named *.what-if-N.onnx, marked in their metadata).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the rows as JSON.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Leave out the blocks with a node name matching this (repeatable; BERT's pooler: '*pooler*').")
 @_handle_errors
-def estimate(model, provider, threads, batch, runs, warmup, input_shape, seed, no_per_block, keep, json_path) -> None:
+def estimate(model, provider, threads, batch, runs, warmup, input_shape, seed, no_per_block, keep, json_path,
+             exclude) -> None:
     """What a LayerCollapse fine-tune would buy here, before doing it: each MLP block of MODEL whose activation
     (GELU, ReLU, Swish, ...) is its only obstacle is folded as if the activation were the identity, and these
     what-if models (each block; the last quarter, half, all) are timed against MODEL, interleaved. The what-if
@@ -401,10 +404,11 @@ def estimate(model, provider, threads, batch, runs, warmup, input_shape, seed, n
         io.check_target(json_path, "--json")
         io.refuse_overlap(io.files_read(Path(model), io.read(model, load_weights=False)[0]), [json_path])
     result = estimate_mod.estimate(Path(model), provider, threads, batch, runs, warmup, parse_shapes(input_shape),
-                                   seed, per_block=not no_per_block, keep=keep)
+                                   seed, per_block=not no_per_block, keep=keep, exclude=tuple(exclude))
     click.echo(result.table())
     if json_path:
-        json_path.write_text(json.dumps({"blocks": result.blocks, "rows": result.rows, "settings": result.settings},
+        json_path.write_text(json.dumps({"blocks": result.blocks, "rows": result.rows, "settings": result.settings,
+                                         "excluded": result.excluded, "warnings": result.warnings},
                                         indent=2) + "\n")
 
 

@@ -7,6 +7,7 @@ its file name and its metadata say what it is."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ def what_if(model: onnx.ModelProto, only: set[int] | None = None,
     lc-onnx folds at `tol` today, marked as a what-if in its metadata (and not stamped as lc-onnx's output); and
     how many such blocks the model has (chains within `tol` are none: they fold as they are)."""
     folded, blocks, _ = _what_if(model, only, tol)
-    return folded, blocks
+    return folded, len(blocks)
 
 
-def _what_if(model: onnx.ModelProto, only: set[int] | None, tol: float) -> tuple[onnx.ModelProto, int, int]:
-    """`what_if`, and how many rewrites the fold made (with `only` empty: what lc-onnx folds now)."""
+def _what_if(model: onnx.ModelProto, only: set[int] | None,
+             tol: float) -> tuple[onnx.ModelProto, list[list[str]], int]:
+    """`what_if`, with each block's node names (in the blocks' order), and how many rewrites the fold made (with
+    `only` empty: what lc-onnx folds now)."""
     graph, annotated, _ = api._import(api._open(model))
     found = passes.what_if.linearize(graph, only, tol)
     shapes.unannotate(annotated)
@@ -48,7 +51,7 @@ def _what_if(model: onnx.ModelProto, only: set[int] | None, tol: float) -> tuple
     del folded.metadata_props[:]
     folded.metadata_props.extend(kept)
     folded.metadata_props.add(key=WHAT_IF_KEY, value=WHAT_IF_NOTE)
-    return folded, len(found), len(result.report.rewrites)
+    return folded, [b.names for b in found], len(result.report.rewrites)
 
 
 def is_what_if(model: onnx.ModelProto) -> bool:
@@ -66,11 +69,18 @@ class Estimate:
     rows: list[dict] = field(default_factory=list)
     blocks: int = 0
     settings: str = ""
+    folds_today: int = 0  # rewrites lc-onnx makes now (chains within --tol fold as they are)
+    excluded: list[str] = field(default_factory=list)  # blocks left out by --exclude (their first node)
+    warnings: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         if not self.blocks:
-            return ("no linear -> activation -> linear block whose activation alone keeps it apart: a fine-tune "
-                    "would collapse nothing")
+            left = f" ({len(self.excluded)} left out by --exclude)" if self.excluded else ""
+            if self.folds_today:
+                return (f"no block needs a fine-tune{left}: lc-onnx folds this model's chains as they are "
+                        f"({self.folds_today} rewrite(s) at --tol {api.DEFAULT_TOL:g}); run lc-onnx optimize")
+            return (f"no linear -> activation -> linear block whose activation alone keeps it apart{left}: a "
+                    f"fine-tune would collapse nothing")
         width = max(len(r["label"]) for r in self.rows)
         lines = [f"{'what-if':<{width}}  {'blocks':>6}  {'params':>10}  {'MACs':>10}  {'median ms':>9}  {'speedup':>7}"]
         for r in self.rows:
@@ -78,35 +88,53 @@ class Estimate:
             lines.append(f"{r['label']:<{width}}  {r['blocks']:>6}  {bench._count(r['params']):>10}  {macs:>10}  "
                          f"{r['median_ms']:>9.3f}  {r['speedup']:>6.2f}x")
         lines.append(self.settings)
+        if self.excluded:
+            lines.append(f"left out by --exclude: {', '.join(self.excluded)}")
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append("what-if: each block's activation taken out (as a fine-tune to slope 1 would leave it) and "
                      "folded; the accuracy that costs is what the fine-tune must recover (train.sensitivity measures "
                      "it)")
         return "\n".join(lines)
 
 
-def _variants(n: int, per_block: bool) -> list[tuple[str, set[int]]]:
-    out = [(f"block {i}", {i}) for i in range(n)] if per_block else []
+def _variants(blocks: list[int], names: list[list[str]], per_block: bool) -> list[tuple[str, set[int]]]:
+    """Each of `blocks` (indices) alone, named by its first node, then the last quarter, half and all of them."""
+    n = len(blocks)
+    out = [(f"block {i}: {_short(names[b][0]) or '#'}", {b}) for i, b in enumerate(blocks)] if per_block else []
     for part, name in ((4, "last quarter"), (2, "last half")):
         k = n // part
         if 0 < k < n:
-            out.append((f"{name} ({k})", set(range(n - k, n))))
-    out.append((f"all ({n})", set(range(n))))
+            out.append((f"{name} ({k})", set(blocks[n - k:])))
+    out.append((f"all ({n})", set(blocks)))
     return out
+
+
+def _short(name: str) -> str:
+    """A node name as the module it came from: `/model/bert/encoder/layer.0/intermediate/dense/MatMul` ->
+    `bert/encoder/layer.0/intermediate/dense` (torch's exporters name nodes by module path, then op)."""
+    parts = [p for p in name.split("/") if p]
+    if len(parts) > 1 and parts[0] == "model":
+        parts = parts[1:]
+    return "/".join(parts[:-1] if len(parts) > 1 else parts)
 
 
 def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: int | None = None, runs: int = 20,
              warmup: int = 3, shapes: dict[str, list[int]] | None = None, seed: int = 0, per_block: bool = True,
-             keep: Path | None = None, progress=None) -> Estimate:
+             keep: Path | None = None, progress=None, exclude: tuple[str, ...] = ()) -> Estimate:
     """Time the original model at `path` against its what-if graphs (see the module's docstring). `keep`: a
-    folder where the what-if models are left, named `*.what-if.onnx`."""
+    folder where the what-if models are left, named `*.what-if.onnx`. `exclude`: glob patterns of node names; a
+    block with a node matching one is left out (BERT's pooler: `*pooler*`)."""
     model, _ = io.read(path)
     if is_what_if(model):
         raise InputError(f"{path}: a what-if model from lc-onnx estimate; give the original")
-    today, n, folds_today = _what_if(model, set(), api.DEFAULT_TOL)  # what lc-onnx folds now, and the blocks
-    result = Estimate(blocks=n)                                         # a fine-tune would add to it
-    if not n:
+    today, names, folds_today = _what_if(model, set(), api.DEFAULT_TOL)  # what lc-onnx folds now, and the blocks
+    blocks = [i for i, block in enumerate(names)                         # a fine-tune would add to it
+              if not any(fnmatch.fnmatchcase(n, p) for n in block for p in exclude)]
+    result = Estimate(blocks=len(blocks), folds_today=folds_today,
+                      excluded=[_short(names[i][0]) for i in range(len(names)) if i not in blocks])
+    if not blocks:
         return result
-    variants = _variants(n, per_block)
+    variants = _variants(blocks, names, per_block)
     if folds_today:
         variants.insert(0, (f"lc-onnx today (tol {api.DEFAULT_TOL:g})", set()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,4 +156,5 @@ def estimate(path: Path, provider_name: str = "cpu", threads: int = 1, batch: in
                             "median_ms": row["median_ms"], "speedup": row["speedup_vs_first"]})
     result.settings = (f"{timed.provider}, {threads or 'default'} thread(s), {runs} interleaved runs, inputs "
                        + ", ".join(f"{k} {v}" for k, v in timed.inputs.items()))
+    result.warnings = [w for w in timed.warnings() if w.startswith("open dims guessed")]  # the spread: per pair
     return result

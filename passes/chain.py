@@ -404,21 +404,27 @@ def _nonlinear_block(tensor: gs.Tensor, between: list[gs.Node], node: gs.Node,
             todo += list(p.inputs)
         if len(sources) > 1 or len(nodes) > MAX_WALK:
             return None
-    first = read_linear_ending_at(sources[0], graph_outputs) if nodes and sources else None
+    if not (nodes and sources):
+        return None
+    source, before = sources[0], []  # GPT-2's Conv1D exports a Reshape back from its Gemm before the activation
+    while (p := producer(source)) is not None and _passes_through(p, graph_outputs) and len(before) < MAX_WALK:
+        before.insert(0, p)
+        source = p.inputs[0]
+    first = read_linear_ending_at(source, graph_outputs)
     second = read_linear_starting_at(node, graph_outputs)
     if not isinstance(first, LinearLayer) or not isinstance(second, LinearLayer):
         return None
     nodes.reverse()  # in graph order, roughly: the walk went back from the second layer
-    return Reject(first.nodes + nodes + between + second.nodes, NOT_LINEAR.format(_activation_name(nodes)), None,
-                  (first.d_in, first.d_out, second.d_out), ((between or [node])[0], tensor, sources[0]))
+    return Reject(first.nodes + before + nodes + between + second.nodes, NOT_LINEAR.format(_activation_name(nodes)),
+                  None, (first.d_in, first.d_out, second.d_out), ((between or [node])[0], tensor, sources[0]))
 
 
 def _activation_name(nodes: list[gs.Node]) -> str:
     ops = {n.op for n in nodes}
     if len(ops) == 1:
         return nodes[0].op
-    if "Erf" in ops or {"Tanh", "Pow"} <= ops:
-        return "Gelu"  # x·0.5·(1 + erf(x/√2)), or its tanh approximation
+    if "Erf" in ops or {"Tanh", "Pow"} <= ops or ({"Tanh", "Mul", "Add"} <= ops and "Softplus" not in ops):
+        return "Gelu"  # x·0.5·(1 + erf(x/√2)), or its tanh approximation (x³ as Pow or as x·x·x)
     if {"Softplus", "Tanh"} <= ops:
         return "Mish"
     if ops == {"Sigmoid", "Mul"}:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from passes.chain import Reject, find_chain
+from passes.match import is_op
 
 
 def linearize(graph: gs.Graph, only: set[int] | None = None, tol: float = 0.0) -> list[Reject]:
@@ -23,7 +24,11 @@ def linearize(graph: gs.Graph, only: set[int] | None = None, tol: float = 0.0) -
             continue
         if only is None or len(found) in only:
             reader, activation_out, first_out = block.linearize
-            reader.inputs = [first_out if t is activation_out else t for t in reader.inputs]
+            # a Shape node reads only the shape, which an elementwise activation keeps (GPT-2's Conv1D export
+            # reshapes by the activation's shape): it reads the activation's input too, so the activation dies
+            shape_readers = [n for n in activation_out.outputs if is_op(n, "Shape")]
+            for n in [reader, *shape_readers]:
+                n.inputs = [first_out if t is activation_out else t for t in n.inputs]
         found.append(block)
     graph.cleanup()
     return found

@@ -76,7 +76,7 @@ def test_estimate_times_each_block_and_the_last_ones_and_keeps_what_ifs_marked(t
     out = CliRunner().invoke(main, ["estimate", str(model), "--runs", "2", "--warmup", "1", "--input-shape",
                                     "x:1,7,16", "--keep", str(kept), "--json", str(tmp_path / "e.json")])
     assert out.exit_code == 0, out.output
-    labels = [line.split("  ")[0].strip() for line in out.output.splitlines()[1:7]]
+    labels = [line.split("  ")[0].split(":")[0].strip() for line in out.output.splitlines()[1:7]]
     assert labels == ["original", "block 0", "block 1", "block 2", "last half (1)", "all (3)"]
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert [r["blocks"] for r in rows] == [0, 1, 1, 1, 1, 3] and rows[0]["speedup"] == 1.0
@@ -103,3 +103,48 @@ def test_a_prelu_slope_outside_tol_is_a_block_and_chains_within_it_fold_as_they_
     assert ops(what_if)["MatMul"] == 6 and "PRelu" not in ops(what_if)  # every block one layer
     today, _ = estimate.what_if(model, set())
     assert ops(today)["MatMul"] == 7 and ops(today)["PRelu"] + ops(today)["LeakyRelu"] == 1  # the 0.25 block stays
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh"])
+def test_gpt2s_gelu_blocks_are_found_and_folded_in_the_what_if(tmp_path, dynamo, act):
+    """GPT-2's Conv1D exports Reshape → Gemm → Reshape around its tanh-form GELU, whose shape the next Reshape
+    reads through a Shape node: each MLP is a block, and the what-if folds it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  activation_function=act)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    path = tmp_path / "gpt2.onnx"
+    train.export(model, {"input_ids": torch.randint(0, 64, (1, 8))}, path, dynamo=dynamo)
+    found = [c for c in lc_onnx.inspect(path) if c.reason and "is not linear" in c.reason]
+    assert len(found) == 2 and all("Gelu" in c.reason for c in found)
+    original = io.read(path)[0]
+    what_if, blocks = estimate.what_if(original)
+    assert blocks == 2 and estimate._params(what_if) < estimate._params(original) - 2 * 32 * 128
+
+
+def test_exclude_leaves_the_pooler_out_and_names_each_block(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    path = tmp_path / "bert.onnx"
+    train.export(transformers.BertForSequenceClassification(cfg).eval(), {"input_ids": torch.randint(0, 64, (1, 8))},
+                 path, dynamo=False)
+    out = CliRunner().invoke(main, ["estimate", str(path), "--runs", "2", "--warmup", "1", "--exclude", "*pooler*"])
+    assert out.exit_code == 0, out.output
+    assert "block 0: bert/encoder/layer.0/intermediate/dense" in out.output and "all (2)" in out.output
+    assert "left out by --exclude: bert/pooler/dense" in out.output
+    assert "warning: open dims guessed" in out.output  # no --input-shape: the sizes were lc-onnx's choice
+
+
+def test_a_model_whose_chains_fold_already_says_to_optimize(tmp_path):
+    m = stack()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train.prepare(m, (X,), init=0.97)
+    path = tmp_path / "prepared.onnx"
+    export(m, path, dynamo=False)
+    out = CliRunner().invoke(main, ["estimate", str(path), "--runs", "2"])
+    assert out.exit_code == 0 and "no block needs a fine-tune" in out.output and "run lc-onnx optimize" in out.output
