@@ -382,7 +382,11 @@ def optimize(
         model, report = attempt.model, attempt.report
     if not report.validation.passed:
         why = report.validation.failure()
-        raise ValidationError(f"{why} ({report.budget})" if report.budget else why, report)
+        if report.budget:
+            why += f" ({report.budget})"
+        elif not budget and attempt.budgeted:
+            why += " (without --no-budget, the blocks that break it would be left and the rest folded)"
+        raise ValidationError(why, report)
     if model is None:  # every rewrite took slopes as 1 and each breaks the budget: the input, as it is
         src = _open(model_or_path)
         return OptimizeResult(src.model, report, src.source, src.path, src.reads)
@@ -515,27 +519,42 @@ def _say_why_left(report: Report, left: dict[int, tuple[passes.Rewrite, frozense
     """Each block the budget left, with what folding it measured: on every candidate holding its activation, or,
     where none does (an activation a node rule removed alone), on an entry of its own."""
     for rewrite, positions, found in left.values():
-        why = _moved(found)
+        alone = rewrite.shape is None  # a node rule would have removed the activation alone (no chain holds it)
+        why = _moved(found, "removing it" if alone else "folding it")
         held = [c for c in report.skipped if positions & c.positions]
         for c in held:
-            c.reason = (f"{c.reason}: {why}" if c.reason.endswith(passes.budget.REASON) else
-                        f"{passes.budget.REASON}: {why} ({c.reason})")
+            if c.reason.endswith(passes.budget.REASON):
+                c.reason = f"{c.reason}: {why}"
+            elif alone:  # the block is left for its own reason (quantized weights, ...): that comes first
+                c.reason = f"{c.reason}; its activation alone was {passes.budget.REASON}: {why}"
+            else:
+                c.reason = f"{passes.budget.REASON}: {why} ({c.reason})"
         if not held:
             c = passes.Candidate([], rewrite.slope_range, None, f"{passes.budget.REASON}: {why}", rewrite.shape,
-                                 rewrite.graph, kind="chain" if rewrite.shape else "node")
+                                 rewrite.graph, kind="node" if alone else "chain")
             c.names, c.positions = list(rewrite.names), positions
             report.skipped.append(c)
+        worst = _worst(found)
+        report.budget_left.append({"names": list(rewrite.names), "graph": rewrite.graph, "rule": rewrite.rule,
+                                   "slope_range": rewrite.slope_range, "output": worst and worst.name,
+                                   "rel_l2": worst and worst.rel_l2, "max_abs": worst and worst.max_abs,
+                                   "mismatch": worst and worst.mismatch, "rtol": found.rtol, "atol": found.atol})
 
 
-def _moved(found: validation.Validation) -> str:
-    """What folding a left chain did to the outputs, in a few words: the worst output's error against the limit."""
-    bad = max((o for o in found.outputs if not o.passed), key=lambda o: o.rel_l2, default=None)
+def _worst(found: validation.Validation) -> validation.OutputError | None:
+    return max((o for o in found.outputs if not o.passed), key=lambda o: o.rel_l2, default=None)
+
+
+def _moved(found: validation.Validation, doing: str = "folding it") -> str:
+    """What taking a left block (beside the blocks taken before it) did to the outputs, in a few words: the worst
+    output's error against the limit."""
+    bad = _worst(found)
     if bad is None:
         return "the rewritten model did not pass validation"
     if bad.mismatch is not None:
-        return (f"folding it changes a share {bad.mismatch:.3g} of output {bad.name!r}, over --max-mismatch "
+        return (f"{doing} changes a share {bad.mismatch:.3g} of output {bad.name!r}, over --max-mismatch "
                 f"{found.max_mismatch:g}")
-    return f"folding it moves output {bad.name!r} by {bad.rel_l2:.3g} (rel L2), over rtol {found.rtol:.3g}"
+    return f"{doing} moves output {bad.name!r} by {bad.rel_l2:.3g} (rel L2), over rtol {found.rtol:.3g}"
 
 
 def trained_names(model: onnx.ModelProto) -> frozenset[str]:

@@ -292,7 +292,10 @@ def inspect(model, tol, as_json, allow_growth, plot_path, skip) -> None:
         shape = "{}>{}>{}".format(*c.shape) if c.shape else "?"
         verdict = f"-> {c.rule}" if c.rule else f"left: {c.reason}"
         click.echo(f"chain {i}: {where}{c.names[0]} .. {c.names[-1]}  {shape}  slope {slope}  {verdict}")
-    click.echo(f"{fire} of {len(chains)} chain(s) would be rewritten at tol {tol:g}")
+    near = sum(c.rule is not None and c.slope_range is not None and c.slope_range != (1.0, 1.0) for c in chains)
+    click.echo(f"{fire} of {len(chains)} chain(s) would be rewritten at tol {tol:g}"
+               + (f" ({near} with slopes other than 1: optimize leaves any whose fold would move an output past "
+                  f"--rtol)" if near else ""))
     if why:
         click.echo(f"why no chain would be folded: {why}")
     for c in found:

@@ -30,6 +30,9 @@ class Report:
     after: Totals | None = None
     validation: Validation | None = None
     budget: str = ""  # where not every chain within tol could be folded within rtol: how many were left
+    # each block the budget left: its nodes, the output it moved most, by how much (rel_l2, max_abs or the share
+    # `mismatch`), against rtol/atol
+    budget_left: list[dict] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -46,6 +49,7 @@ class Report:
             "after": asdict(self.after) if self.after else None,
             "validation": self.validation.to_dict() if self.validation else None,
             "budget": self.budget,
+            "budget_left": self.budget_left,
         }
 
     def to_json(self) -> str:
@@ -160,15 +164,15 @@ def why_unfolded(candidates: list[Candidate], tol: float, layers: int, activatio
         n = sum(acts.values())
         ops = ", ".join(f"{k} {op}" for op, k in sorted(acts.items(), key=lambda a: (-a[1], a[0])))
         parts.append(f"{n} {'block has' if n == 1 else 'blocks have'} non-linear activations ({ops}), not PRelu "
-                     f"near 1: {GELU_HINT}")
+                     f"near 1: {GELU_HINT}; a block left out of prepare on purpose (BERT's pooler) stays as it is")
     if slopes:
         shown = list(dict.fromkeys(_slope(c.slope_range) for c in slopes))
         nearest = min(max(abs(s - 1) for s in c.slope_range) for c in slopes)
         which = (f"slope {shown[0]}, {nearest:.3g} from 1" if len(slopes) == 1 else
                  f"slopes {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; the nearest {nearest:.3g} from 1")
         parts.append(f"{len(slopes)} {'chain has' if len(slopes) == 1 else 'chains have'} slopes outside --tol "
-                     f"{tol:g} ({which}): train them nearer 1 with lc_onnx.train, or raise --tol (validation then "
-                     f"judges the error)")
+                     f"{tol:g} ({which}): train them nearer 1 with lc_onnx.train, or raise --tol together with --rtol "
+                     f"(validation judges the error, and the default rtol is at most 1e-2)")
     if budgeted:
         parts.append(f"{len(budgeted)} {'chain is' if len(budgeted) == 1 else 'chains are'} left for the accuracy "
                      f"budget (folding {'it' if len(budgeted) == 1 else 'each'} moves an output past --rtol, measured "

@@ -5,6 +5,7 @@ measured error in the report. ValidationError only where the exact rewrites alon
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -313,3 +314,24 @@ def test_a_left_prelu_still_runs_as_leaky_relu():
     assert [r.rule for r in result.report.rewrites].count("prelu_to_leaky_relu") == 1
     (reason,) = left(result)
     assert moved(reason) > 1e-3
+
+
+def test_the_json_report_has_each_left_blocks_numbers(tmp_path):
+    path, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(stack([0.999, 0.96, 0.995]), path)
+    assert CliRunner().invoke(main, ["optimize", str(path), "--rtol", "3e-3", "--report", str(report)]).exit_code == 0
+    (entry,) = json.loads(report.read_text())["budget_left"]
+    assert entry["output"] == "t_2" and entry["rel_l2"] > entry["rtol"] == 3e-3
+    assert entry["names"] == ["fc1_1", "act_1", "fc2_1_0"] and entry["rule"] == "collapse_linear_chain"
+
+
+def test_no_budget_failure_says_what_the_budget_would_do():
+    with pytest.raises(ValidationError, match="without --no-budget, the blocks that break it would be left"):
+        lc_onnx.optimize(stack([0.999, 0.96, 0.995]), rtol=3e-3, budget=False)
+
+
+def test_inspect_says_optimize_may_leave_blocks_with_slopes_other_than_1(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(stack([0.999, 1.0]), path)
+    out = CliRunner().invoke(main, ["inspect", str(path)]).output
+    assert "2 of 3 chain(s) would be rewritten at tol 0.05 (1 with slopes other than 1: optimize leaves any" in out
