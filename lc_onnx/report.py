@@ -70,6 +70,9 @@ class Report:
                     "exact" if r.error_coefficient == 0 else f"c={r.error_coefficient:.3g}",
                 ))
             lines += _grid(rows)
+            if any(r.error_coefficient > 0 for r in self.rewrites):
+                lines.append("c: a slope other than 1 taken as 1 moves each row by at most c·|min(0, h)|, h the "
+                             "activation's input (c = max|1 - α| · |W_B|, docs/rules.md)")
             notes = [(r, r.note) for r in self.rewrites if r.note]
             for r, note in notes:
                 lines.append(f"  {r.rule} {_nodes(r.names, r.graph)}: {note}")
