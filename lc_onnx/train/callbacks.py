@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lc_onnx import plots
+from lc_onnx.train.distill import Distiller
 from lc_onnx.train.regularize import blocks
 from lc_onnx.train.slope_step import OnCore, SlopeStepper, block_logs
 
@@ -88,7 +89,10 @@ class LayerCollapseCallback:
     (`lc_slope_optimizer.pt`), which `trainer.train(resume_from_checkpoint=...)` continues.
     `plot`: draw the slopes over the logged steps in `output_dir/lc_slopes.png` at the end of training. By
     default (None) drawn where matplotlib is installed, with one warning at the start where it is not;
-    plot=True without matplotlib is an ImportError here, plot=False draws nothing."""
+    plot=True without matplotlib is an ImportError here, plot=False draws nothing.
+    `teacher`: a copy of the model taken before `prepare` (its own GELU); while training, each forward of the
+    model also runs it (no grad) and adds `distill_weight`·KL(teacher ‖ model)·T² on the logits (`temperature`
+    T) to the loss the model returns (`distill.Distiller`; call the model with labels)."""
 
     def __new__(cls, *args, **kwargs):
         if cls is LayerCollapseCallback:
@@ -98,7 +102,13 @@ class LayerCollapseCallback:
     def __init__(self, lam: float, collapse_threshold: float | None = None, *, slope_lr: float = 2e-2,
                  mode: str = "adam", betas: tuple[float, float] = (0.9, 0.999), report_threshold: float = 0.05,
                  collapse_inputs=None, trust_names: bool = False, plot: bool | None = None, eval_fn=None,
-                 max_drop: float | None = None, higher_is_better: bool = True):
+                 max_drop: float | None = None, higher_is_better: bool = True, teacher: nn.Module | None = None,
+                 distill_weight: float = 1.0, temperature: float = 1.0):
+        if teacher is not None and not (distill_weight >= 0 and temperature > 0):
+            raise ValueError(f"LayerCollapseCallback: needs distill_weight >= 0 and temperature > 0 (got "
+                             f"{distill_weight!r}, {temperature!r})")
+        self.teacher, self.distill_weight, self.temperature = teacher, distill_weight, temperature
+        self._distiller: Distiller | None = None
         self.core = SlopeStepper(lam, collapse_threshold, slope_lr=slope_lr, mode=mode, betas=betas,
                                  report_threshold=report_threshold, collapse_inputs=collapse_inputs,
                                  trust_names=trust_names, who="LayerCollapseCallback", eval_fn=eval_fn,
@@ -149,6 +159,12 @@ class LayerCollapseCallback:
         if self.mode == "adam" and state.global_step > 0:  # the Trainer resumed: it loaded global_step from there
             self._resume_optimizer(args, state.global_step)
         self.core.history = self._saved_history(args, state.global_step) if state.global_step > 0 else []
+        if self.teacher is not None and model is not None:  # the KL term goes into the loss the model returns
+            if self._distiller is not None:
+                self._distiller.remove()
+            self.teacher.to(next(model.parameters()).device)
+            self._distiller = Distiller(model, self.teacher, self.distill_weight, self.temperature,
+                                        accumulation=args.gradient_accumulation_steps, who="LayerCollapseCallback")
         if self.plot is None and state.is_world_process_zero and not plots.available():
             warnings.warn(f'LayerCollapseCallback: matplotlib is not installed, so no {PLOT_NAME} is drawn at the '
                           f'end of training (pip install "lc-onnx[plot]", or plot=False)', stacklevel=2)
@@ -264,6 +280,9 @@ class LayerCollapseCallback:
         writer.add_histogram("train/lc_slopes", torch.tensor(list(slopes.values())), state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._distiller is not None:  # the model's forward is its own again
+            self._distiller.remove()
+            self._distiller = None
         if self.collapse_threshold is not None and model is not None:
             self.collapsed = self.core.finish(model)
             left = len(blocks(model))
