@@ -345,12 +345,13 @@ def pretrained(arch: str, d: Data, s: Sizes, cache: Path | None, log=print) -> t
         model.load_state_dict(torch.load(path))
         model.eval()
         log(f"  {arch}: pretrained weights from {path}")
-        return model, 0.0
+        return model, json.loads(path.with_suffix(".json").read_text())["secs"]
     r = fit(model, d, s, s.pre_steps, 1000, s.pre_lr, warmup=min(50, s.pre_steps // 4), log=log, tag=f"{arch} pre")
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parents[1] / ".gitignore").write_text("*\n")
         torch.save(model.state_dict(), path)
+        path.with_suffix(".json").write_text(json.dumps({"secs": r["secs"], "threads": torch.get_num_threads()}))
     return model, r["secs"]
 
 
@@ -389,8 +390,9 @@ def curve_plain(model: nn.Module, d: Data) -> dict:
     return {"order": sens.order, "ppl": [sens.baseline, *sens.cumulative]}
 
 
-def jobs(s: Sizes) -> list[tuple[str, str, float | None, bool, int]]:
-    """(arch, variant, λ, distill, seed), seed 0 of everything first, so a cut-off run still has a whole picture."""
+def jobs(s: Sizes, kd_also: tuple = ()) -> list[tuple[str, str, float | None, bool, int]]:
+    """(arch, variant, λ, distill, seed), seed 0 of everything first, so a cut-off run still has a whole picture.
+    `kd_also`: more λ of the sweep to fine-tune with the KL term too (after the rest: a rerun adds only them)."""
     out = []
     for i in range(s.seeds):
         out += [("gpt2", "GELU fine-tune", None, False, i)]
@@ -398,10 +400,11 @@ def jobs(s: Sizes) -> list[tuple[str, str, float | None, bool, int]]:
         out += [("gpt2", f"LC λ={s.lam_main:g} + KD", s.lam_main, True, i)]
         out += [("llama", "SiLU fine-tune", None, False, i), ("llama", f"gated LC λ={s.lam_main:g}", s.lam_main,
                                                                     False, i)]
-    return out
+    extra = [lam for lam in kd_also if lam != s.lam_main and lam in s.lambdas]
+    return out + [("gpt2", f"LC λ={lam:g} + KD", lam, True, i) for lam in extra for i in range(s.seeds)]
 
 
-def run(s: Sizes, cache: Path | None = None, results: Path | None = None, log=print) -> dict:
+def run(s: Sizes, cache: Path | None = None, results: Path | None = None, log=print, kd_also: tuple = ()) -> dict:
     """Every job of `jobs(s)`; with `results`, each finished job is saved there and a rerun skips it."""
     t0 = time.time()
     d = data(s)
@@ -410,7 +413,7 @@ def run(s: Sizes, cache: Path | None = None, results: Path | None = None, log=pr
     key = json.dumps(asdict(s))
     out = saved if saved.get("sizes") == key else {"sizes": key, "rows": {}, "pre": {}}
     pre: dict[str, nn.Module] = {}
-    for arch, variant, lam, distill, seed in jobs(s):
+    for arch, variant, lam, distill, seed in jobs(s, kd_also):
         if arch not in pre:
             pre[arch], secs = pretrained(arch, d, s, cache, log)
             out["pre"].setdefault(arch, {"ppl": perplexity(pre[arch], d.val), "params": params(pre[arch]),
@@ -564,31 +567,47 @@ def paper_table(out: dict, s: Sizes) -> list[str]:
     return lines
 
 
+def _kd_pairs(out: dict) -> dict[float, tuple[dict, dict]]:
+    """{λ: ({seed: LC row}, {seed: LC + KD row})} for every λ fine-tuned both ways."""
+    pairs = {}
+    for v in variants(out, "gpt2"):
+        rs = _rows(out, "gpt2", v)
+        if rs[0]["distill"]:
+            plain = {r["seed"]: r for r in _rows(out, "gpt2", v.removesuffix(" + KD"))}
+            kd = {r["seed"]: r for r in rs if r["seed"] in plain}
+            if kd:
+                pairs[rs[0]["lam"]] = ({i: plain[i] for i in kd}, kd)
+    return pairs
+
+
 def distill_table(out: dict, s: Sizes) -> list[str]:
-    """LC at lam_main with and without the KL term, seed by seed, per number of blocks collapsed."""
-    a, b = f"LC λ={s.lam_main:g}", f"LC λ={s.lam_main:g} + KD"
-    ra, rb = {r["seed"]: r for r in _rows(out, "gpt2", a)}, {r["seed"]: r for r in _rows(out, "gpt2", b)}
-    seeds = sorted(set(ra) & set(rb))
-    if not seeds:
+    """LC with and without the KL term (each λ run both ways), seed by seed, per number of blocks collapsed."""
+    pairs = _kd_pairs(out)
+    if not pairs:
         return ["(the distillation runs did not finish)"]
-    n = len(ra[seeds[0]]["curve"]["ppl"])
-    head = "| blocks collapsed | " + " | ".join(f"seed {i}: LC → LC + KD" for i in seeds) + " | mean change |"
+    head = "| blocks collapsed | " + " | ".join(f"λ={lam:g}, seed {i}: LC → LC + KD" for lam, (ra, _) in pairs.items()
+                                                for i in ra)
+    head += " | " + " | ".join(f"λ={lam:g}: mean change" for lam in pairs) + " |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    n = len(next(iter(next(iter(pairs.values()))[0].values()))["curve"]["ppl"])
     for k in range(n):
-        pairs = [(ra[i]["curve"]["ppl"][k], rb[i]["curve"]["ppl"][k]) for i in seeds]
-        lines.append(f"| {k} | " + " | ".join(f"{x:.2f} → {y:.2f}" for x, y in pairs)
-                     + f" | {np.mean([y - x for x, y in pairs]):+.2f} |")
-    return lines
+        cells, means = [], []
+        for ra, rb in pairs.values():
+            d = [(ra[i]["curve"]["ppl"][k], rb[i]["curve"]["ppl"][k]) for i in ra]
+            cells += [f"{x:.2f} → {y:.2f}" for x, y in d]
+            means.append(f"{np.mean([y - x for x, y in d]):+.2f}")
+        lines.append(f"| {k} | " + " | ".join(cells + means) + " |")
+    within = [f"{ra[i]['within']} → {rb[i]['within']}" for ra, rb in pairs.values() for i in ra]
+    return lines + [f"| blocks within {THRESHOLD} of 1 | " + " | ".join(within + ["–"] * len(pairs)) + " |"]
 
 
 def distill_helps(out: dict, s: Sizes) -> bool | None:
-    """True when KD's perplexity is lower at every number of blocks collapsed (≥ 1), in every seed."""
-    a, b = f"LC λ={s.lam_main:g}", f"LC λ={s.lam_main:g} + KD"
-    ra, rb = {r["seed"]: r for r in _rows(out, "gpt2", a)}, {r["seed"]: r for r in _rows(out, "gpt2", b)}
-    seeds = sorted(set(ra) & set(rb))
-    if not seeds:
+    """True when KD's perplexity is lower at every number of blocks collapsed (≥ 1), in every seed, at every λ
+    run both ways."""
+    pairs = _kd_pairs(out)
+    if not pairs:
         return None
-    return all(rb[i]["curve"]["ppl"][k] < ra[i]["curve"]["ppl"][k] for i in seeds
+    return all(rb[i]["curve"]["ppl"][k] < ra[i]["curve"]["ppl"][k] for ra, rb in pairs.values() for i in ra
                for k in range(1, len(ra[i]["curve"]["ppl"])))
 
 
@@ -642,11 +661,13 @@ def write(out: dict, s: Sizes, command: str, reading: list[str], here: Path | No
         START,
         "# A language model pretrained here on real text: LayerCollapse per block collapsed (issue 20)",
         "",
-        f"Command: `{command}` ({out.get('secs', 0) / 60:.0f} min, pretraining included)  ",
+        f"Command: `{command}` ({out.get('secs', 0) / 60:.0f} min wall; the pretrained weights are cached under "
+        "benchmarks/.cache/train_lm/, their pretraining took "
+        + ", ".join(f"{a} {p['secs'] / 60:.0f} min" for a, p in out["pre"].items()) + ")  ",
         f"Machine: {cpu.stdout.strip() or platform.processor()}, 2 cores, shared with another engineer's test runs "
         f"(loaded: the times are context, the latency ratios are interleaved), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads for training), transformers {transformers.__version__}, onnxruntime "
-        f"{ort.__version__}; {datetime.date.today().isoformat()}  ",
+        f"(torch threads for training: {torch.get_num_threads()}), transformers {transformers.__version__}, "
+        f"onnxruntime {ort.__version__}; {datetime.date.today().isoformat()}  ",
         "Text: Debian's `fortunes` (BSD licence, /usr/share/doc/fortunes/copyright; read from "
         "/usr/share/games/fortunes, nothing downloaded, nothing redistributed): 41 files, art files left out, "
         "split by fortune (seed 0), 5 % held "
@@ -706,6 +727,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training (ORT timing: 1)")
     ap.add_argument("--reading", type=Path, help="a file of the reading to put under the tables (markdown)")
     ap.add_argument("--report-only", action="store_true", help="write the section from the saved results")
+    ap.add_argument("--kd-also", type=float, action="append", default=[],
+                    help="a λ of the sweep to fine-tune with the KL term too (after the rest; a rerun adds only it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1 if args.quick else args.threads)  # tiny ops: a second thread only waits
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -718,7 +741,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.report_only:
             out = json.loads(results.read_text())
         else:
-            out = run(s, CACHE, results, log)
+            out = run(s, CACHE, results, log, kd_also=tuple(args.kd_also))
     for table in (finetune_table(out), curve_table(out, s), paper_table(out, s), distill_table(out, s)):
         print("\n".join(table) + "\n")
     print(f"distillation better at every number of blocks collapsed, every seed: {distill_helps(out, s)}")
@@ -726,6 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
         command = "python benchmarks/train_lm.py" + "".join(
             f" --{k} {v}" for k, v in (("seeds", args.seeds), ("pre-steps", args.pre_steps),
                                        ("ft-steps", args.ft_steps)) if v != getattr(Sizes, k.replace("-", "_")))
+        command += f" --threads {args.threads}" if args.threads != 2 else ""
+        command += "".join(f" --kd-also {lam:g}" for lam in args.kd_also)
         reading = args.reading.read_text().splitlines() if args.reading else []
         print(f"wrote {write(out, s, command, reading)}")
     return out

@@ -49,6 +49,10 @@ def test_every_arm_ran_for_every_seed(bench, out):
     expected = {f"{arch}|{variant}|{seed}" for arch, variant, _, _, seed in bench.jobs(q)}
     assert set(out["rows"]) == expected and len(expected) == 5 * q.seeds
     assert {r["seed"] for r in out["rows"].values()} == set(range(q.seeds))
+    # --kd-also: more λ with the KL term, after everything else (a rerun over saved results runs only those)
+    wider = bench.replace(q, lambdas=(1.0, 10.0))
+    assert bench.jobs(wider, kd_also=(10.0, 3.0))[-q.seeds:] == [("gpt2", "LC λ=10 + KD", 10.0, True, i)
+                                                                   for i in range(q.seeds)]
 
 
 def test_collapse_curves(bench, out):
@@ -108,7 +112,8 @@ def test_tables_and_section(bench, out, tmp_path, monkeypatch):
     assert "x |" in curve[-1]  # the latency ratios are there, for GPT-2 and Llama
     paper = bench.paper_table(out, q)
     assert any("paper" in line for line in paper) and any("here, LC λ=1 |" in line for line in paper)
-    assert len(bench.distill_table(out, q)) == 2 + q.layers + 1
+    distill = bench.distill_table(out, q)
+    assert len(distill) == 2 + q.layers + 1 + 1 and distill[-1].startswith("| blocks within")
     assert bench.distill_helps(out, q) in (True, False)
     results = tmp_path / "RESULTS_train.md"
     results.write_text("# earlier sections\n\ntheirs\n")
