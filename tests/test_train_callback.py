@@ -13,13 +13,7 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 THRESHOLD = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a tiny model on a busy 2-core machine runs 30x slower with two torch threads fighting over the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_bert():

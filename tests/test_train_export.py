@@ -13,12 +13,7 @@ transformers = pytest.importorskip("transformers")
 T = transformers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine: two threads fight and run far slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ids(*shape):

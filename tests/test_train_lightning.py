@@ -21,7 +21,8 @@ from torch import nn  # noqa: E402
 from lc_onnx import train  # noqa: E402
 from lc_onnx.train.lightning import LayerCollapse  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
               pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning"),
               pytest.mark.filterwarnings("ignore:.*finds sites by module names:UserWarning")]
 
@@ -31,15 +32,6 @@ THRESHOLD = 0.05
 LAM = 4.0
 X = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
 Y = (X @ torch.randn(16, 4, generator=torch.Generator().manual_seed(1))).argmax(1)  # a linear teacher's labels
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a tiny model on a busy 2-core machine: two torch threads fighting over the cores only slow it down
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

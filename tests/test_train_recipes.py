@@ -23,12 +23,7 @@ from lc_onnx import train  # noqa: E402
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def recipe(call: str) -> tuple[str, str]:
