@@ -109,6 +109,22 @@ def test_distiller_adds_the_term_to_the_models_loss():
         train.Distiller(model, model)
 
 
+def test_the_distiller_leaves_padding_out():
+    """With an attention_mask per token, the KL is averaged over the tokens it keeps, not the padding."""
+    teacher, model = tiny_gpt2()
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model.train()
+    plain = model(input_ids=ids, attention_mask=mask, labels=ids)
+    d = train.Distiller(model, teacher)
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask).logits
+    assert d.last == pytest.approx(float(train.distill_loss(plain.logits, t, mask=mask.bool())), rel=1e-5)
+    assert d.last != pytest.approx(float(train.distill_loss(plain.logits, t)), rel=1e-3)
+
+
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n=32):
         self.x = torch.randint(0, VOCAB, (n, 12), generator=torch.Generator().manual_seed(3))

@@ -40,6 +40,14 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
     return per.mean() * temperature**2
 
 
+def _positions(attention_mask, logits: torch.Tensor) -> torch.Tensor | None:
+    """The tokens a language model's logits hold that are not padding: its `attention_mask`, where it has one per
+    logit position (a classifier's logits have none: every example counts)."""
+    if attention_mask is None or tuple(attention_mask.shape) != tuple(logits.shape[:-1]):
+        return None
+    return attention_mask.bool()
+
+
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out
 
@@ -47,7 +55,8 @@ def _logits(out):
 class Distiller:
     """A forward hook on `model` that, in training mode with gradients on, runs `teacher` (no grad, eval mode) on
     the same inputs (labels left out) and adds `weight·distill_loss` to the `loss` the model returns (an HF
-    `ModelOutput` or dict with `loss` and `logits`: call the model with labels). `accumulation`: where the model
+    `ModelOutput` or dict with `loss` and `logits`: call the model with labels), over the positions its
+    `attention_mask` keeps (padding left out) where it has one per logit position. `accumulation`: where the model
     normalizes its loss over the whole accumulated batch (the Trainer passes `num_items_in_batch` and then does
     not divide the loss by the accumulation steps), the term is divided by it, so each optimizer step gets the
     mean over its micro-batches. `last`: the last term added (a float), for logs. `remove()` takes the hook off."""
@@ -77,7 +86,8 @@ class Distiller:
         inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch")}
         with torch.no_grad():
             t = self.teacher(*args, **inputs)
-        kd = distill_loss(_logits(out), _logits(t), self.temperature)
+        logits = _logits(out)
+        kd = distill_loss(logits, _logits(t), self.temperature, _positions(kwargs.get("attention_mask"), logits))
         if kwargs.get("num_items_in_batch") is not None:
             kd = kd / self.accumulation
         self.last = float(kd.detach())
