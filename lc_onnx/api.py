@@ -169,7 +169,7 @@ def totals(model: onnx.ModelProto) -> Totals:
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report,
-            homes: dict[int, tuple[gs.Constant, gs.Graph]] | None = None) -> onnx.ModelProto:
+            homes: dict[int, tuple[gs.Constant, gs.Graph]] | None = None, left: int = 0) -> onnx.ModelProto:
     """The rewritten graph inside the original's model envelope: opsets, producer, functions, metadata, the notes
     graphsurgeon drops, training_info; each weight a subgraph reads from around it stays, once, where it was
     (`homes`: see `_outer_weights`), and past 1 GB the subgraphs' fused weights join them (`_hoist_heavy`)."""
@@ -198,6 +198,8 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: Report,
     for r in report.rewrites:
         counts[r.rule] = counts.get(r.rule, 0) + 1
     stamp = {"tol": report.tol, "rewrites": counts}
+    if left:  # blocks the accuracy budget left (`bench` says so beside the MACs it counts as collapsible)
+        stamp["left_for_budget"] = left
     out.metadata_props.add(key=STAMP_KEY, value=json.dumps(stamp, sort_keys=True))
     return out
 
@@ -453,7 +455,7 @@ class _Rewriter:
             report.after = report.before
             return _Attempt(None, report, replaced)
         self.step("exporting")
-        model = _export(graph, src.model, report, homes)
+        model = _export(graph, src.model, report, homes, len(leave))
         del homes
         del graph
         try:

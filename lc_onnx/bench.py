@@ -302,6 +302,7 @@ class MacShare:
     after: int
     unknown: list[str] = field(default_factory=list)  # linear nodes whose shapes inference could not tell
     unsaved: int = 0  # fan-out/split runs whose saving is not told (see `mac_share`): in the share, saving 0
+    left_for_budget: int = 0  # blocks lc-onnx optimize left in this model (its stamp): they count as collapsible
 
     @property
     def share(self) -> float:
@@ -322,6 +323,9 @@ class MacShare:
             text += f" ({len(self.unknown)} linear node(s) of unknown shape left out)"
         if self.unsaved:
             text += f" ({self.unsaved} fan-out/split run(s) counted with no saving)"
+        if self.left_for_budget:
+            text += (f" (lc-onnx optimize left {self.left_for_budget} block(s) of this model for the accuracy "
+                     f"budget: folding them moved an output past its --rtol)")
         return text
 
     def to_dict(self) -> dict:
@@ -431,7 +435,16 @@ def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: 
     repeated = {name for name, k in names.items() if k > 1}
     part = _graph_share(model.graph, "", per_node, unknown, candidates, _LinearUnits(model, source), dims, repeated)
     return MacShare(part.total, part.by_op, part.chains, part.count, part.total - part.saved, part.unknown,
-                    part.unsaved)
+                    part.unsaved, _left_for_budget(model))
+
+
+def _left_for_budget(model: onnx.ModelProto) -> int:
+    """How many blocks lc-onnx optimize left for the accuracy budget, from the stamp it wrote (0 without one)."""
+    stamp = next((p.value for p in model.metadata_props if p.key == "lc_onnx"), None)
+    try:
+        return int(json.loads(stamp).get("left_for_budget", 0)) if stamp else 0
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 @dataclass

@@ -335,3 +335,18 @@ def test_inspect_says_optimize_may_leave_blocks_with_slopes_other_than_1(tmp_pat
     onnx.save(stack([0.999, 1.0]), path)
     out = CliRunner().invoke(main, ["inspect", str(path)]).output
     assert "2 of 3 chain(s) would be rewritten at tol 0.05 (1 with slopes other than 1: optimize leaves any" in out
+
+
+def test_bench_says_which_collapsible_blocks_optimize_left(tmp_path):
+    """The stamp records how many blocks the budget left; bench's MAC line for that model says so."""
+    path = tmp_path / "m.onnx"
+    onnx.save(stack([0.999, 0.96, 0.995]), path)
+    assert CliRunner().invoke(main, ["optimize", str(path), "--rtol", "3e-3"]).exit_code == 0
+    out = tmp_path / "m.lc.onnx"
+    stamp = json.loads(next(p.value for p in onnx.load(out).metadata_props if p.key == api.STAMP_KEY))
+    assert stamp["left_for_budget"] == 1
+    done = CliRunner().invoke(main, ["bench", str(path), str(out), "--runs", "2", "--warmup", "1", "--input-shape",
+                                     "x:4,16"])
+    assert done.exit_code == 0, done.output
+    lines = [line for line in done.output.splitlines() if line.startswith("MACs of")]
+    assert "left 1 block(s) of this model for the accuracy budget" in lines[1] and "accuracy" not in lines[0]
