@@ -12,7 +12,9 @@ import torch
 
 from lc_onnx import train
 from lc_onnx.train.callbacks import SLOPE_STATE_NAME
-from tests.test_train_callback import Tokens, one_thread, tiny_bert  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_train_callback import Tokens, tiny_bert
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -15,7 +15,9 @@ import pytest
 from lc_onnx import plots, train
 from lc_onnx.train import slope_step
 from lc_onnx.train.callbacks import PLOT_NAME, SLOPE_HISTORY_NAME
-from tests.test_train_callback import Tokens, one_thread, tiny_bert, trainer_for  # noqa: F401 (autouse fixture)
+from tests.test_train_callback import Tokens, tiny_bert, trainer_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
