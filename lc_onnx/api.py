@@ -618,12 +618,17 @@ def why_unfolded(model: onnx.ModelProto, candidates: list[passes.Candidate], tol
                     walk(sub, consts)
 
     walk(model.graph, frozenset())
+    return _why_unfolded(candidates, tol, layers, activations, read_stamp(model))
+
+
+def read_stamp(model: onnx.ModelProto) -> dict | None:
+    """What lc-onnx optimize wrote into a model's metadata (tol, rewrites, blocks left for the budget): None where
+    it wrote nothing, {} where the entry cannot be read."""
     stamp = next((p.value for p in model.metadata_props if p.key == STAMP_KEY), None)
     try:
-        stamp = None if stamp is None else dict(json.loads(stamp))
+        return None if stamp is None else dict(json.loads(stamp))
     except (ValueError, TypeError):
-        stamp = {}
-    return _why_unfolded(candidates, tol, layers, activations, stamp)
+        return {}
 
 
 def check_limit(option: str, value: float | None) -> None:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from lc_onnx import io, pins
 from lc_onnx import shapes as inference
-from lc_onnx.api import node_label
+from lc_onnx.api import node_label, read_stamp
 from lc_onnx.errors import InputError, one_line
 from lc_onnx.validate import check_seed, draw_inputs, session
 from passes.cost import fan_out_cost, split_cost
@@ -440,10 +440,9 @@ def mac_share(model: onnx.ModelProto, inputs: dict[str, list[int]], candidates: 
 
 def _left_for_budget(model: onnx.ModelProto) -> int:
     """How many blocks lc-onnx optimize left for the accuracy budget, from the stamp it wrote (0 without one)."""
-    stamp = next((p.value for p in model.metadata_props if p.key == "lc_onnx"), None)
     try:
-        return int(json.loads(stamp).get("left_for_budget", 0)) if stamp else 0
-    except (ValueError, TypeError, AttributeError):
+        return int((read_stamp(model) or {}).get("left_for_budget", 0))
+    except (ValueError, TypeError):
         return 0
 
 

@@ -18,7 +18,7 @@ import click
 from lc_onnx import api, io, plots
 from lc_onnx import bench as bench_mod
 from lc_onnx.errors import InputError, LcOnnxError, one_line
-from lc_onnx.validate import load_inputs, parse_shapes
+from lc_onnx.validate import load_inputs, parse_shapes, taken_offset
 from passes import ALL_RULES, NODE_RULES, rule_names
 
 NODE_RULE_NAMES = frozenset(r.name for r in NODE_RULES)  # rules on one node: they fold no chain
@@ -235,11 +235,10 @@ def optimize(model, output, tol, rtol, atol, max_mismatch, no_validate, input_sh
         report_path.write_text(result.report.to_json())
     if not quiet:
         click.echo(result.report.table())
-        taken = [r.slope_range for r in result.report.rewrites if r.error_coefficient > 0 and r.slope_range]
+        taken = [r for r in result.report.rewrites if r.error_coefficient > 0 and r.slope_range]
         if no_validate and taken:
-            off = max(max(abs(1 - lo), abs(1 - hi)) for lo, hi in taken)
-            click.echo(f"warning: {len(taken)} block(s) took slopes up to {off:.3g} from 1 as 1 and nothing checked "
-                       f"the error (--no-validate)", err=True)
+            click.echo(f"warning: {len(taken)} block(s) took slopes up to {taken_offset(taken):.3g} from 1 as 1 and "
+                       f"nothing checked the error (--no-validate)", err=True)
         v = result.report.validation
         if v is not None and v.precision != "as stored":
             click.echo(f"validated in {v.precision}: {v.precision_note}")

@@ -328,9 +328,13 @@ def default_rtol(model: onnx.ModelProto, rewrites: list) -> float:
     the largest |1 - slope| a rewrite took as the identity if larger (such a block's error is
     W_B·(α−1)·min(0, h): about that fraction of its output), but never above 1e-2: what was rewritten sets
     the bound, not --tol, which a user may set far too wide."""
-    off = max((max(abs(1 - lo), abs(1 - hi)) for r in rewrites
-               if r.error_coefficient > 0 and r.slope_range for lo, hi in [r.slope_range]), default=0.0)
-    return min(RTOL_CAP, max(1e-2 if _half(model) else 1e-4, off))
+    return min(RTOL_CAP, max(1e-2 if _half(model) else 1e-4, taken_offset(rewrites)))
+
+
+def taken_offset(rewrites: list) -> float:
+    """The largest |1 - slope| a rewrite took as the identity (0 where every rewrite was exact)."""
+    return max((max(abs(1 - lo), abs(1 - hi)) for r in rewrites
+                if r.error_coefficient > 0 and r.slope_range for lo, hi in [r.slope_range]), default=0.0)
 
 
 def default_atol(model: onnx.ModelProto) -> float:
