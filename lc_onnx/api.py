@@ -554,9 +554,19 @@ def _moved(found: validation.Validation, doing: str = "folding it") -> str:
     if bad is None:
         return "the rewritten model did not pass validation"
     if bad.mismatch is not None:
-        return (f"{doing} changes a share {bad.mismatch:.3g} of output {bad.name!r}, over --max-mismatch "
-                f"{found.max_mismatch:g}")
-    return f"{doing} moves output {bad.name!r} by {bad.rel_l2:.3g} (rel L2), over rtol {found.rtol:.3g}"
+        share, limit = _apart(bad.mismatch, found.max_mismatch)
+        return f"{doing} changes a share {share} of output {bad.name!r}, over --max-mismatch {limit}"
+    moved, limit = _apart(bad.rel_l2, found.rtol)
+    return f"{doing} moves output {bad.name!r} by {moved} (rel L2), over rtol {limit}"
+
+
+def _apart(value: float, limit: float) -> tuple[str, str]:
+    """`value` and the `limit` it is over, to 3 significant digits, or more where those would print them equal
+    ("by 0.001, over rtol 0.001" for 0.001004)."""
+    digits = 3
+    while f"{value:.{digits}g}" == f"{limit:.{digits}g}" and digits < 17:
+        digits += 1
+    return f"{value:.{digits}g}", f"{limit:.{digits}g}"
 
 
 def trained_names(model: onnx.ModelProto) -> frozenset[str]:
