@@ -4,26 +4,19 @@ structure of what it returns and prints, never its timings."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests import scripts
 
 pytest.importorskip("sklearn")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "decide.py"
 
 
 @pytest.fixture(scope="module")
 def decide():
-    spec = importlib.util.spec_from_file_location("decide", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # train_finetune's dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("decide")
 
 
 @pytest.fixture(scope="module")

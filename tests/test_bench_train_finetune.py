@@ -4,27 +4,21 @@ inputs, fine-tune with λ=1, and every block collapses, in torch and through `lc
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests import scripts
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_finetune.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("train_finetune")
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,22 @@ the numbers are; not the numbers themselves."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests import scripts
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 torch = pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_lm.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = scripts.load("train_lm")
     if not module.MARKER.exists():  # .ci/run installs it; a checkout without it skips with the command to run
         pytest.skip(f"no {module.MARKER}: apt-get install fortunes")
     return module

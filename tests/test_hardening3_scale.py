@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 import passes
 from passes import pipeline
 from passes.linear import Names
+from tests import scripts
 from tests.builder import Builder
 from tests.harness import optimized
 
@@ -218,15 +219,12 @@ def test_item10_readme_states_the_memory_bound_of_one_wide_chain(tmp_path):
     """`--no-validate` stays far below the model size only where chains are a small part of it: a chain's two
     weights are read whole. The README states the bound for one wide chain, measured on the benchmark's `--wide`
     model, which folds to one layer."""
-    import importlib.util
     from pathlib import Path
 
     import lc_onnx
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("memory_big_model", root / "benchmarks" / "memory_big_model.py")
-    bench_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_memory)
+    bench_memory = scripts.load("memory_big_model")
     path = bench_memory.build_wide(tmp_path / "wide", 16, 256, 16)
     (r,) = lc_onnx.optimize(path, validate=False).report.rewrites
     assert r.rule == "collapse_linear_chain" and r.params_before == 16 * 256 + 256 + 256 * 16 + 16

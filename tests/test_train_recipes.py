@@ -7,9 +7,7 @@ the test runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ pytest.importorskip("sklearn")
 torch = pytest.importorskip("torch")
 
 from lc_onnx import train  # noqa: E402
+from tests import scripts  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,10 +42,7 @@ def recipe(call: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def digits():
     """train_digits.py's model class and 70/30 split (seed 0)."""
-    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "benchmarks" / "train_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = scripts.load("train_digits")
     return module, module.data(0)
 
 
