@@ -27,7 +27,6 @@ import datetime
 import io
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from lc_onnx import cli as lc_cli
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # train_finetune.py's models, data and training, as its smoke test loads them
 import train_finetune as tf  # noqa: E402
+from sections import cpu_model  # noqa: E402
 
 LAM = 1.0  # the README's recipe; train_finetune.py: λ=1 collapses every block of both models in every seed
 QUICK = {"pre_epochs": 2, "ft_epochs": 6, "est_runs": 3, "runs": 5, "slope_lr": 0.05}
@@ -305,13 +305,12 @@ def tables(results: dict[str, dict], runs: int) -> list[str]:
 
 
 def write(results: dict[str, dict], cfg: dict, secs: float, argv: list[str]) -> None:
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     lines = [
         START,
         "# Decide before the fine-tune, check after it (issue 19 item 4)",
         "",
         f"Command: `python benchmarks/decide.py{''.join(' ' + a for a in argv)}` ({secs / 60:.0f} min)  ",
-        f"Machine: {cpu.stdout.strip() or platform.processor()}, 2 cores shared with other work (torch and ONNX "
+        f"Machine: {cpu_model() or platform.processor()}, 2 cores shared with other work (torch and ONNX "
         f"Runtime 1 thread), torch {torch.__version__}, onnxruntime {ort.__version__}; "
         f"{datetime.date.today().isoformat()}  ",
         f"Workflow: train_finetune.py's models, data and training (imported), seed 0: pretrain with GELU "

@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sections import keep_others  # noqa: E402
+from sections import cpu_model, keep_others  # noqa: E402
 
 HERE = Path(__file__).parent
 STUDY = Path("/tmp/lc_study")
@@ -324,7 +324,6 @@ def verdict(label: str, size: float, got: dict) -> str:
 
 
 def write(rows: list[str], traces: list[str], verdicts: list[str], args) -> None:
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     mem = subprocess.run(["sh", "-c", "free -g | awk '/Mem:/ {print $2}'"], capture_output=True, text=True)
     import onnxruntime
 
@@ -333,7 +332,7 @@ def write(rows: list[str], traces: list[str], verdicts: list[str], args) -> None
         "",
         "Command: `.venv/bin/python benchmarks/memory_big_model.py` (after `benchmarks/study.py`, whose models "
         "it measures too)  ",
-        f"Machine: {cpu.stdout.strip()}, 2 cores, {mem.stdout.strip()} GB RAM, no GPU; onnx {onnx.__version__}, "
+        f"Machine: {cpu_model()}, 2 cores, {mem.stdout.strip()} GB RAM, no GPU; onnx {onnx.__version__}, "
         f"onnxruntime {onnxruntime.__version__}; {datetime.date.today().isoformat()}.  ",
         f"Models: the study's originals (inline, < 2 GB) and a GPT-2-large-shaped model built in ONNX with numpy "
         f"({args.layers} layers 1280/5120, 20 heads, vocabulary 50257, MLPs MatMul+Add > PRelu(1) > MatMul+Add, "

@@ -1,6 +1,15 @@
-"""The `## ` sections of a RESULTS file: each benchmark rewrites its own and keeps the others as they are."""
+"""What the benchmarks share in writing their RESULTS files: the `## ` sections (each benchmark rewrites its own and
+keeps the others as they are), and the CPU's name for the Machine line."""
 
 from __future__ import annotations
+
+import subprocess
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu gives it ("" where it gives none)."""
+    run = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
+    return run.stdout.strip()
 
 
 def replace_section(text: str, heading: str, body: str) -> str:

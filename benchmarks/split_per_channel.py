@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+from sections import cpu_model  # noqa: E402
 from train_digits import DeepMLP, data, train_epochs  # noqa: E402
 
 import lc_onnx  # noqa: E402
@@ -129,14 +129,13 @@ def main() -> None:
         print(f"λ={r['lam']:g}: rules with the split {r['rules']}, without {r['rules_nosplit']}")
     if args.quick:
         return
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     section = [
         START,
         "# Per-unit slopes: partial collapse by splitting (`split_linear_units`)",
         "",
         f"Command: `python benchmarks/split_per_channel.py --epochs {args.epochs} --runs {args.runs} --seed "
         f"{args.seed} --lams {args.lams}` ({secs:.0f} s)  ",
-        f"Machine: {cpu.stdout.strip() or platform.processor()}, torch 1 thread, torch {torch.__version__}, "
+        f"Machine: {cpu_model() or platform.processor()}, torch 1 thread, torch {torch.__version__}, "
         f"onnxruntime {ort.__version__}; {datetime.date.today().isoformat()}  ",
         "Model: train_digits.py's deep MLP (6 residual blocks 64→256→64) with `train.prepare(model, (x,), "
         f"per_channel=True)` (one PReLU slope per hidden unit, init 0.01), {args.epochs} epochs, AdamW lr 1e-3, "

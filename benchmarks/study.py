@@ -38,7 +38,7 @@ from lc_onnx import bench, train
 from lc_onnx.validate import session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sections import keep_others, replace_section, section  # noqa: E402, F401  (section: the tests use it here)
+from sections import cpu_model, keep_others, replace_section, section  # noqa: E402, F401  (section: the tests use it here)
 
 HERE = Path(__file__).parent
 WORK = Path("/tmp/lc_study")
@@ -371,8 +371,7 @@ def device_name(provider: str) -> str:
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
         return "an unnamed CUDA device"
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
-    return f"{cpu.stdout.strip() or 'a CPU'}, {os.cpu_count()} cores"
+    return f"{cpu_model() or 'a CPU'}, {os.cpu_count()} cores"
 
 
 @dataclass
@@ -680,12 +679,11 @@ def write(lines: list[str], peer_lines: list[str], chart, budget: float, ratios,
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(HERE / "study.png", dpi=110)
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     text = [
         "# Latency study: original vs lc-onnx vs the hand-fused ideal",
         "",
         "Command: `.venv/bin/python benchmarks/study.py` (from the repository root)  ",
-        f"Machine: {cpu.stdout.strip()}, 2 cores, no GPU; onnxruntime {ort.__version__} (CPU), "
+        f"Machine: {cpu_model()}, 2 cores, no GPU; onnxruntime {ort.__version__} (CPU), "
         f"onnx {onnx.__version__}, torch {torch.__version__}; {datetime.date.today().isoformat()}.  ",
         "Models: random weights, PReLU slope 1 in every MLP, exported with torch's legacy exporter (opset 17). "
         "ideal = the MLPs fused in torch before export (`lc_onnx.train.collapse`). "

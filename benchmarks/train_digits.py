@@ -18,7 +18,7 @@ import argparse
 import copy
 import datetime
 import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +32,9 @@ from torch import nn
 
 import lc_onnx
 from lc_onnx import bench, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sections import cpu_model  # noqa: E402
 
 HERE = Path(__file__).parent
 LAMBDAS = [0.0, 0.05, 0.2, 1.0]
@@ -228,12 +231,11 @@ def write(rows: list[dict], curves: dict, args) -> None:
     png = HERE / "train_digits.png"
     fig.savefig(png, dpi=110)
 
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     lines = [
         "# LayerCollapse on scikit-learn digits",
         "",
         f"Command: `python benchmarks/train_digits.py --epochs {args.epochs} --seed {args.seed}`  ",
-        f"Machine: {cpu.stdout.strip() or platform.processor()}, 2 cores, torch {torch.__version__}, "
+        f"Machine: {cpu_model() or platform.processor()}, 2 cores, torch {torch.__version__}, "
         f"onnxruntime {ort.__version__}; {datetime.date.today().isoformat()}  ",
         "Data: 1,797 8x8 digits, 70/30 stratified split (seed 0); AdamW lr 1e-3, batch 64; "
         "slopes lr 1e-2 in their own group; collapse threshold 0.05, no fine-tuning.  ",

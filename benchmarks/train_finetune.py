@@ -25,7 +25,6 @@ import argparse
 import copy
 import datetime
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import lc_onnx
 from lc_onnx import bench, train
 
 sys.path.insert(0, str(Path(__file__).parent))  # the digits models and split are train_digits.py's
+from sections import cpu_model  # noqa: E402
 from train_digits import DeepMLP, accuracy, data, params, progressive, train_epochs  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -296,7 +296,6 @@ def plot(rows: dict[str, list[dict]], png: Path) -> None:
 def write(rows: dict[str, list[dict]], args, secs: float) -> None:
     png = HERE / "train_finetune.png"
     plot(rows, png)
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     import transformers
 
     seeds = ", ".join(str(args.seed + i) for i in range(args.seeds))
@@ -306,7 +305,7 @@ def write(rows: dict[str, list[dict]], args, secs: float) -> None:
         "",
         f"Command: `python benchmarks/train_finetune.py --pre-epochs {args.pre_epochs} --ft-epochs "
         f"{args.ft_epochs} --seeds {args.seeds} --seed {args.seed}` ({secs / 60:.0f} min)  ",
-        f"Machine: {cpu.stdout.strip() or platform.processor()}, 2 cores (torch 1 thread), "
+        f"Machine: {cpu_model() or platform.processor()}, 2 cores (torch 1 thread), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {ort.__version__}; "
         f"{datetime.date.today().isoformat()}  ",
         "Data: scikit-learn digits (1,797 8x8 images), 70/30 stratified split (split seed 0, 540 test images: one "

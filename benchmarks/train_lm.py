@@ -32,7 +32,6 @@ import json
 import math
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,9 @@ from torch import nn
 from lc_onnx import bench, train
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # train_finetune's replace_section, sections' cpu_model
+from sections import cpu_model  # noqa: E402
+
 CACHE = HERE / ".cache" / "train_lm"
 TEXT = Path("/usr/share/games/fortunes")
 MARKER = TEXT / "computers"  # a file of the `fortunes` package itself (`fortunes-min` has 3 of the 41 files)
@@ -656,7 +658,6 @@ def write(out: dict, s: Sizes, command: str, reading: list[str], here: Path | No
     import onnxruntime as ort
     import transformers
 
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True)
     lines = [
         START,
         "# A language model pretrained here on real text: LayerCollapse per block collapsed (issue 20)",
@@ -664,7 +665,7 @@ def write(out: dict, s: Sizes, command: str, reading: list[str], here: Path | No
         f"Command: `{command}` ({out.get('secs', 0) / 60:.0f} min wall; the pretrained weights are cached under "
         "benchmarks/.cache/train_lm/, their pretraining took "
         + ", ".join(f"{a} {p['secs'] / 60:.0f} min" for a, p in out["pre"].items()) + ")  ",
-        f"Machine: {cpu.stdout.strip() or platform.processor()}, 2 cores, shared with another engineer's test runs "
+        f"Machine: {cpu_model() or platform.processor()}, 2 cores, shared with another engineer's test runs "
         f"(loaded: the times are context, the latency ratios are interleaved), torch {torch.__version__} "
         f"(torch threads for training: {torch.get_num_threads()}), transformers {transformers.__version__}, "
         f"onnxruntime {ort.__version__}; {datetime.date.today().isoformat()}  ",
@@ -711,7 +712,6 @@ def write(out: dict, s: Sizes, command: str, reading: list[str], here: Path | No
         END,
     ]
     path = here / "RESULTS_train.md"
-    sys.path.insert(0, str(HERE))
     from train_finetune import replace_section
 
     replace_section(path, START, END, "\n".join(lines) + "\n")
