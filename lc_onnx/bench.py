@@ -674,15 +674,19 @@ class BenchResult:
         lines += [f"warning: {w}" for w in self.warnings()]
         return "\n".join(lines)
 
-    def warnings(self) -> list[str]:
-        """What the numbers do not show: input dims bench guessed, and speedups within the models' spread."""
-        out = []
+    def guessed(self) -> list[str]:
+        """The warning that bench guessed input dims (none where it guessed none)."""
         guessed = [f"{k} {_dim_label(d, i)} = {self.inputs[k][i]}" for k, d in self.input_details.items()
                    for i in d.get("guessed", [])]
-        if guessed:
-            first = any(0 in d.get("guessed", []) for d in self.input_details.values())
-            out.append(f"open dims guessed, so the latency is at sizes lc-onnx chose: {', '.join(guessed)}; set them "
-                       f"with --input-shape NAME:D1,D2,.." + (" (or the first dim with --batch N)" if first else ""))
+        if not guessed:
+            return []
+        first = any(0 in d.get("guessed", []) for d in self.input_details.values())
+        return [f"open dims guessed, so the latency is at sizes lc-onnx chose: {', '.join(guessed)}; set them "
+                f"with --input-shape NAME:D1,D2,.." + (" (or the first dim with --batch N)" if first else "")]
+
+    def warnings(self) -> list[str]:
+        """What the numbers do not show: input dims bench guessed, and speedups within the models' spread."""
+        out = self.guessed()
         ref = self.models[0] if self.models else None
         for m in self.models[1:]:
             apart = abs(ref["median_ms"] - m["median_ms"])
