@@ -12,3 +12,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def quiet_and_seeded():
+    """torch seeded at 0 and the exporters' warnings off, for the test (the export test files use it for every
+    test: `pytestmark`)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

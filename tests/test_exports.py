@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 
 import numpy as np
 import onnx
@@ -25,12 +24,7 @@ EXPORTERS = pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dyn
 HF_INPUTS = ["input_ids", "attention_mask"]
 
 
-@pytest.fixture(autouse=True)
-def quiet_and_seeded():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_and_seeded")  # tests/conftest.py
 
 
 def export(module: nn.Module, args: tuple, path, dynamo: bool, **kw) -> onnx.ModelProto:

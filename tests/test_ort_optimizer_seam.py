@@ -27,12 +27,7 @@ nn = torch.nn
 RANK_UNKNOWN = "the rank of its input is unknown"
 
 
-@pytest.fixture(autouse=True)
-def quiet_and_seeded():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_and_seeded")  # tests/conftest.py
 
 
 def tiny(kind: str) -> nn.Module:
